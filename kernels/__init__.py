@@ -1,0 +1,1 @@
+"""Triton kernels, installed as fibec.kernels. Imports nothing from fibec."""
