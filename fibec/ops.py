@@ -123,3 +123,132 @@ def sample_sqnorms(X: torch.Tensor, G: torch.Tensor, *, token_mask: torch.Tensor
 
 
 # ---- Masked optimizer steps (kernels/masked_update.py) ----------------------------------
+# p [..] parameter, grad like p; fp32 optimizer state of p's shape; mask: None (dense), an element
+# mask of p's shape, or a neuron mask over the rows (mask_dim 0) or columns (mask_dim 1) of a 2-D p.
+_UPDATE_MASK_DTYPES = (torch.bool, torch.uint8)
+
+
+def check_update_mask(p: torch.Tensor, mask: object, mask_dim: object, *, name: str = "mask") -> int | None:
+    """Validate `mask` for parameter p; return None for an element mask, 0 (rows) or 1 (columns).
+
+    A 1-D mask on a 2-D p is a neuron mask: its length tells rows from columns, and a square p
+    needs `mask_dim` to say which. An element mask has p's shape and takes mask_dim None.
+    """
+    check_tensor(name, mask, dtypes=_UPDATE_MASK_DTYPES, contiguous=True)
+    check_same_device(p=p, **{name: mask})
+    if mask_dim is not None and (isinstance(mask_dim, bool) or mask_dim not in (0, 1)):
+        raise ValueError(f"mask_dim must be None, 0 (rows) or 1 (columns), got {mask_dim!r}")
+    if mask.shape == p.shape and (mask_dim is None or (p.dim() == 1 and mask_dim == 0)):
+        return None
+    if p.dim() != 2 or mask.dim() != 1:
+        raise ValueError(f"{name} must have p's shape {tuple(p.shape)} (element mask) or, for a 2-D p, "
+                         f"one entry per row or column (neuron mask), got {tuple(mask.shape)}")
+    rows, cols = p.shape
+    fits = [d for d, n in ((0, rows), (1, cols)) if mask.shape[0] == n]
+    if not fits:
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} matches neither the {rows} rows nor the "
+                         f"{cols} columns of p {tuple(p.shape)}")
+    if mask_dim is None:
+        if len(fits) == 2:
+            raise ValueError(f"mask_dim must be 0 (rows) or 1 (columns) for a 1-D {name} on square p "
+                             f"{tuple(p.shape)}")
+        return fits[0]
+    if mask_dim not in fits:
+        raise ValueError(f"mask_dim={mask_dim} needs {name} of length {p.shape[mask_dim]}, got {mask.shape[0]}")
+    return mask_dim
+
+
+def _check_param_and_grad(p: object, grad: object) -> None:
+    check_tensor("p", p, dtypes=FLOAT_DTYPES)
+    if p.layout != torch.strided:
+        raise TypeError(f"p must be a dense (strided) tensor, got layout {p.layout}")
+    check_tensor("p", p, contiguous=True)
+    check_tensor("grad", grad, dtypes=(p.dtype,))
+    if grad.layout != torch.strided:
+        raise TypeError(f"grad must be a dense (strided) tensor, got layout {grad.layout}")
+    check_tensor("grad", grad, contiguous=True)
+    check_shape("grad", grad, p.shape)
+    check_same_device(p=p, grad=grad)
+
+
+def _check_state(name: str, value: object, p: torch.Tensor) -> None:
+    check_tensor(name, value, dtypes=(torch.float32,), contiguous=True)
+    check_shape(name, value, p.shape)
+    check_same_device(p=p, **{name: value})
+    if value.data_ptr() == p.data_ptr() and p.numel():
+        raise ValueError(f"{name} must not share memory with p")
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be an int, got {type(step).__name__}")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the step count after this update), got {step}")
+    return step
+
+
+def masked_adamw_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  mask: torch.Tensor | None, *, step: int, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                  eps: float = 1e-8, weight_decay: float = 0.01, mask_dim: int | None = None) -> None:
+    """In-place AdamW step (torch.optim.AdamW semantics) on the entries of p that `mask` selects.
+
+    p: fp32/bf16/fp16, contiguous; grad: p's shape and dtype; exp_avg, exp_avg_sq: fp32 state of
+    p's shape (the update is computed in fp32 and rounded into p). mask: bool/uint8 element mask of
+    p's shape, a neuron mask [rows] or [cols] of a 2-D p (`mask_dim` 0/1 when p is square), or
+    None for a dense step. `step`: shared step count including this update (bias correction).
+    Entries the mask leaves unset keep p, exp_avg and exp_avg_sq bit-for-bit.
+    """
+    _check_param_and_grad(p, grad)
+    _check_state("exp_avg", exp_avg, p)
+    _check_state("exp_avg_sq", exp_avg_sq, p)
+    mask_dim = None if mask is None else check_update_mask(p, mask, mask_dim)
+    step = _check_step(step)
+    lr = check_finite_scalar("lr", lr, low=0.0)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    beta1 = check_finite_scalar("betas[0]", betas[0], low=0.0, high=1.0, high_inclusive=False)
+    beta2 = check_finite_scalar("betas[1]", betas[1], low=0.0, high=1.0, high_inclusive=False)
+    eps = check_finite_scalar("eps", eps, low=0.0, low_inclusive=False)
+    weight_decay = check_finite_scalar("weight_decay", weight_decay, low=0.0)
+    with torch.no_grad():
+        if use_triton(p):
+            from fibec.kernels.masked_update import masked_adamw
+
+            masked_adamw(p, grad, exp_avg, exp_avg_sq, mask, mask_dim, step=step, lr=lr, beta1=beta1,
+                         beta2=beta2, eps=eps, weight_decay=weight_decay)
+        else:
+            reference.masked_adamw_(p, grad, exp_avg, exp_avg_sq, mask, step=step, lr=lr, betas=(beta1, beta2),
+                                    eps=eps, weight_decay=weight_decay, mask_dim=mask_dim)
+
+
+def masked_sgd_(p: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None, *, lr: float,
+                momentum: float = 0.0, buf: torch.Tensor | None = None, weight_decay: float = 0.0,
+                nesterov: bool = False, mask_dim: int | None = None) -> None:
+    """In-place SGD step (torch.optim.SGD semantics, dampening 0) on the entries of p that `mask` selects.
+
+    p, grad, mask as in masked_adamw_. buf: fp32 momentum buffer of p's shape, required when
+    momentum > 0 (start from zeros: the first step then sets buf = grad, as torch does), and
+    ignored when momentum == 0. Entries the mask leaves unset keep p and buf bit-for-bit.
+    """
+    _check_param_and_grad(p, grad)
+    mask_dim = None if mask is None else check_update_mask(p, mask, mask_dim)
+    lr = check_finite_scalar("lr", lr, low=0.0)
+    momentum = check_finite_scalar("momentum", momentum, low=0.0)
+    weight_decay = check_finite_scalar("weight_decay", weight_decay, low=0.0)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov=True requires momentum > 0")
+    if buf is not None:
+        _check_state("buf", buf, p)
+    elif momentum != 0:
+        raise ValueError("buf (fp32 momentum buffer of p's shape, zeros at first) is required when momentum > 0")
+    with torch.no_grad():
+        if use_triton(p):
+            from fibec.kernels.masked_update import masked_sgd
+
+            masked_sgd(p, grad, mask, mask_dim, lr=lr, momentum=momentum, buf=buf, weight_decay=weight_decay,
+                       nesterov=nesterov)
+        else:
+            reference.masked_sgd_(p, grad, mask, lr=lr, momentum=momentum, buf=buf, weight_decay=weight_decay,
+                                  nesterov=nesterov, mask_dim=mask_dim)
