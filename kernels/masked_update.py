@@ -1,0 +1,129 @@
+"""Masked SGD / AdamW steps in one pass over memory.
+
+p is seen as a [n_rows, n_cols] matrix: an element mask or no mask uses one row of all p's
+entries; a neuron mask over rows (mask_dim 0) or columns (mask_dim 1) uses p's own 2-D shape
+and is broadcast inside the kernel, so no full mask is ever built. Each program loads the mask
+first and uses it as the load/store mask of p, grad and the state: entries the mask leaves
+unset are neither read nor written. State is fp32; bf16/fp16 p is updated in fp32 and rounded.
+Imports nothing from fibec.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_NO_MASK, _ELEMENT, _ROWS, _COLS = 0, 1, 2, 3
+
+
+@triton.jit
+def _selected_offsets(mask_ptr, n_rows, n_cols, n_col_blocks,
+                      MASK_KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(flat offsets, which of them to update) for this program's [BLOCK_R, BLOCK_C] tile."""
+    pid = tl.program_id(0)
+    rows = (pid // n_col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % n_col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_rows = rows < n_rows
+    in_cols = cols < n_cols
+    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    selected = in_rows[:, None] & in_cols[None, :]
+    if MASK_KIND == 1:
+        selected = tl.load(mask_ptr + offsets, mask=selected, other=0) != 0
+    elif MASK_KIND == 2:
+        row_set = tl.load(mask_ptr + rows, mask=in_rows, other=0) != 0
+        selected = selected & row_set[:, None]
+    elif MASK_KIND == 3:
+        col_set = tl.load(mask_ptr + cols, mask=in_cols, other=0) != 0
+        selected = selected & col_set[None, :]
+    return offsets, selected
+
+
+@triton.jit
+def _masked_adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, mask_ptr,
+                         n_rows, n_cols, n_col_blocks,
+                         decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size,
+                         MASK_KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    offsets, selected = _selected_offsets(mask_ptr, n_rows, n_cols, n_col_blocks, MASK_KIND, BLOCK_R, BLOCK_C)
+    p = tl.load(p_ptr + offsets, mask=selected, other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=selected, other=0.0).to(tl.float32)
+    exp_avg = tl.load(exp_avg_ptr + offsets, mask=selected, other=0.0)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=selected, other=0.0)
+    p = p * decay
+    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+    p = p + neg_step_size * tl.div_rn(exp_avg, denom)
+    tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=selected)
+    tl.store(exp_avg_ptr + offsets, exp_avg, mask=selected)
+    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=selected)
+
+
+@triton.jit
+def _masked_sgd_kernel(p_ptr, grad_ptr, buf_ptr, mask_ptr,
+                       n_rows, n_cols, n_col_blocks,
+                       neg_lr, momentum, weight_decay,
+                       HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                       MASK_KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    offsets, selected = _selected_offsets(mask_ptr, n_rows, n_cols, n_col_blocks, MASK_KIND, BLOCK_R, BLOCK_C)
+    p = tl.load(p_ptr + offsets, mask=selected, other=0.0).to(tl.float32)
+    direction = tl.load(grad_ptr + offsets, mask=selected, other=0.0).to(tl.float32) + weight_decay * p
+    if HAS_MOMENTUM:
+        buf = tl.load(buf_ptr + offsets, mask=selected, other=0.0) * momentum + direction
+        tl.store(buf_ptr + offsets, buf, mask=selected)
+        if NESTEROV:
+            direction = direction + momentum * buf
+        else:
+            direction = buf
+    p = p + neg_lr * direction
+    tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=selected)
+
+
+def _launch_geometry(p: torch.Tensor, mask: torch.Tensor | None, mask_dim: int | None):
+    """(mask kind, mask as bytes, n_rows, n_cols, BLOCK_R, BLOCK_C, n_col_blocks, grid)."""
+    if mask is None:
+        kind, n_rows, n_cols = _NO_MASK, 1, p.numel()
+    elif mask_dim is None:
+        kind, n_rows, n_cols = _ELEMENT, 1, p.numel()
+    else:
+        kind = _ROWS if mask_dim == 0 else _COLS
+        n_rows, n_cols = p.shape
+    # The interpreter runs each program as numpy calls: few large tiles are much faster there.
+    tile = 1 << 16 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 2048
+    block_c = min(triton.next_power_of_2(max(n_cols, 1)), tile)
+    block_r = min(triton.next_power_of_2(max(n_rows, 1)), max(1, tile // block_c))
+    n_col_blocks = triton.cdiv(n_cols, block_c)
+    grid = (triton.cdiv(n_rows, block_r) * n_col_blocks,)
+    mask_bytes = p if mask is None else mask.view(torch.uint8)  # p stands in as an unread pointer
+    return kind, mask_bytes, n_rows, n_cols, block_r, block_c, n_col_blocks, grid
+
+
+def masked_adamw(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 mask: torch.Tensor | None, mask_dim: int | None, *, step: int, lr: float, beta1: float,
+                 beta2: float, eps: float, weight_decay: float) -> None:
+    """Launch the AdamW kernel on validated, contiguous tensors (see fibec.ops.masked_adamw_)."""
+    if p.numel() == 0:
+        return
+    kind, mask_bytes, n_rows, n_cols, block_r, block_c, n_col_blocks, grid = _launch_geometry(p, mask, mask_dim)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    _masked_adamw_kernel[grid](
+        p, grad, exp_avg, exp_avg_sq, mask_bytes, n_rows, n_cols, n_col_blocks,
+        1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, bias_correction2**0.5, eps, -(lr / bias_correction1),
+        MASK_KIND=kind, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+
+
+def masked_sgd(p: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None, mask_dim: int | None, *, lr: float,
+               momentum: float, buf: torch.Tensor | None, weight_decay: float, nesterov: bool) -> None:
+    """Launch the SGD kernel on validated, contiguous tensors (see fibec.ops.masked_sgd_)."""
+    if p.numel() == 0:
+        return
+    kind, mask_bytes, n_rows, n_cols, block_r, block_c, n_col_blocks, grid = _launch_geometry(p, mask, mask_dim)
+    has_momentum = momentum != 0
+    _masked_sgd_kernel[grid](
+        p, grad, buf if has_momentum else p, mask_bytes, n_rows, n_cols, n_col_blocks,
+        -lr, momentum, weight_decay,
+        HAS_MOMENTUM=has_momentum, NESTEROV=nesterov, MASK_KIND=kind, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
