@@ -141,3 +141,178 @@ def select_neurons(importance_or_scores: NeuronImportance | dict[str, dict[str, 
     return {layer: masks[layer] for layer in scores if layer in masks}
 
 # ---- Global aggregation layers (GAL) ranking ---------------------------------------------
+# Only the top-L LoRA layers by importance are aggregated by the server and travel over the
+# network. Rankers: `layer_sensitivity` (the paper's: output movement under small input noise)
+# and `layer_fisher_traces` (the layer's empirical Fisher trace). Formulas: docs/ALGORITHM.md.
+
+
+def lora_layer_names(model: torch.nn.Module) -> list[str]:
+    """Qualified names (model.named_modules()) of the peft LoRA layers holding adapter weights."""
+    from peft.tuners.lora import LoraLayer
+
+    return [name for name, m in model.named_modules() if isinstance(m, LoraLayer) and len(m.lora_A) > 0]
+
+
+def _rms(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    sq = t.float().square()
+    if mask is None:
+        return sq.mean().sqrt()
+    keep = mask.to(device=sq.device, dtype=sq.dtype).unsqueeze(-1)
+    return ((sq * keep).sum() / (keep.sum() * sq.shape[-1]).clamp_min(1.0)).sqrt()
+
+
+def layer_sensitivity(model: torch.nn.Module, data_batches, *, layers: list[str] | None = None,
+                      noise_scale: float = 1e-2, num_batches: int | None = 2, seed: int = 0) -> dict[str, float]:
+    """The paper's GAL ranker: how far each LoRA layer's output moves when its input is perturbed.
+
+    For layer l with input x (its full output y = f_l(x) = W x + s B A x, LoRA dropout off) and
+    valid tokens given by the batch's attention_mask (all positions when x is not [N, T, .]):
+        delta = sigma * rms(x) * eps,   eps ~ N(0, I) drawn from a generator seeded by (seed, batch, l)
+        S_l(batch) = rms(f_l(x + delta) - f_l(x)) / (sigma * rms(x))
+    with rms over the valid tokens and features, sigma = noise_scale. S_l is the mean over the first
+    num_batches batches (None: all). Each batch costs one model forward in eval mode under
+    no_grad: a forward hook on every ranked layer re-evaluates that layer alone on x + delta, so
+    perturbations never propagate to later layers. The model's train/eval mode is restored.
+
+    data_batches: dicts from fibec.data.make_batches ("index" is dropped before the forward).
+    layers: module names to rank (default: every peft LoRA layer). Returns {layer: S_l}.
+    """
+    from ._checks import check_finite_scalar
+    from .data import model_inputs
+
+    sigma = check_finite_scalar("noise_scale", noise_scale, low=0.0, low_inclusive=False)
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise ValueError(f"num_batches must be an int >= 1 or None, got {num_batches!r}")
+    modules = dict(model.named_modules())
+    names = lora_layer_names(model) if layers is None else list(layers)
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"layers: no module named {missing[0]!r} in the model")
+    if not names:
+        raise ValueError("layers: the model has no LoRA layers to rank")
+    totals = dict.fromkeys(names, 0.0)
+    state = {"batch": 0, "mask": None}
+
+    def make_hook(name: str, layer_id: int):
+        def hook(module, args, kwargs, output):
+            x = args[0]
+            mask = state["mask"]
+            if mask is not None and (x.dim() != 3 or tuple(mask.shape) != tuple(x.shape[:2])):
+                mask = None
+            gen = torch.Generator(device=x.device)
+            gen.manual_seed(((seed * 1_000_003 + state["batch"]) * 1_000_003 + layer_id) % 2**63)
+            eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
+            scale = sigma * _rms(x, mask)
+            if scale == 0:
+                return None
+            moved = module.forward((x.float() + scale * eps).to(x.dtype), *args[1:], **kwargs)
+            totals[name] += float(_rms(moved.float() - output.float(), mask) / scale)
+            return None
+        return hook
+
+    was_training = model.training
+    handles = [modules[n].register_forward_hook(make_hook(n, i), with_kwargs=True) for i, n in enumerate(names)]
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for batch in data_batches:
+                if num_batches is not None and state["batch"] >= num_batches:
+                    break
+                mask = batch.get("attention_mask")
+                state["mask"] = None if mask is None else mask.to(device).bool()
+                model(**{k: v.to(device) for k, v in model_inputs(batch).items()})
+                state["batch"] += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if state["batch"] == 0:
+        raise ValueError("data_batches yielded no batch")
+    return {n: totals[n] / state["batch"] for n in names}
+
+
+def layer_fisher_traces(fisher: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+    """The `fisher` GAL ranker: each layer's Fisher trace, sum of its lora_A and lora_B diagonal Fisher.
+
+    fisher: FisherCollector.fisher ({layer: {"lora_A": [r, I], "lora_B": [O, r]}}; a dense layer's
+    {"weight": [O, I]} is summed the same way). Returns {layer: float}, summed in float64.
+    """
+    if not isinstance(fisher, dict):
+        raise TypeError(f"fisher must be a dict {{layer: {{factor: Tensor}}}}, got {type(fisher).__name__}")
+    traces = {}
+    for layer, factors in fisher.items():
+        if not isinstance(factors, dict) or not all(isinstance(t, torch.Tensor) for t in factors.values()):
+            raise TypeError(f"fisher[{layer!r}] must be a dict {{factor: Tensor}}")
+        traces[layer] = float(sum(t.detach().double().sum() for t in factors.values()))
+    return traces
+
+
+def combine_layer_scores(client_scores: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
+    """Server side: combine the clients' layer scores, each normalised to sum 1, by a weighted mean.
+
+    Each client's scores are first divided by their sum, so that every client ranks with a vote of
+    total weight w_k: raw scores differ in scale between clients (a Fisher sum grows with the number
+    of scored samples and with how unconverged a client is; sensitivities with the input scale of
+    its data), and without normalising one client would decide the GAL alone. Then
+        S_l = sum_k w_k * S_k,l / sum_j S_k,j  /  sum_k w_k   (over clients with sum_j S_k,j > 0).
+    All clients must score the same layers; scores must be finite and >= 0; weights (e.g. sample
+    counts) finite, >= 0, with positive sum. A client whose scores are all zero abstains; if all
+    abstain every layer gets 0.
+    """
+    if not isinstance(client_scores, (list, tuple)) or not client_scores:
+        raise ValueError("client_scores must be a non-empty list of {layer: score} dicts")
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(client_scores):
+        raise ValueError(f"weights must be a list with one weight per client ({len(client_scores)})")
+    w = []
+    for k, value in enumerate(weights):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"weights[{k}] must be a finite number >= 0, got {value!r}")
+        w.append(float(value))
+    if sum(w) <= 0:
+        raise ValueError("weights must have a positive sum")
+    names = list(client_scores[0])
+    for k, scores in enumerate(client_scores):
+        if set(scores) != set(names):
+            raise ValueError(f"client_scores[{k}] scores layers {sorted(set(scores) ^ set(names))[:3]} "
+                             f"differently from client_scores[0]")
+        for layer, value in scores.items():
+            if not math.isfinite(float(value)) or float(value) < 0:
+                raise ValueError(f"client_scores[{k}][{layer!r}] must be finite and >= 0, got {value!r}")
+    combined = dict.fromkeys(names, 0.0)
+    voting_weight = 0.0
+    for wk, scores in zip(w, client_scores):
+        total = math.fsum(float(v) for v in scores.values())
+        if total <= 0 or wk == 0:
+            continue
+        voting_weight += wk
+        for layer in names:
+            combined[layer] += wk * float(scores[layer]) / total
+    if voting_weight > 0:
+        combined = {layer: value / voting_weight for layer, value in combined.items()}
+    return combined
+
+
+def select_gal(scores: dict[str, float], size: int | float) -> list[str]:
+    """The top-L layers by score, best first; ties go to the lexicographically smaller name.
+
+    size: an int L in [1, n_layers], or a float fraction f in (0, 1] giving L = ceil(f * n_layers).
+    """
+    if not isinstance(scores, dict) or not scores:
+        raise ValueError("scores must be a non-empty {layer: score} dict")
+    n = len(scores)
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise ValueError(f"size must be an int count or a float fraction, got {size!r}")
+    if isinstance(size, int):
+        if not 1 <= size <= n:
+            raise ValueError(f"size must be between 1 and the number of layers ({n}), got {size}")
+        count = size
+    else:
+        if not (math.isfinite(size) and 0.0 < size <= 1.0):
+            raise ValueError(f"size as a fraction must be in (0, 1], got {size}")
+        count = max(1, math.ceil(round(size * n, 6)))
+    for layer, value in scores.items():
+        if not math.isfinite(float(value)):
+            raise ValueError(f"scores[{layer!r}] must be finite, got {value!r}")
+    return sorted(scores, key=lambda layer: (-float(scores[layer]), layer))[:count]

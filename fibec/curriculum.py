@@ -1,0 +1,174 @@
+"""FibecFed's adaptive curriculum: Fisher difficulty scores, pacing functions, the curriculum sampler.
+
+A sample's difficulty is the trace of its empirical Fisher over the trainable LoRA parameters,
+i.e. the squared norm of its per-sample loss gradient. In round t a client trains only on its
+easiest ceil(lambda(t) * n) samples; lambda grows from lambda0 to 1 by a pacing function.
+Formulas and defaults: docs/ALGORITHM.md.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from ._checks import check_finite_scalar
+
+__all__ = ["PACING_KINDS", "pacing_fraction", "difficulty_scores", "CurriculumSampler"]
+
+PACING_KINDS: tuple[str, ...] = ("linear", "root", "geometric", "step")
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def pacing_fraction(kind: str, round_idx: int, *, lambda0: float, full_at: int, steps: int = 4) -> float:
+    """Fraction lambda(t) of a client's data (easiest first) used in round t = round_idx (0-based).
+
+    With l0 = lambda0, T = full_at and u = t / T, for t < T:
+      linear     l0 + (1 - l0) * u
+      root       sqrt(l0**2 + (1 - l0**2) * u)
+      geometric  l0 ** (1 - u)                      (multiplies by l0**(-1/T) each round)
+      step       l0 + (1 - l0) * floor(steps * u) / steps
+    and 1 for t >= T. All are non-decreasing, equal l0 at t = 0 and reach 1 exactly at t = T.
+    """
+    if kind not in PACING_KINDS:
+        raise ValueError(f"kind: unknown pacing {kind!r}; known: {', '.join(PACING_KINDS)}")
+    t = _check_int("round_idx", round_idx, 0)
+    l0 = check_finite_scalar("lambda0", lambda0, low=0.0, high=1.0, low_inclusive=False)
+    big_t = _check_int("full_at", full_at, 1)
+    n_steps = _check_int("steps", steps, 1)
+    if t >= big_t:
+        return 1.0
+    u = t / big_t
+    if kind == "linear":
+        value = l0 + (1.0 - l0) * u
+    elif kind == "root":
+        value = math.sqrt(l0 * l0 + (1.0 - l0 * l0) * u)
+    elif kind == "geometric":
+        value = l0 ** (1.0 - u)
+    else:
+        value = l0 + (1.0 - l0) * ((n_steps * t) // big_t) / n_steps
+    return min(1.0, value)
+
+
+def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:
+    return int(batch["index"].shape[0])
+
+
+def difficulty_scores(model: torch.nn.Module, data_batches: Iterable[Mapping[str, torch.Tensor]], *,
+                      num_samples: int | None = None, return_fisher: bool = False):
+    """Per-sample difficulty: trace of the sample's empirical Fisher over the LoRA parameters.
+
+    score_n = sum over LoRA layers l of ||d loss_n / d A_l||^2 + ||d loss_n / d B_l||^2, where loss_n
+    is sample n's own loss (HF's mean loss is rescaled per sample by FisherCollector with
+    loss_reduction="mean"). One forward + backward per batch, in eval mode (dropout off), no
+    optimizer step; padding tokens are masked out via the batch's attention_mask.
+
+    data_batches: dicts from `fibec.data.make_batches` (input_ids, attention_mask, labels, index,
+    ...); the model is called with everything but "index". Scores land at batch["index"].
+    num_samples: length of the returned vector (default: 1 + the largest index seen); positions
+    no batch covered stay NaN so a forgotten sample can never pass for an easy one.
+
+    Returns scores, a float32 CPU tensor [num_samples]; with return_fisher=True returns
+    (scores, fisher, layer_traces): FisherCollector's `fisher` ({layer: {"lora_A": [r,I],
+    "lora_B": [O,r]}}, fp32 sums over all scored samples) and `layer_traces` ({layer: float}).
+    The model's train/eval mode and every parameter's .grad are restored afterwards.
+    """
+    from .fisher import FisherCollector  # imported late: fisher.py pulls in the ops stack
+    from .data import model_inputs
+
+    was_training = model.training
+    saved_grads = {p: p.grad for p in model.parameters()}
+    chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        model.eval()
+        with torch.enable_grad(), FisherCollector(model, "lora", loss_reduction="mean") as fc:
+            for batch in data_batches:
+                for p in saved_grads:
+                    p.grad = None
+                fc.token_mask = batch.get("attention_mask")
+                device = next(model.parameters()).device
+                inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+                out = model(**inputs)
+                if out.loss is None:
+                    raise ValueError("data_batches: the model returned no loss (batches need 'labels')")
+                out.loss.backward()
+                sample = fc.sample_scores.detach().float().cpu()
+                if sample.shape[0] != _batch_size(batch):
+                    raise RuntimeError(f"FisherCollector gave {sample.shape[0]} scores for a batch of "
+                                       f"{_batch_size(batch)}")
+                chunks.append((batch["index"].cpu(), sample))
+            fisher = {name: {k: v.detach().clone() for k, v in parts.items()} for name, parts in fc.fisher.items()}
+            traces = dict(fc.layer_traces)
+    finally:
+        for p, g in saved_grads.items():
+            p.grad = g
+        model.train(was_training)
+    if not chunks:
+        raise ValueError("data_batches yielded no batch")
+    size = num_samples if num_samples is not None else 1 + max(int(i.max()) for i, _ in chunks)
+    scores = torch.full((size,), float("nan"), dtype=torch.float32)
+    for idx, sample in chunks:
+        scores[idx] = sample
+    return (scores, fisher, traces) if return_fisher else scores
+
+
+class CurriculumSampler:
+    """Round-wise batches from the easiest part of a client's data.
+
+    Round t uses the pool of the m = ceil(lambda(t) * n) lowest-scored samples (ascending score,
+    ties by lower index first; NaN scores count as hardest). The pool is shuffled with a numpy
+    generator seeded by (seed, t) and cut into batches of batch_size (the last batch of a pass
+    may be smaller); when more batches are asked for than one pass gives, further passes follow,
+    each reshuffled. Indices are positions 0..n-1 in `scores`.
+    """
+
+    def __init__(self, scores: torch.Tensor | np.ndarray, *, batch_size: int, pacing: str = "linear",
+                 lambda0: float = 0.3, full_at: int = 5, steps: int = 4, seed: int = 0) -> None:
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.pacing, self.lambda0, self.full_at, self.steps = pacing, lambda0, full_at, steps
+        pacing_fraction(pacing, 0, lambda0=lambda0, full_at=full_at, steps=steps)  # validates the schedule
+        self.seed = int(seed)
+        self._order = np.empty(0, dtype=np.int64)
+        self.update_scores(scores)
+
+    def update_scores(self, scores: torch.Tensor | np.ndarray) -> None:
+        """Replace the difficulty scores (re-scoring every k rounds); the length must not change."""
+        values = (scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor)
+                  else np.asarray(scores, dtype=np.float64)).reshape(-1)
+        if values.size == 0:
+            raise ValueError("scores must not be empty")
+        if self._order.size and values.size != self._order.size:
+            raise ValueError(f"scores has {values.size} entries, the sampler was built for {self._order.size}")
+        values = np.where(np.isnan(values), np.inf, values)
+        self._order = np.argsort(values, kind="stable")
+
+    def __len__(self) -> int:
+        return int(self._order.size)
+
+    def fraction(self, round_idx: int) -> float:
+        return pacing_fraction(self.pacing, round_idx, lambda0=self.lambda0, full_at=self.full_at, steps=self.steps)
+
+    def pool(self, round_idx: int) -> list[int]:
+        """The indices of round round_idx's pool, easiest first."""
+        m = math.ceil(self.fraction(round_idx) * len(self) - 1e-9)
+        return self._order[:max(1, m)].tolist()
+
+    def batches(self, round_idx: int, num_batches: int) -> list[list[int]]:
+        """num_batches index lists for round round_idx, all drawn from its pool."""
+        wanted = _check_int("num_batches", num_batches, 0)
+        pool = np.asarray(self.pool(round_idx), dtype=np.int64)
+        rng = np.random.default_rng([self.seed, int(round_idx)])
+        out: list[list[int]] = []
+        while len(out) < wanted:
+            order = rng.permutation(pool)
+            for start in range(0, len(order), self.batch_size):
+                if len(out) == wanted:
+                    break
+                out.append(order[start:start + self.batch_size].tolist())
+        return out
