@@ -215,7 +215,8 @@ def _named(texts: list[str], label_strings: list[str], names: list[str], name: s
     unknown = sorted(set(label_strings) - set(lookup))
     if unknown:
         raise ValueError(f"{name}: unexpected labels {unknown[:5]} (expected {names})")
-    return TextClassificationData(texts, [lookup[s] for s in label_strings], names, pairs, name=name)
+    strip = lambda values: None if values is None else [v.strip() for v in values]  # noqa: E731
+    return TextClassificationData(strip(texts), [lookup[s] for s in label_strings], names, strip(pairs), name=name)
 
 
 def _sentence_label_tsv(path: Path, names: list[str], name: str, *, skip: int = 0,
