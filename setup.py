@@ -1,5 +1,14 @@
 """Builds the `fibec` package, installs the Triton kernels in kernels/ as `fibec.kernels`."""
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+
+# The payload codec (csrc/, see docs/PAYLOAD.md); pybind11 comes from pyproject's build requires.
+codec_extension = Pybind11Extension(
+    "fibec._codec",
+    sorted(["csrc/bindings.cpp", "csrc/crc32c.cpp", "csrc/payload.cpp"]),
+    cxx_std=17,
+    extra_compile_args=["-O3"],
+)
 
 setup(
     name="fibec",
@@ -14,6 +23,7 @@ setup(
         "transformers>=4.40",
         "peft>=0.10",
         "numpy",
+        "zstandard",
         "tqdm",
         "matplotlib",
     ],
@@ -29,4 +39,6 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["fibec=fibec.cli:main"]},
+    ext_modules=[codec_extension],
+    cmdclass={"build_ext": build_ext},
 )

@@ -1,0 +1,746 @@
+#include "payload.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "crc32c.h"
+#include "floatconv.h"
+
+namespace fibec {
+
+// ---------------------------------------------------------------- basic helpers
+
+size_t dtype_size(uint8_t code) {
+    switch (code) {
+        case kF32: return 4;
+        case kF16:
+        case kBF16: return 2;
+        case kInt8Block: return 1;
+        default: return 0;
+    }
+}
+
+namespace {
+
+template <class T>
+void put(uint8_t*& p, T v) {
+    std::memcpy(p, &v, sizeof(T));
+    p += sizeof(T);
+}
+
+unsigned varint_size(uint64_t v) {
+    unsigned n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        ++n;
+    }
+    return n;
+}
+
+void put_varint(uint8_t*& p, uint64_t v) {
+    while (v >= 0x80) {
+        *p++ = static_cast<uint8_t>(v | 0x80);
+        v >>= 7;
+    }
+    *p++ = static_cast<uint8_t>(v);
+}
+
+uint64_t bitmap_size(uint64_t universe) { return universe / 8 + (universe % 8 != 0); }
+
+uint64_t quant_blocks(uint64_t n) { return n / kQuantBlock + (n % kQuantBlock != 0); }
+
+// Bytes of a value body holding n values; false on overflow.
+bool value_body_size(uint8_t format, uint64_t n, uint64_t& out) {
+    if (format == kInt8Block) {
+        uint64_t scales;
+        if (__builtin_mul_overflow(quant_blocks(n), uint64_t{4}, &scales)) return false;
+        return !__builtin_add_overflow(scales, n, &out);
+    }
+    return !__builtin_mul_overflow(n, static_cast<uint64_t>(dtype_size(format)), &out);
+}
+
+uint64_t value_body_size(uint8_t format, uint64_t n) {
+    uint64_t out = 0;
+    value_body_size(format, n, out);
+    return out;
+}
+
+// ------------------------------------------------------- float format conversions
+
+template <int Code>
+inline float load(const uint8_t* p, uint64_t i) {
+    if constexpr (Code == kF32) {
+        float f;
+        std::memcpy(&f, p + 4 * i, 4);
+        return f;
+    } else {
+        uint16_t h;
+        std::memcpy(&h, p + 2 * i, 2);
+        return Code == kF16 ? f16_to_f32(h) : bf16_to_f32(h);
+    }
+}
+
+template <int Code>
+inline void store(uint8_t* p, uint64_t i, float f) {
+    if constexpr (Code == kF32) {
+        std::memcpy(p + 4 * i, &f, 4);
+    } else {
+        const uint16_t h = Code == kF16 ? f32_to_f16(f) : f32_to_bf16(f);
+        std::memcpy(p + 2 * i, &h, 2);
+    }
+}
+
+using ConvFn = void (*)(const uint8_t*, uint8_t*, uint64_t);
+
+template <int From, int To>
+void convert(const uint8_t* src, uint8_t* dst, uint64_t n) {
+    if constexpr (From == To) {
+        std::memcpy(dst, src, n * dtype_size(From));
+    } else {
+        for (uint64_t i = 0; i < n; ++i) store<To>(dst, i, load<From>(src, i));
+    }
+}
+
+ConvFn converter(uint8_t from, uint8_t to) {
+    static const ConvFn table[3][3] = {
+        {convert<kF32, kF32>, convert<kF32, kF16>, convert<kF32, kBF16>},
+        {convert<kF16, kF32>, convert<kF16, kF16>, convert<kF16, kBF16>},
+        {convert<kBF16, kF32>, convert<kBF16, kF16>, convert<kBF16, kBF16>},
+    };
+    return table[from - 1][to - 1];
+}
+
+// Byte planes: plane b holds byte b of every w-byte value, so zstd sees exponents together.
+void shuffle_bytes(const uint8_t* src, uint8_t* dst, uint64_t n, size_t w) {
+    for (uint64_t i = 0; i < n; ++i)
+        for (size_t b = 0; b < w; ++b) dst[b * n + i] = src[i * w + b];
+}
+
+void unshuffle_bytes(const uint8_t* src, uint8_t* dst, uint64_t n, size_t w) {
+    for (size_t b = 0; b < w; ++b)
+        for (uint64_t i = 0; i < n; ++i) dst[i * w + b] = src[b * n + i];
+}
+
+// int8 body: ceil(n/64) fp32 scales, then n int8 values; x ~= q * scale.
+void quantise(const float* x, uint64_t n, uint8_t* body) {
+    uint8_t* q_out = body + 4 * quant_blocks(n);
+    for (uint64_t start = 0, block = 0; start < n; start += kQuantBlock, ++block) {
+        const uint64_t end = std::min(n, start + kQuantBlock);
+        float amax = 0.0f;
+        bool has_nan = false;
+        for (uint64_t i = start; i < end; ++i) {
+            amax = std::max(amax, std::fabs(x[i]));
+            has_nan |= std::isnan(x[i]);
+        }
+        // A block holding inf or NaN has no usable scale: it decodes as all-NaN.
+        const bool usable = !has_nan && std::isfinite(amax);
+        const float scale = usable ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+        const float inv = usable && amax > 0.0f ? 127.0f / amax : 0.0f;
+        std::memcpy(body + 4 * block, &scale, 4);
+        for (uint64_t i = start; i < end; ++i) {
+            const float r = std::nearbyint(x[i] * inv);
+            q_out[i] = static_cast<uint8_t>(static_cast<int8_t>(std::clamp(r, -127.0f, 127.0f)));
+        }
+    }
+}
+
+void dequantise(const uint8_t* body, uint64_t n, float* out) {
+    const uint8_t* q = body + 4 * quant_blocks(n);
+    for (uint64_t i = 0; i < n; ++i) {
+        float scale;
+        std::memcpy(&scale, body + 4 * (i / kQuantBlock), 4);
+        out[i] = static_cast<float>(static_cast<int8_t>(q[i])) * scale;
+    }
+}
+
+bool is_finite_bits(uint8_t dtype, const uint8_t* p, uint64_t i) {
+    if (dtype == kF32) {
+        uint32_t u;
+        std::memcpy(&u, p + 4 * i, 4);
+        return (u & 0x7F800000u) != 0x7F800000u;
+    }
+    uint16_t h;
+    std::memcpy(&h, p + 2 * i, 2);
+    return dtype == kF16 ? (h & 0x7C00u) != 0x7C00u : (h & 0x7F80u) != 0x7F80u;
+}
+
+// An element is "zero" only when all its bits are 0: -0.0 is kept, so fp32 stays bit-exact.
+bool is_nonzero(size_t width, const uint8_t* p, uint64_t i) {
+    if (width == 4) {
+        uint32_t u;
+        std::memcpy(&u, p + 4 * i, 4);
+        return u != 0;
+    }
+    uint16_t h;
+    std::memcpy(&h, p + 2 * i, 2);
+    return h != 0;
+}
+
+// --------------------------------------------------------------- index readers
+
+// Yields the kept indices of an index body in increasing order, checking every byte.
+class IndexReader {
+  public:
+    IndexReader(IndexCode code, const uint8_t* data, uint64_t len, uint64_t universe)
+        : code_(code), p_(data), len_(len), universe_(universe) {}
+
+    // Next kept index; the caller asks exactly once per kept unit, then calls finish().
+    uint64_t next() {
+        return code_ == kVarint ? next_varint() : next_bit();
+    }
+
+    void finish() const {
+        if (code_ == kVarint) {
+            if (pos_ != len_) throw PayloadError("index body is longer than its count of indices");
+            return;
+        }
+        // No set bit may follow the last kept index (count agreement, and nothing beyond the universe).
+        for (uint64_t byte = bit_ / 8; byte < len_; ++byte) {
+            uint8_t rest = p_[byte];
+            if (byte == bit_ / 8) rest &= static_cast<uint8_t>(0xFFu << (bit_ % 8));
+            if (rest) {
+                const uint64_t where = byte * 8 + static_cast<uint64_t>(__builtin_ctz(rest));
+                throw PayloadError(where >= universe_ ? "bitmap index out of range"
+                                                      : "bitmap has more set bits than its count");
+            }
+        }
+    }
+
+  private:
+    uint64_t next_varint() {
+        uint64_t gap = 0;
+        unsigned shift = 0;
+        for (unsigned k = 0;; ++k) {
+            if (pos_ >= len_) throw PayloadError("index body is truncated (fewer indices than its count)");
+            const uint8_t b = p_[pos_++];
+            if (k == 9 && b > 1) throw PayloadError("varint index overflows 64 bits");
+            gap |= static_cast<uint64_t>(b & 0x7F) << shift;
+            if (!(b & 0x80)) {
+                if (k > 0 && b == 0) throw PayloadError("varint index is not minimally encoded");
+                break;
+            }
+            shift += 7;
+        }
+        uint64_t index;
+        if (__builtin_add_overflow(next_expected_, gap, &index) || index >= universe_)
+            throw PayloadError("index out of range");
+        next_expected_ = index + 1;
+        return index;
+    }
+
+    uint64_t next_bit() {
+        while (true) {
+            const uint64_t byte = bit_ / 8;
+            if (byte >= len_) throw PayloadError("bitmap has fewer set bits than its count");
+            const uint8_t rest = p_[byte] & static_cast<uint8_t>(0xFFu << (bit_ % 8));
+            if (rest) {
+                const uint64_t index = byte * 8 + static_cast<uint64_t>(__builtin_ctz(rest));
+                if (index >= universe_) throw PayloadError("bitmap index out of range");
+                bit_ = index + 1;
+                return index;
+            }
+            bit_ = (byte + 1) * 8;
+        }
+    }
+
+    IndexCode code_;
+    const uint8_t* p_;
+    uint64_t len_, universe_;
+    uint64_t pos_ = 0, next_expected_ = 0, bit_ = 0;
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------- encoder
+
+struct TensorPlan {
+    Encoding encoding = kDense;
+    IndexCode index_code = kNoIndex;
+    uint8_t values = kF32;
+    uint64_t numel = 1, rows = 1, cols = 1, universe = 0, n_kept = 0, n_values = 0;
+    uint64_t index_len = 0, values_len = 0, record_len = 0;
+    std::vector<uint8_t> own_flags;        // auto-detected kept rows or columns
+    const uint8_t* flags = nullptr;        // kept flags over the universe; null: elements whose bits are nonzero
+};
+
+namespace {
+
+struct IndexStats {
+    uint64_t kept = 0, varint_len = 0;
+};
+
+IndexStats flag_stats(const uint8_t* flags, uint64_t n) {
+    IndexStats s;
+    uint64_t next_expected = 0;
+    for (uint64_t i = 0; i < n; ++i) {
+        if (!flags[i]) continue;
+        ++s.kept;
+        s.varint_len += varint_size(i - next_expected);
+        next_expected = i + 1;
+    }
+    return s;
+}
+
+// One pass over the values: kept (nonzero) rows, columns and elements, with the
+// exact delta-varint size of the element index set.
+template <class U>
+void scan_nonzero(const U* x, uint64_t rows, uint64_t cols, bool lines, std::vector<uint8_t>& row_any,
+                  std::vector<uint8_t>& col_any, IndexStats& elements) {
+    uint64_t next_expected = 0;
+    for (uint64_t r = 0; r < rows; ++r) {
+        const U* row = x + r * cols;
+        uint64_t count = 0;
+        if (lines) {
+            uint8_t* col = col_any.data();
+            for (uint64_t c = 0; c < cols; ++c) {
+                const uint8_t nz = row[c] != 0;
+                count += nz;
+                col[c] |= nz;
+            }
+            row_any[r] = count != 0;
+        } else {
+            for (uint64_t c = 0; c < cols; ++c) count += row[c] != 0;
+        }
+        elements.kept += count;
+        if (count == cols && cols > 0) {
+            elements.varint_len += varint_size(r * cols - next_expected) + (cols - 1);
+            next_expected = r * cols + cols;
+        } else if (count > 0) {
+            for (uint64_t c = 0; c < cols; ++c) {
+                if (row[c] == 0) continue;
+                elements.varint_len += varint_size(r * cols + c - next_expected);
+                next_expected = r * cols + c + 1;
+            }
+        }
+    }
+}
+
+void choose_index_code(TensorPlan& plan, uint64_t varint_len) {
+    const uint64_t bitmap_len = bitmap_size(plan.universe);
+    if (varint_len <= bitmap_len) {
+        plan.index_code = kVarint;
+        plan.index_len = varint_len;
+    } else {
+        plan.index_code = kBitmap;
+        plan.index_len = bitmap_len;
+    }
+}
+
+uint64_t sparse_cost(uint8_t values, uint64_t universe, const IndexStats& s, uint64_t unit) {
+    return std::min(s.varint_len, bitmap_size(universe)) + value_body_size(values, s.kept * unit);
+}
+
+void set_dense(TensorPlan& plan) {
+    plan.encoding = kDense;
+    plan.index_code = kNoIndex;
+    plan.universe = plan.numel;
+    plan.n_kept = plan.numel;
+    plan.n_values = plan.numel;
+    plan.index_len = 0;
+}
+
+void set_sparse(TensorPlan& plan, Encoding encoding, uint64_t universe, const IndexStats& s) {
+    plan.encoding = encoding;
+    plan.universe = universe;
+    plan.n_kept = s.kept;
+    plan.n_values = encoding == kRows ? s.kept * plan.cols : encoding == kCols ? s.kept * plan.rows : s.kept;
+    choose_index_code(plan, s.varint_len);
+}
+
+void plan_auto(const TensorIn& t, TensorPlan& plan) {
+    const bool matrix = t.shape.size() == 2;
+    const size_t width = dtype_size(t.dtype);
+    std::vector<uint8_t> row_any(matrix ? plan.rows : 0), col_any(matrix ? plan.cols : 0);
+    IndexStats elements;
+    const uint64_t rows = matrix ? plan.rows : 1, cols = matrix ? plan.cols : plan.numel;
+    if (width == 4)
+        scan_nonzero(reinterpret_cast<const uint32_t*>(t.data), rows, cols, matrix, row_any, col_any, elements);
+    else
+        scan_nonzero(reinterpret_cast<const uint16_t*>(t.data), rows, cols, matrix, row_any, col_any, elements);
+
+    // Smallest of dense, rows, columns, elements; ties go to the earlier (simpler) one.
+    const uint64_t dense_cost = value_body_size(plan.values, plan.numel);
+    uint64_t best = dense_cost;
+    set_dense(plan);
+    if (matrix) {
+        const IndexStats rs = flag_stats(row_any.data(), plan.rows);
+        const IndexStats cs = flag_stats(col_any.data(), plan.cols);
+        const uint64_t row_cost = sparse_cost(plan.values, plan.rows, rs, plan.cols);
+        const uint64_t col_cost = sparse_cost(plan.values, plan.cols, cs, plan.rows);
+        if (row_cost < best) {
+            best = row_cost;
+            set_sparse(plan, kRows, plan.rows, rs);
+            plan.own_flags = std::move(row_any);
+        }
+        if (col_cost < best) {
+            best = col_cost;
+            set_sparse(plan, kCols, plan.cols, cs);
+            plan.own_flags = std::move(col_any);
+        }
+    }
+    if (sparse_cost(plan.values, plan.numel, elements, 1) < best) {
+        set_sparse(plan, kElements, plan.numel, elements);
+        plan.own_flags.clear();
+    }
+    plan.flags = plan.own_flags.empty() ? nullptr : plan.own_flags.data();
+}
+
+void plan_masked(const TensorIn& t, TensorPlan& plan) {
+    Encoding encoding = kElements;
+    uint64_t universe = plan.numel;
+    if (t.mask_kind == MaskKind::kRows) {
+        encoding = kRows;
+        universe = plan.rows;
+    } else if (t.mask_kind == MaskKind::kCols) {
+        encoding = kCols;
+        universe = plan.cols;
+    }
+    const IndexStats s = flag_stats(t.mask, universe);
+    if (s.kept == universe && universe > 0) {
+        set_dense(plan);  // keeps everything: the same tensor, without an index
+        return;
+    }
+    set_sparse(plan, encoding, universe, s);
+    plan.flags = t.mask;
+}
+
+// Calls f(i) for each kept unit index, in increasing order.
+template <class F>
+void for_each_kept(const TensorIn& t, const TensorPlan& plan, F&& f) {
+    if (plan.flags) {
+        for (uint64_t i = 0; i < plan.universe; ++i)
+            if (plan.flags[i]) f(i);
+        return;
+    }
+    const size_t width = dtype_size(t.dtype);
+    for (uint64_t i = 0; i < plan.universe; ++i)
+        if (is_nonzero(width, t.data, i)) f(i);
+}
+
+// Calls f(offset, count) for each run of source elements to store, in stream order.
+template <class F>
+void for_each_source_run(const TensorIn& t, const TensorPlan& plan, F&& f) {
+    switch (plan.encoding) {
+        case kDense:
+            if (plan.numel) f(uint64_t{0}, plan.numel);
+            return;
+        case kRows:
+            for_each_kept(t, plan, [&](uint64_t r) { f(r * plan.cols, plan.cols); });
+            return;
+        case kCols: {
+            std::vector<std::pair<uint64_t, uint64_t>> runs;
+            for_each_kept(t, plan, [&](uint64_t c) {
+                if (!runs.empty() && runs.back().first + runs.back().second == c)
+                    ++runs.back().second;
+                else
+                    runs.emplace_back(c, 1);
+            });
+            for (uint64_t r = 0; r < plan.rows; ++r)
+                for (const auto& [c, n] : runs) f(r * plan.cols + c, n);
+            return;
+        }
+        case kElements: {
+            uint64_t start = 0, count = 0;
+            for_each_kept(t, plan, [&](uint64_t e) {
+                if (count && start + count == e) {
+                    ++count;
+                    return;
+                }
+                if (count) f(start, count);
+                start = e;
+                count = 1;
+            });
+            if (count) f(start, count);
+            return;
+        }
+    }
+}
+
+void write_index(const TensorIn& t, const TensorPlan& plan, uint8_t* out) {
+    if (plan.index_code == kVarint) {
+        uint64_t next_expected = 0;
+        for_each_kept(t, plan, [&](uint64_t i) {
+            put_varint(out, i - next_expected);
+            next_expected = i + 1;
+        });
+    } else if (plan.index_code == kBitmap) {
+        std::memset(out, 0, plan.index_len);
+        for_each_kept(t, plan, [&](uint64_t i) { out[i / 8] |= static_cast<uint8_t>(1u << (i % 8)); });
+    }
+}
+
+void write_values(const TensorIn& t, const TensorPlan& plan, bool shuffle, uint8_t* out) {
+    const size_t src_width = dtype_size(t.dtype);
+    if (plan.values == kInt8Block) {
+        std::vector<float> gathered(plan.n_values);
+        const ConvFn to_f32 = converter(t.dtype, kF32);
+        uint8_t* cursor = reinterpret_cast<uint8_t*>(gathered.data());
+        for_each_source_run(t, plan, [&](uint64_t offset, uint64_t n) {
+            to_f32(t.data + offset * src_width, cursor, n);
+            cursor += 4 * n;
+        });
+        quantise(gathered.data(), plan.n_values, out);
+        if (shuffle) {
+            const uint64_t blocks = quant_blocks(plan.n_values);
+            std::vector<uint8_t> scales(out, out + 4 * blocks);
+            shuffle_bytes(scales.data(), out, blocks, 4);
+        }
+        return;
+    }
+    const size_t width = dtype_size(plan.values);
+    std::vector<uint8_t> staging(shuffle ? plan.values_len : 0);
+    uint8_t* cursor = shuffle ? staging.data() : out;
+    const ConvFn conv = converter(t.dtype, plan.values);
+    for_each_source_run(t, plan, [&](uint64_t offset, uint64_t n) {
+        conv(t.data + offset * src_width, cursor, n);
+        cursor += width * n;
+    });
+    if (shuffle) shuffle_bytes(staging.data(), out, plan.n_values, width);
+}
+
+}  // namespace
+
+Encoder::Encoder(std::vector<TensorIn> tensors, EncodeOptions options)
+    : tensors_(std::move(tensors)), plans_(tensors_.size()), options_(options) {
+    for (size_t k = 0; k < tensors_.size(); ++k) {
+        const TensorIn& t = tensors_[k];
+        TensorPlan& plan = plans_[k];
+        if (t.shape.size() > kMaxDims)
+            throw EncodeError("tensor '" + t.name + "' has more than 8 dimensions");
+        for (uint64_t d : t.shape) plan.numel *= d;  // the caller's tensor exists: no overflow
+        if (t.shape.size() == 2) {
+            plan.rows = t.shape[0];
+            plan.cols = t.shape[1];
+        }
+        plan.values = options.values == kF32 ? t.dtype : options.values;
+        if (options.check_finite)
+            for (uint64_t i = 0; i < plan.numel; ++i)
+                if (!is_finite_bits(t.dtype, t.data, i))
+                    throw EncodeError("tensor '" + t.name + "' has a non-finite value at flat index " +
+                                      std::to_string(i));
+        if (t.mask_kind == MaskKind::kAuto)
+            plan_auto(t, plan);
+        else
+            plan_masked(t, plan);
+        plan.values_len = value_body_size(plan.values, plan.n_values);
+        plan.record_len = 2 + t.name.size() + 5 + 8 * t.shape.size() + 24 + plan.index_len + plan.values_len;
+        section_size_ += plan.record_len;
+    }
+}
+
+Encoder::~Encoder() = default;
+
+void Encoder::write_section(uint8_t* out) const {
+    for (size_t k = 0; k < tensors_.size(); ++k) {
+        const TensorIn& t = tensors_[k];
+        const TensorPlan& plan = plans_[k];
+        put<uint16_t>(out, static_cast<uint16_t>(t.name.size()));
+        std::memcpy(out, t.name.data(), t.name.size());
+        out += t.name.size();
+        put<uint8_t>(out, t.dtype);
+        put<uint8_t>(out, plan.values);
+        put<uint8_t>(out, plan.encoding);
+        put<uint8_t>(out, plan.index_code);
+        put<uint8_t>(out, static_cast<uint8_t>(t.shape.size()));
+        for (uint64_t d : t.shape) put<uint64_t>(out, d);
+        put<uint64_t>(out, plan.n_kept);
+        put<uint64_t>(out, plan.index_len);
+        put<uint64_t>(out, plan.values_len);
+        write_index(t, plan, out);
+        out += plan.index_len;
+        write_values(t, plan, options_.shuffle, out);
+        out += plan.values_len;
+    }
+}
+
+void finish_frame(uint8_t* out, uint32_t n_tensors, uint16_t flags, uint64_t section_len, uint64_t raw_len) {
+    uint8_t* p = out;
+    std::memcpy(p, kMagic, 4);
+    p += 4;
+    put<uint16_t>(p, kVersion);
+    put<uint16_t>(p, flags);
+    put<uint32_t>(p, n_tensors);
+    put<uint64_t>(p, section_len);
+    put<uint64_t>(p, raw_len);
+    const uint64_t body = kHeaderSize + section_len;
+    const uint32_t crc = crc32c(out, body);
+    std::memcpy(out + body, &crc, 4);
+}
+
+// ---------------------------------------------------------------- decoder
+
+namespace {
+
+class Cursor {
+  public:
+    Cursor(const uint8_t* data, size_t len) : p_(data), len_(len) {}
+
+    const uint8_t* take(uint64_t n, const char* what) {
+        if (n > len_ - pos_) throw PayloadError(std::string("truncated: ") + what + " runs past the end");
+        const uint8_t* at = p_ + pos_;
+        pos_ += n;
+        return at;
+    }
+
+    template <class T>
+    T get(const char* what) {
+        T v;
+        std::memcpy(&v, take(sizeof(T), what), sizeof(T));
+        return v;
+    }
+
+    size_t remaining() const { return len_ - pos_; }
+
+  private:
+    const uint8_t* p_;
+    size_t len_;
+    size_t pos_ = 0;
+};
+
+std::string describe(const char* field, uint64_t value) { return std::string(field) + " " + std::to_string(value); }
+
+}  // namespace
+
+Frame read_frame(const uint8_t* data, size_t len) {
+    if (len < 4) throw PayloadError("truncated: shorter than the magic");
+    if (std::memcmp(data, kMagic, 4) != 0) throw PayloadError("bad magic: not a fibec payload");
+    if (len < kHeaderSize + kTrailerSize) throw PayloadError("truncated: shorter than header and checksum");
+    Cursor c(data + 4, len - 4);
+    Frame f{};
+    const uint16_t version = c.get<uint16_t>("version");
+    if (version != kVersion) throw PayloadError(describe("unsupported format version", version));
+    f.flags = c.get<uint16_t>("flags");
+    if (f.flags & ~kFlagZstd) throw PayloadError(describe("unknown flag bits", f.flags));
+    f.n_tensors = c.get<uint32_t>("tensor count");
+    f.section_len = c.get<uint64_t>("section length");
+    f.raw_len = c.get<uint64_t>("raw section length");
+    f.section_offset = kHeaderSize;
+    const uint64_t available = len - kHeaderSize - kTrailerSize;
+    if (f.section_len > available) throw PayloadError("truncated: section length exceeds the payload");
+    if (f.section_len < available) throw PayloadError("trailing garbage after the checksum");
+    if (!(f.flags & kFlagZstd) && f.raw_len != f.section_len)
+        throw PayloadError("raw section length disagrees with an uncompressed section");
+    uint32_t stored;
+    std::memcpy(&stored, data + kHeaderSize + f.section_len, 4);
+    if (crc32c(data, kHeaderSize + f.section_len) != stored) throw PayloadError("checksum mismatch");
+    return f;
+}
+
+std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_tensors, uint64_t max_output_bytes) {
+    constexpr size_t kMinRecord = 2 + 5 + 24;
+    if (n_tensors > len / kMinRecord) throw PayloadError("tensor count exceeds what the section can hold");
+    std::vector<Record> records(n_tensors);
+    Cursor c(data, len);
+    uint64_t total_out = 0;
+    for (Record& r : records) {
+        const uint16_t name_len = c.get<uint16_t>("name length");
+        const uint8_t* name = c.take(name_len, "name");
+        r.name.assign(reinterpret_cast<const char*>(name), name_len);
+        r.dtype = c.get<uint8_t>("dtype");
+        r.values = c.get<uint8_t>("value format");
+        const uint8_t encoding = c.get<uint8_t>("encoding");
+        const uint8_t index_code = c.get<uint8_t>("index code");
+        const uint8_t ndim = c.get<uint8_t>("ndim");
+        if (r.dtype < kF32 || r.dtype > kBF16) throw PayloadError(describe("unknown dtype code", r.dtype));
+        if (r.values < kF32 || r.values > kInt8Block) throw PayloadError(describe("unknown value format", r.values));
+        if (encoding > kElements) throw PayloadError(describe("unknown encoding", encoding));
+        if (index_code > kBitmap) throw PayloadError(describe("unknown index code", index_code));
+        if (ndim > kMaxDims) throw PayloadError(describe("too many dimensions:", ndim));
+        r.encoding = static_cast<Encoding>(encoding);
+        r.index_code = static_cast<IndexCode>(index_code);
+        r.shape.resize(ndim);
+        r.numel = 1;
+        for (auto& d : r.shape) {
+            d = c.get<uint64_t>("shape");
+            if (__builtin_mul_overflow(r.numel, d, &r.numel)) throw PayloadError("shape element count overflows");
+        }
+        if (__builtin_mul_overflow(r.numel, static_cast<uint64_t>(dtype_size(r.dtype)), &r.out_bytes) ||
+            __builtin_add_overflow(total_out, r.out_bytes, &total_out) || total_out > max_output_bytes)
+            throw PayloadError("declared shapes need more than " + std::to_string(max_output_bytes) +
+                               " output bytes (max_output_bytes)");
+        r.n_kept = c.get<uint64_t>("kept count");
+        r.index_len = c.get<uint64_t>("index length");
+        r.values_len = c.get<uint64_t>("values length");
+
+        if ((r.encoding == kRows || r.encoding == kCols) && ndim != 2)
+            throw PayloadError("row/column encoding needs a 2-D shape");
+        const uint64_t rows = ndim == 2 ? r.shape[0] : 1, cols = ndim == 2 ? r.shape[1] : r.numel;
+        r.universe = r.encoding == kRows ? rows : r.encoding == kCols ? cols : r.numel;
+        if (r.encoding == kDense) {
+            if (r.index_code != kNoIndex) throw PayloadError("dense tensor with an index code");
+            if (r.n_kept != r.numel) throw PayloadError("dense tensor's count disagrees with its shape");
+        } else {
+            if (r.index_code == kNoIndex) throw PayloadError("sparse tensor without an index code");
+            if (r.n_kept > r.universe) throw PayloadError("kept count exceeds the shape");
+        }
+        r.n_values = r.encoding == kRows ? r.n_kept * cols : r.encoding == kCols ? r.n_kept * rows : r.n_kept;
+
+        uint64_t expected_values;
+        if (!value_body_size(r.values, r.n_values, expected_values) || expected_values != r.values_len)
+            throw PayloadError("values length disagrees with the count of values");
+        if (r.index_code == kBitmap && r.index_len != bitmap_size(r.universe))
+            throw PayloadError("bitmap length disagrees with the shape");
+        if (r.index_code == kVarint && (r.index_len < r.n_kept || (r.index_len + 9) / 10 > r.n_kept))
+            throw PayloadError("varint index length disagrees with the kept count");
+        if (r.index_code == kNoIndex && r.index_len != 0) throw PayloadError("index bytes on a dense tensor");
+        r.index = c.take(r.index_len, "index body");
+        r.value_body = c.take(r.values_len, "values body");
+        if (r.index_code != kNoIndex) {
+            IndexReader reader(r.index_code, r.index, r.index_len, r.universe);
+            for (uint64_t k = 0; k < r.n_kept; ++k) reader.next();
+            reader.finish();
+        }
+    }
+    if (c.remaining() != 0) throw PayloadError("trailing bytes after the last tensor record");
+    return records;
+}
+
+void fill_record(const Record& r, uint8_t* out, bool shuffled) {
+    // Bring the value stream to plain layout (and int8 to fp32) before scattering.
+    const uint8_t* stream = r.value_body;
+    uint8_t format = r.values;
+    std::vector<uint8_t> plain;
+    if (shuffled) {
+        plain.resize(r.values_len);
+        if (r.values == kInt8Block) {
+            const uint64_t blocks = quant_blocks(r.n_values);
+            unshuffle_bytes(r.value_body, plain.data(), blocks, 4);
+            std::memcpy(plain.data() + 4 * blocks, r.value_body + 4 * blocks, r.n_values);
+        } else {
+            unshuffle_bytes(r.value_body, plain.data(), r.n_values, dtype_size(r.values));
+        }
+        stream = plain.data();
+    }
+    std::vector<float> dequantised;
+    if (format == kInt8Block) {
+        dequantised.resize(r.n_values);
+        dequantise(stream, r.n_values, dequantised.data());
+        stream = reinterpret_cast<const uint8_t*>(dequantised.data());
+        format = kF32;
+    }
+    const ConvFn conv = converter(format, r.dtype);
+    const size_t in_w = dtype_size(format), out_w = dtype_size(r.dtype);
+    if (r.encoding == kDense) {
+        conv(stream, out, r.numel);
+        return;
+    }
+    std::memset(out, 0, r.out_bytes);
+    IndexReader reader(r.index_code, r.index, r.index_len, r.universe);
+    const uint64_t rows = r.shape.size() == 2 ? r.shape[0] : 1;
+    const uint64_t cols = r.shape.size() == 2 ? r.shape[1] : r.numel;
+    if (r.encoding == kRows) {
+        for (uint64_t k = 0; k < r.n_kept; ++k) conv(stream + k * cols * in_w, out + reader.next() * cols * out_w, cols);
+    } else if (r.encoding == kCols) {
+        std::vector<uint64_t> kept(r.n_kept);
+        for (auto& col : kept) col = reader.next();
+        uint64_t j = 0;
+        for (uint64_t row = 0; row < rows; ++row)
+            for (uint64_t col : kept) conv(stream + (j++) * in_w, out + (row * cols + col) * out_w, 1);
+    } else {
+        for (uint64_t k = 0; k < r.n_kept; ++k) conv(stream + k * in_w, out + reader.next() * out_w, 1);
+    }
+}
+
+}  // namespace fibec

@@ -1,0 +1,113 @@
+// The fibec payload format (docs/PAYLOAD.md is the normative description):
+// frame header, a section of tensor records, CRC32C. Pure C++, no Python: the
+// bindings in bindings.cpp own the buffers and release the GIL around these calls.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace fibec {
+
+// decode() input that is not a valid payload; the message says why.
+class PayloadError : public std::runtime_error {
+  public:
+    using std::runtime_error::runtime_error;
+};
+
+// encode() input that cannot be encoded (non-finite values when asked to check, bad masks).
+class EncodeError : public std::invalid_argument {
+  public:
+    using std::invalid_argument::invalid_argument;
+};
+
+// Codes shared by dtype and value format: the three float formats have equal codes.
+enum Code : uint8_t { kF32 = 1, kF16 = 2, kBF16 = 3, kInt8Block = 4 };
+enum Encoding : uint8_t { kDense = 0, kRows = 1, kCols = 2, kElements = 3 };
+enum IndexCode : uint8_t { kNoIndex = 0, kVarint = 1, kBitmap = 2 };
+enum class MaskKind : uint8_t { kAuto = 0, kRows = 1, kCols = 2, kElements = 3 };
+
+constexpr uint8_t kMagic[4] = {'F', 'B', 'E', 'C'};
+constexpr uint16_t kVersion = 1;
+constexpr uint16_t kFlagZstd = 1;  // section is zstd-compressed, value bodies byte-shuffled
+constexpr size_t kHeaderSize = 28;
+constexpr size_t kTrailerSize = 4;
+constexpr unsigned kMaxDims = 8;
+constexpr uint64_t kQuantBlock = 64;
+
+// One tensor to encode, read in place. `mask` is one byte per unit (nonzero = kept):
+// rows for kRows, columns for kCols, elements for kElements; unused for kAuto.
+struct TensorIn {
+    std::string name;
+    uint8_t dtype;
+    std::vector<uint64_t> shape;
+    const uint8_t* data;
+    MaskKind mask_kind;
+    const uint8_t* mask;
+};
+
+// values: kF32 requests lossless (each tensor in its own dtype), else the stored format.
+struct EncodeOptions {
+    uint8_t values;
+    bool shuffle;
+    bool check_finite;
+};
+
+struct TensorPlan;
+
+class Encoder {
+  public:
+    Encoder(std::vector<TensorIn> tensors, EncodeOptions options);
+    ~Encoder();
+    Encoder(const Encoder&) = delete;
+    Encoder& operator=(const Encoder&) = delete;
+    uint64_t section_size() const { return section_size_; }
+    void write_section(uint8_t* out) const;
+
+  private:
+    std::vector<TensorIn> tensors_;
+    std::vector<TensorPlan> plans_;
+    EncodeOptions options_;
+    uint64_t section_size_ = 0;
+};
+
+// Header at out[0, kHeaderSize); the section must already be at out + kHeaderSize.
+// Appends the CRC32C of everything before it.
+void finish_frame(uint8_t* out, uint32_t n_tensors, uint16_t flags, uint64_t section_len, uint64_t raw_len);
+
+struct Frame {
+    uint16_t flags;
+    uint32_t n_tensors;
+    uint64_t section_offset;
+    uint64_t section_len;
+    uint64_t raw_len;
+};
+
+// Checks magic, version, flags, lengths and the checksum.
+Frame read_frame(const uint8_t* data, size_t len);
+
+struct Record {
+    std::string name;
+    uint8_t dtype, values;
+    Encoding encoding;
+    IndexCode index_code;
+    std::vector<uint64_t> shape;
+    uint64_t numel, universe, n_kept, n_values;
+    const uint8_t* index;
+    uint64_t index_len;
+    const uint8_t* value_body;
+    uint64_t values_len;
+    uint64_t out_bytes;  // numel * dtype size
+};
+
+// Parses and fully validates a raw (decompressed) section, including every index set,
+// before anything is allocated for the output; the declared outputs must fit max_output_bytes.
+std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_tensors, uint64_t max_output_bytes);
+
+// Writes a validated record's dense tensor (out_bytes bytes, dtype layout) into out.
+void fill_record(const Record& record, uint8_t* out, bool shuffled);
+
+size_t dtype_size(uint8_t code);
+
+}  // namespace fibec

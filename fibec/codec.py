@@ -1,0 +1,245 @@
+"""Compact, checksummed, pickle-free payloads of named tensors.
+
+The byte format is specified in docs/PAYLOAD.md; the C++ core (fibec._codec, csrc/)
+does the coding with the GIL released. This module validates arguments, runs the
+optional zstd stage and turns decoded buffers into tensors without copying them.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fibec import _codec
+from fibec._checks import FLOAT_DTYPES, check_tensor
+
+__all__ = ["PayloadError", "encode", "decode", "inspect", "VALUE_FORMATS"]
+
+
+class PayloadError(ValueError):
+    """decode()/inspect() got bytes that are not a valid fibec payload; the message says why."""
+
+
+VALUE_FORMATS = ("fp32", "fp16", "bf16", "int8")
+_VALUE_CODES = {name: code for code, name in enumerate(VALUE_FORMATS, start=1)}
+_DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_ENCODINGS = ("dense", "rows", "cols", "elements")
+_INDEX_CODES = ("none", "varint", "bitmap")
+_MASK_AUTO, _MASK_ROWS, _MASK_COLS, _MASK_ELEMENTS = 0, 1, 2, 3
+_FLAG_ZSTD = 1
+_MAX_DIMS = 8
+_MAX_NAME_BYTES = 0xFFFF
+# decode() allocates at most this many bytes per payload byte (or the floor) unless told otherwise.
+OUTPUT_BYTES_PER_PAYLOAD_BYTE = 256
+MIN_OUTPUT_BYTES = 64 << 20
+
+MaskSpec = torch.Tensor | tuple[torch.Tensor, int]
+
+
+def encode(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    masks: Mapping[str, MaskSpec] | None = None,
+    values: str = "fp32",
+    level: int | None = None,
+    check_finite: bool = False,
+) -> bytes:
+    """Encode named float tensors into one payload.
+
+    tensors: {name: contiguous fp32/fp16/bf16 tensor of any shape (up to 8 dims)}; CUDA
+        tensors are copied to the host first.
+    masks: {name: element_mask | (neuron_mask, mask_dim)}: an element mask has the tensor's
+        shape; a neuron mask of a 2-D tensor [O, I] is [O] with mask_dim=0 (rows) or [I] with
+        mask_dim=1 (columns). Nonzero/True = kept; masked-off entries decode as 0. Tensors
+        without a mask (or masks=None) get the smallest lossless layout among dense, zero rows
+        dropped, zero columns dropped and zero elements dropped (an entry is zero only if all its
+        bits are, so -0.0 survives).
+    values: "fp32" (lossless: each tensor stored in its own dtype), "fp16", "bf16" (round to
+        nearest even, as Tensor.to) or "int8" (blocks of 64 stored values, one fp32 scale each:
+        scale = max|x| / 127, q = round(x / scale)).
+    level: None stores the section as is; an int 1..22 byte-shuffles the values and compresses
+        the section with zstd at that level.
+    check_finite: raise ValueError if any entry of any tensor is inf or NaN.
+
+    Returns the payload bytes; decode() returns each tensor in its original dtype and shape.
+    """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a mapping of name -> Tensor, got {type(tensors).__name__}")
+    if values not in _VALUE_CODES:
+        raise ValueError(f"values must be one of {VALUE_FORMATS}, got {values!r}")
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22):
+        raise ValueError(f"level must be None or an int in 1..22, got {level!r}")
+    if masks is None:
+        masks = {}
+    elif not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping of name -> mask, got {type(masks).__name__}")
+    unknown = [name for name in masks if name not in tensors]
+    if unknown:
+        raise ValueError(f"masks has entries for tensors not being encoded: {unknown}")
+    if len(tensors) > 0xFFFFFFFF:
+        raise ValueError("tensors holds more than 2**32 - 1 entries")
+
+    specs = [_tensor_spec(name, tensor, masks.get(name)) for name, tensor in tensors.items()]
+    compress = level is not None
+    section = _codec.encode(specs, _VALUE_CODES[values], compress, bool(check_finite), not compress)
+    if not compress:
+        return section
+    import zstandard
+
+    compressed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(section)
+    return _codec.frame(compressed, len(section), len(specs), _FLAG_ZSTD)
+
+
+def decode(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Decode a payload into {name: tensor} (CPU, original dtype and shape, in encoded order).
+
+    Raises PayloadError, with the reason, for anything that is not a valid payload. Entries
+    not kept by the encoder's mask are 0; a tensor whose mask kept nothing is all zeros.
+    max_output_bytes bounds the memory decode() may allocate (decompressed section, and the
+    dense outputs); by default max(64 MiB, 256 x len(payload)). Raise it to accept payloads
+    of very sparse tensors whose dense size exceeds that.
+    """
+    records = _read(payload, max_output_bytes, fill=True)
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, data, _ in records:
+        if data is None:
+            out[name] = torch.zeros(shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(data, dtype=dtype).reshape(shape)
+    return out
+
+
+def inspect(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | None = None) -> dict:
+    """Describe a payload without decoding values: header fields and, per tensor, name,
+    dtype, shape, encoding, value format, index code, kept count and byte lengths.
+    Validates exactly as decode() does (raises PayloadError)."""
+    view = _byte_view(payload)
+    flags, n_tensors, _, section_len, raw_len = _call(_codec.read_frame, view)
+    tensors = []
+    for name, dtype, shape, _, layout in _read(view, max_output_bytes, fill=False):
+        value_code, encoding, index_code, kept, index_bytes, values_bytes = layout
+        tensors.append({
+            "name": name,
+            "dtype": dtype,
+            "shape": shape,
+            "encoding": _ENCODINGS[encoding],
+            "values": VALUE_FORMATS[value_code - 1],
+            "index": _INDEX_CODES[index_code],
+            "kept": kept,
+            "index_bytes": index_bytes,
+            "values_bytes": values_bytes,
+        })
+    return {
+        "version": _codec.FORMAT_VERSION,
+        "compressed": bool(flags & _FLAG_ZSTD),
+        "payload_bytes": view.nbytes,
+        "section_bytes": section_len,
+        "raw_section_bytes": raw_len,
+        "n_tensors": n_tensors,
+        "tensors": tensors,
+    }
+
+
+def _tensor_spec(name: object, tensor: object, mask: MaskSpec | None) -> tuple:
+    if not isinstance(name, str):
+        raise TypeError(f"tensor names must be str, got {type(name).__name__}")
+    arg = f"tensors[{name!r}]"
+    check_tensor(arg, tensor, dtypes=FLOAT_DTYPES)
+    if not tensor.is_contiguous():
+        raise TypeError(f"{arg} must be contiguous (call .contiguous() first)")
+    if tensor.dim() > _MAX_DIMS:
+        raise ValueError(f"{arg} has {tensor.dim()} dimensions; at most {_MAX_DIMS} are supported")
+    encoded_name = name.encode("utf-8")
+    if len(encoded_name) > _MAX_NAME_BYTES:
+        raise ValueError(f"tensor name {name[:40]!r}... is longer than {_MAX_NAME_BYTES} UTF-8 bytes")
+    tensor = tensor.detach().cpu()
+    mask_kind, mask_bytes = _mask_spec(name, tensor, mask)
+    data = tensor.reshape(-1).view(torch.uint8).numpy()
+    return (encoded_name, _DTYPE_CODES[tensor.dtype], tuple(tensor.shape), data, mask_kind, mask_bytes)
+
+
+def _mask_spec(name: str, tensor: torch.Tensor, mask: MaskSpec | None) -> tuple[int, object]:
+    arg = f"masks[{name!r}]"
+    if mask is None:
+        return _MASK_AUTO, None
+    if isinstance(mask, tuple):
+        if len(mask) != 2:
+            raise ValueError(f"{arg} must be an element mask or a (neuron_mask, mask_dim) pair")
+        mask, mask_dim = mask
+        if mask_dim not in (0, 1) or isinstance(mask_dim, bool):
+            raise ValueError(f"{arg}: mask_dim must be 0 (rows) or 1 (columns), got {mask_dim!r}")
+        if tensor.dim() != 2:
+            raise ValueError(f"{arg}: a neuron mask needs a 2-D tensor, got shape {tuple(tensor.shape)}")
+        expected, kind = (tensor.shape[mask_dim],), (_MASK_ROWS if mask_dim == 0 else _MASK_COLS)
+    else:
+        expected, kind = tuple(tensor.shape), _MASK_ELEMENTS
+    check_tensor(arg, mask)
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"{arg} must have shape {expected}, got {tuple(mask.shape)}")
+    kept = mask.detach().cpu()
+    kept = (kept if kept.dtype == torch.bool else kept != 0).contiguous()
+    return kind, kept.reshape(-1).view(torch.uint8).numpy()
+
+
+def _byte_view(payload: object) -> memoryview:
+    try:
+        view = memoryview(payload)
+    except TypeError:
+        raise TypeError(f"payload must be bytes-like, got {type(payload).__name__}") from None
+    if not view.c_contiguous:
+        raise TypeError("payload must be a contiguous buffer")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _call(fn, *args):
+    try:
+        return fn(*args)
+    except _codec.CorruptPayload as error:
+        raise PayloadError(str(error)) from None
+
+
+def _read(payload: object, max_output_bytes: int | None, *, fill: bool) -> list[tuple]:
+    view = _byte_view(payload)
+    if max_output_bytes is None:
+        max_output_bytes = max(MIN_OUTPUT_BYTES, OUTPUT_BYTES_PER_PAYLOAD_BYTE * view.nbytes)
+    elif isinstance(max_output_bytes, bool) or not isinstance(max_output_bytes, int) or max_output_bytes < 0:
+        raise ValueError(f"max_output_bytes must be None or a non-negative int, got {max_output_bytes!r}")
+    max_output_bytes = min(max_output_bytes, 2**64 - 1)
+    flags, n_tensors, offset, section_len, raw_len = _call(_codec.read_frame, view)
+    buffer, shuffled = view, False
+    if flags & _FLAG_ZSTD:
+        buffer = _decompress(view[offset:offset + section_len], raw_len, max_output_bytes)
+        offset, section_len, shuffled = 0, raw_len, True
+    records = _call(_codec.decode_section, buffer, offset, section_len, n_tensors, shuffled, max_output_bytes, fill)
+    out, seen = [], set()
+    for raw_name, dtype_code, shape, data, layout in records:
+        try:
+            name = raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PayloadError(f"tensor name {raw_name[:40]!r} is not valid UTF-8") from None
+        if name in seen:
+            raise PayloadError(f"duplicate tensor name {name!r}")
+        seen.add(name)
+        out.append((name, _CODE_DTYPES[dtype_code], shape, data, layout))
+    return out
+
+
+def _decompress(compressed: memoryview, raw_len: int, max_output_bytes: int) -> bytes:
+    import zstandard
+
+    if raw_len > max_output_bytes:
+        raise PayloadError(f"raw section of {raw_len} bytes exceeds max_output_bytes={max_output_bytes}")
+    try:
+        # The frame must declare exactly raw_len: zstd then refuses to produce more than that.
+        if zstandard.frame_content_size(compressed) != raw_len:
+            raise PayloadError("zstd frame size disagrees with the raw section length")
+        stream = zstandard.ZstdDecompressor().decompressobj()
+        section = stream.decompress(compressed)
+    except zstandard.ZstdError as error:
+        raise PayloadError(f"zstd section is corrupt: {error}") from None
+    if not stream.eof or len(section) != raw_len:
+        raise PayloadError("truncated: zstd section ends early")
+    if stream.unused_data:
+        raise PayloadError("trailing garbage after the zstd frame")
+    return section
