@@ -1,0 +1,371 @@
+"""FisherCollector: per-layer diagonal empirical Fisher and per-sample difficulty from one backward.
+
+Wrap the forward and backward pass of any model::
+
+    with FisherCollector(model, layers="lora") as fc:
+        fc.token_mask = batch["attention_mask"]
+        loss = model(**batch).loss
+        loss.backward()
+    fc.sample_scores   # [N] fp32: per-sample Fisher trace over the hooked parameters
+    fc.fisher          # {layer_name: {"lora_A": [r,I], "lora_B": [O,r]}} running fp32 sums
+
+A forward hook saves each hooked layer's input X and registers a tensor hook on its output;
+when backward reaches that output the hook receives G, the gradient of the loss w.r.t. the
+output, and hands (X, G) to the fused ops in fibec.ops, so per-sample gradients are never
+materialised and the model's own gradients are left as they are. For a peft LoRA layer X is
+the input of lora_A, i.e. the output of the adapter's dropout, and the adapter's scaling is
+taken from the layer: dA_n = s (G_n B)^T X_n, dB_n = s G_n^T (X_n A^T).
+
+Layer inputs [N,T,I] have a sequence dimension T; [N,I] is taken as T=1 and [N,d1,..,dk,I] as
+T = d1*..*dk. The batch must be the first dimension of every hooked layer's input.
+
+Limits, each reported with an error rather than a wrong number: LoRA variants (DoRA and
+others), merged adapters, several active adapters in one layer, peft's mixed-adapter batches
+(`adapter_names=`), and a hooked layer whose output enters one backward pass more than once
+(weight sharing inside the graph: the per-sample gradient would need cross terms). Gradient
+checkpointing must be off. Only the weights count: biases are not part of the Fisher.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fibec import ops
+from fibec._checks import check_tensor
+
+_SELECTORS = ("lora", "linear", "all")
+_REDUCTIONS = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One hooked layer: its qualified name, the module and, for LoRA, the adapter collected."""
+
+    name: str
+    module: nn.Module
+    adapter: str | None  # None: a dense nn.Linear
+
+
+def _peft_classes() -> tuple[type, type] | tuple[None, None]:
+    """(peft lora.Linear, BaseTunerLayer), or Nones when peft was never imported.
+
+    A model can only hold peft layers once peft is imported, so fibec does not import it itself.
+    """
+    if "peft" not in sys.modules:
+        return None, None
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return LoraLinear, BaseTunerLayer
+
+
+def _collected_adapter(name: str, module: nn.Module) -> str:
+    """The one active, vanilla-LoRA, unmerged adapter of a peft lora.Linear, else a ValueError."""
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        raise ValueError(f"layer {name!r} has {len(active)} active LoRA adapters {active}; "
+                         "FisherCollector collects exactly one per layer (set_adapter first)")
+    adapter = active[0]
+    if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter, False):
+        raise ValueError(f"layer {name!r}: adapter {adapter!r} is a LoRA variant (e.g. DoRA); "
+                         "FisherCollector supports plain LoRA only")
+    if module.merged:
+        raise ValueError(f"layer {name!r} has merged LoRA weights; call unmerge_adapter() first")
+    return adapter
+
+
+def _select_layers(model: nn.Module, layers: str | Iterable[str]) -> list[_Layer]:
+    lora_cls, tuner_cls = _peft_classes()
+    modules = dict(model.named_modules())
+
+    def lora_layer(name: str, m: nn.Module) -> _Layer:
+        return _Layer(name, m, _collected_adapter(name, m))
+
+    if isinstance(layers, str):
+        if layers not in _SELECTORS:
+            raise ValueError(f"layers must be one of {_SELECTORS} or an iterable of module names, got {layers!r}")
+        tuner_prefixes = tuple(n + "." for n, m in modules.items() if tuner_cls and isinstance(m, tuner_cls))
+        selected = []
+        for name, m in modules.items():
+            if layers in ("lora", "all") and lora_cls and isinstance(m, lora_cls):
+                trainable = any(m.lora_A[a].weight.requires_grad or m.lora_B[a].weight.requires_grad
+                                for a in m.active_adapters if a in m.lora_A)
+                if trainable:
+                    selected.append(lora_layer(name, m))
+            elif (layers in ("linear", "all") and isinstance(m, nn.Linear) and m.weight.requires_grad
+                  and not name.startswith(tuner_prefixes)):
+                selected.append(_Layer(name, m, None))
+        if not selected:
+            what = {"lora": "peft LoRA layer (peft.tuners.lora.Linear)",
+                    "linear": "nn.Linear outside LoRA layers",
+                    "all": "peft LoRA layer or nn.Linear"}[layers]
+            raise ValueError(f'layers="{layers}": no {what} with trainable weights in the model; '
+                             "pass module names to hook frozen layers")
+        return selected
+
+    names = list(layers)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError("layers must be one of "
+                         f"{_SELECTORS} or a non-empty iterable of module names (str), got {names!r}")
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError(f"layers: no module named {unknown} in the model")
+    selected = []
+    for name in dict.fromkeys(names):
+        m = modules[name]
+        if lora_cls and isinstance(m, lora_cls):
+            selected.append(lora_layer(name, m))
+        elif isinstance(m, nn.Linear):
+            selected.append(_Layer(name, m, None))
+        else:
+            raise ValueError(f"layers: module {name!r} is a {type(m).__name__}; "
+                             "only nn.Linear and peft lora.Linear layers can be hooked")
+    return selected
+
+
+def _as_ntd(t: torch.Tensor) -> torch.Tensor:
+    """[N,D] -> [N,1,D]; [N,d1,..,dk,D] -> [N,d1*..*dk,D]; contiguous for the kernels."""
+    if t.dim() < 2:
+        raise ValueError(f"a hooked layer got a {t.dim()}-D tensor; the batch must be its first dimension")
+    return t.reshape(t.shape[0], -1, t.shape[-1]).contiguous()
+
+
+class FisherCollector:
+    """Collects diagonal empirical Fisher and per-sample Fisher traces during backward.
+
+    Args:
+        model: any nn.Module; it is not changed (no parameter, flag or gradient is touched).
+        layers: "lora" (every peft lora.Linear with trainable adapter weights), "linear" (every
+            nn.Linear with a trainable weight outside LoRA layers: dense Fisher of the weight),
+            "all" (both), or an iterable of qualified module names (nn.Linear or lora.Linear,
+            trainable or not).
+        loss_reduction: how the loss combines the samples of a batch. "sum": loss = sum_n l_n.
+            "mean": loss = (1/N) sum_n l_n, the mean over the batch dimension N (as HF sequence
+            classification does); the gradients are scaled back by N so a sample's score does not
+            depend on the batch size. A loss averaged over tokens is neither: use "sum" with a
+            per-sample loss summed over the batch.
+        token_mask: [N,T] bool or 0/1 (e.g. the attention mask); tokens where it is 0 contribute
+            nothing. Set `fc.token_mask` per batch, before the forward pass; layers whose input has
+            no sequence dimension ([N,I]) ignore it.
+
+    Attributes (read after backward):
+        fisher: {layer_name: {"lora_A": [r,I], "lora_B": [O,r]}} or {layer_name: {"weight": [O,I]}},
+            fp32 running sums over all samples since construction or reset(): F = sum_n g_n**2.
+        sample_scores: [N] fp32 of the last backward pass: sum over hooked layers of each
+            sample's squared gradient norm (its Fisher trace); None before the first backward.
+        layer_traces: {layer_name: float} running sums of each layer's Fisher trace.
+        num_samples: samples seen (sum of N over backward passes) since construction or reset().
+
+    layer_name is the module's qualified name in model.named_modules(). The context can be
+    entered again (e.g. once per batch); running sums continue until reset().
+    """
+
+    def __init__(self, model: nn.Module, layers: str | Iterable[str] = "lora", *, loss_reduction: str = "sum",
+                 token_mask: torch.Tensor | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_reduction not in _REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {_REDUCTIONS}, got {loss_reduction!r}")
+        self._layers = _select_layers(model, layers)
+        self._loss_reduction = loss_reduction
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._lora_inputs: dict[str, torch.Tensor] = {}
+        self._active = False
+        self._warned_late_backward = False
+        self.token_mask = token_mask
+        self.reset()
+
+    # ---- results --------------------------------------------------------------------------
+    @property
+    def fisher(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self._fisher
+
+    @property
+    def sample_scores(self) -> torch.Tensor | None:
+        return self._sample_scores
+
+    @property
+    def layer_traces(self) -> dict[str, float]:
+        return {name: float(trace) for name, trace in self._traces.items()}
+
+    @property
+    def num_samples(self) -> int:
+        return self._num_samples
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self._layers]
+
+    def reset(self) -> None:
+        """Start the running sums again (fresh tensors: dicts read earlier keep their values)."""
+        self._fisher = {}
+        self._traces = {}
+        for layer in self._layers:
+            m = layer.module
+            if layer.adapter is None:
+                shapes = {"weight": m.weight}
+            else:
+                shapes = {"lora_A": m.lora_A[layer.adapter].weight, "lora_B": m.lora_B[layer.adapter].weight}
+            self._fisher[layer.name] = {key: torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+                                        for key, w in shapes.items()}
+            self._traces[layer.name] = torch.zeros((), dtype=torch.float32, device=next(iter(shapes.values())).device)
+        self._sample_scores: torch.Tensor | None = None
+        self._num_samples = 0
+        self._end_backward_state()
+
+    # ---- token mask -----------------------------------------------------------------------
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        return self._token_mask
+
+    @token_mask.setter
+    def token_mask(self, mask: torch.Tensor | None) -> None:
+        if mask is not None:
+            check_tensor("token_mask", mask, ndim=2)
+            if mask.dtype != torch.bool:
+                if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+                    raise ValueError("token_mask must be bool or hold only 0 and 1")
+                mask = mask != 0
+        self._token_mask = mask
+
+    # ---- context --------------------------------------------------------------------------
+    def __enter__(self) -> FisherCollector:
+        if self._active:
+            raise RuntimeError("this FisherCollector is already active (contexts cannot nest)")
+        for layer in self._layers:
+            m = layer.module
+            if layer.adapter is None:
+                self._handles.append(m.register_forward_hook(self._dense_forward_hook(layer), with_kwargs=True))
+            else:
+                self._handles.append(m.lora_A[layer.adapter].register_forward_pre_hook(
+                    self._lora_input_hook(layer)))
+                self._handles.append(m.register_forward_hook(self._lora_forward_hook(layer), with_kwargs=True))
+        self._active = True
+        self._end_backward_state()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._lora_inputs.clear()
+        self._active = False
+        self._end_backward_state()
+
+    # ---- forward hooks: pair each layer call's input with its output's gradient -----------
+    def _lora_input_hook(self, layer: _Layer) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._lora_inputs[layer.name] = args[0]
+
+        return hook
+
+    def _lora_forward_hook(self, layer: _Layer) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            # lora_A runs inside this forward, so its input was saved just before.
+            X = self._lora_inputs.pop(layer.name, None)
+            if kwargs.get("adapter_names") is not None:
+                raise RuntimeError(f"layer {layer.name!r}: peft mixed-adapter batches (adapter_names=) "
+                                   "are not supported by FisherCollector")
+            if module.disable_adapters:
+                return  # the adapter took no part: its gradient is zero
+            if module.merged:
+                raise RuntimeError(f"layer {layer.name!r} has merged LoRA weights; unmerge before collecting")
+            if list(module.active_adapters) != [layer.adapter]:
+                raise RuntimeError(f"layer {layer.name!r}: active adapters changed to {module.active_adapters} "
+                                   f"while collecting adapter {layer.adapter!r}")
+            if X is not None:
+                self._watch(layer, X, output)
+
+        return hook
+
+    def _dense_forward_hook(self, layer: _Layer) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            self._watch(layer, args[0] if args else kwargs["input"], output)
+
+        return hook
+
+    def _watch(self, layer: _Layer, X: torch.Tensor, output: torch.Tensor) -> None:
+        """Register the gradient hook of one layer call, with the token mask of this batch."""
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        mask = self._layer_mask(layer, X)
+
+        def on_grad(G: torch.Tensor) -> None:
+            self._collect(layer, X, G, mask)
+
+        output.register_hook(on_grad)
+
+    def _layer_mask(self, layer: _Layer, X: torch.Tensor) -> torch.Tensor | None:
+        mask = self._token_mask
+        if mask is None:
+            return None
+        N = X.shape[0]
+        if mask.shape[0] != N:
+            raise ValueError(f"token_mask has {mask.shape[0]} samples but layer {layer.name!r} got a batch "
+                             f"of {N} (input {tuple(X.shape)}); set fc.token_mask for each batch")
+        if X.dim() == 2:
+            return None  # no sequence dimension: nothing to mask
+        T = math.prod(X.shape[1:-1])
+        if mask.shape[1] != T:
+            raise ValueError(f"token_mask has {mask.shape[1]} tokens but layer {layer.name!r} got input "
+                             f"{tuple(X.shape)} with {T} positions per sample")
+        return mask.to(X.device, non_blocking=True)
+
+    # ---- backward: one fused op call per layer call ---------------------------------------
+    def _end_backward_state(self) -> None:
+        self._pass_scores: torch.Tensor | None = None
+        self._pass_layers: set[str] = set()
+
+    def _finish_backward(self) -> None:
+        if self._pass_scores is not None:
+            self._sample_scores = self._pass_scores
+            self._num_samples += self._pass_scores.shape[0]
+        self._end_backward_state()
+
+    def _fail(self, message: str) -> None:
+        self._end_backward_state()
+        raise RuntimeError(message)
+
+    def _collect(self, layer: _Layer, X: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if not self._active:
+            if not self._warned_late_backward:
+                warnings.warn("backward ran after the FisherCollector context exited; "
+                              "its gradients were not collected", RuntimeWarning, stacklevel=2)
+                self._warned_late_backward = True
+            return
+        X3 = _as_ntd(X.detach())
+        G3 = _as_ntd(G.detach()).to(X3.dtype)
+        N = X3.shape[0]
+        if self._pass_scores is None:
+            self._pass_scores = torch.zeros(N, dtype=torch.float32, device=X3.device)
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        elif self._pass_scores.shape[0] != N:
+            self._fail(f"layer {layer.name!r} got a batch of {N} samples but another hooked layer got "
+                       f"{self._pass_scores.shape[0]} in the same backward pass")
+        if layer.name in self._pass_layers:
+            self._fail(f"layer {layer.name!r} reached the same backward pass twice (called more than once "
+                       "in the graph); per-sample gradients of shared layers are not supported")
+        self._pass_layers.add(layer.name)
+        # With a batch-mean loss every gradient carries a factor 1/N: undo it.
+        grad_scale = N if self._loss_reduction == "mean" else 1
+        fisher = self._fisher[layer.name]
+        if layer.adapter is None:
+            if grad_scale != 1:
+                G3 = G3 * grad_scale
+            ops.fisher_diag(X3, G3, token_mask=mask, out=fisher["weight"])
+            sqnorm = ops.sample_sqnorms(X3, G3, token_mask=mask)
+        else:
+            m = layer.module
+            A = m.lora_A[layer.adapter].weight.detach().to(X3.dtype)
+            B = m.lora_B[layer.adapter].weight.detach().to(X3.dtype)
+            scaling = float(m.scaling[layer.adapter]) * grad_scale
+            _, _, sqnorm = ops.lora_fisher_diag(X3, G3, A, B, scaling, token_mask=mask,
+                                                out=(fisher["lora_A"], fisher["lora_B"]))
+        self._traces[layer.name] += sqnorm.sum().to(self._traces[layer.name].device)
+        self._pass_scores += sqnorm.to(self._pass_scores.device)
