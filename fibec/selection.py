@@ -177,6 +177,8 @@ def layer_sensitivity(model: torch.nn.Module, data_batches, *, layers: list[str]
     data_batches: dicts from fibec.data.make_batches ("index" is dropped before the forward).
     layers: module names to rank (default: every peft LoRA layer). Returns {layer: S_l}.
     """
+    import itertools
+
     from ._checks import check_finite_scalar
     from .data import model_inputs
 
@@ -217,9 +219,7 @@ def layer_sensitivity(model: torch.nn.Module, data_batches, *, layers: list[str]
         model.eval()
         device = next(model.parameters()).device
         with torch.no_grad():
-            for batch in data_batches:
-                if num_batches is not None and state["batch"] >= num_batches:
-                    break
+            for batch in itertools.islice(data_batches, num_batches):
                 mask = batch.get("attention_mask")
                 state["mask"] = None if mask is None else mask.to(device).bool()
                 model(**{k: v.to(device) for k, v in model_inputs(batch).items()})
