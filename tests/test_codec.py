@@ -1,0 +1,411 @@
+"""fibec.codec: round trips, encoding choice, argument errors, decoder rejections, and
+agreement with the independent reference decoder written from docs/PAYLOAD.md."""
+import struct
+import warnings
+import zlib
+
+import pytest
+import torch
+import zstandard
+
+from fibec import _codec
+from fibec.codec import PayloadError, decode, encode, inspect
+from payload_reference_decoder import crc32c as reference_crc32c
+from payload_reference_decoder import decode as reference_decode
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+VALUES = ["fp32", "fp16", "bf16", "int8"]
+CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DENSITIES = [0.0, 1e-4, 0.01, 0.1, 0.5, 1.0]
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(INT_VIEW[t.dtype])
+
+
+def _random(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 3).to(dtype)
+
+
+def _keep(n, density, g):
+    """A bool mask of n units keeping about density * n of them (at least one when density > 0)."""
+    keep = torch.rand(n, generator=g) < density
+    if density > 0 and n and not keep.any():
+        keep[torch.randint(n, (1,), generator=g)] = True
+    return keep
+
+
+def _element_keep(t, kind, mask):
+    """Bool [shape] of the entries an encoder with this mask keeps."""
+    if kind == "rows":
+        return mask[:, None].expand(t.shape)
+    if kind == "cols":
+        return mask[None, :].expand(t.shape)
+    return mask
+
+
+def _stream(t, kind, mask):
+    """The stored value stream (stream order of docs/PAYLOAD.md) of the kept entries."""
+    if kind == "rows":
+        return t[mask].reshape(-1)
+    if kind == "cols":
+        return t[:, mask].reshape(-1)
+    if kind == "elements":
+        return t.reshape(-1)[mask.reshape(-1)]
+    return t.reshape(-1)
+
+
+def _check_decoded(t, decoded, values, kind, mask):
+    assert decoded.dtype == t.dtype and decoded.shape == t.shape
+    keep = _element_keep(t, kind, mask) if mask is not None else torch.ones(t.shape, dtype=torch.bool)
+    expected = torch.where(keep, t, torch.zeros((), dtype=t.dtype))
+    if values == "fp32":
+        assert torch.equal(_bits(decoded), _bits(expected))
+    elif values in CAST:
+        assert torch.equal(_bits(decoded), _bits(expected.to(CAST[values]).to(t.dtype)))
+    else:
+        assert not torch.isnan(decoded).any()
+        assert torch.equal(decoded[~keep], torch.zeros_like(decoded[~keep]))
+        x = _stream(t.float(), kind, mask)
+        y = _stream(decoded.float(), kind, mask)
+        pad = (-x.numel()) % 64
+        blocks = torch.nn.functional.pad(x, (0, pad)).reshape(-1, 64)
+        step = (blocks.abs().amax(dim=1) / 127).repeat_interleave(64)[: x.numel()]
+        cast_eps = {torch.float32: 1e-6, torch.float16: 2**-11, torch.bfloat16: 2**-8}[t.dtype]
+        assert ((y - x).abs() <= step * 0.5 * (1 + 1e-5) + x.abs() * cast_eps + 1e-30).all()
+
+
+@pytest.mark.parametrize("level", [None, 3])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("kind", ["rows", "cols", "elements"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("values", VALUES)
+def test_masked_round_trip_matches_the_value_format(values, dtype, kind, density, level):
+    shape = (37, 130)
+    seed = _seed(values, dtype, kind, density, level)
+    g = torch.Generator().manual_seed(seed)
+    t = _random(shape, dtype, seed)
+    units = {"rows": shape[0], "cols": shape[1], "elements": shape[0] * shape[1]}[kind]
+    keep = _keep(units, density, g)
+    mask = keep.reshape(shape) if kind == "elements" else keep
+    spec = mask if kind == "elements" else (mask, 0 if kind == "rows" else 1)
+    payload = encode({"w": t, "other": _random((3, 5), dtype, seed + 1)}, masks={"w": spec}, values=values, level=level)
+    decoded = decode(payload)
+    assert list(decoded) == ["w", "other"]
+    _check_decoded(t, decoded["w"], values, kind, mask)
+    layout = inspect(payload)["tensors"][0]
+    if keep.all():
+        assert (layout["encoding"], layout["kept"]) == ("dense", t.numel())
+    else:
+        assert (layout["encoding"], layout["kept"]) == (kind, int(keep.sum()))
+
+
+SHAPES = [(), (0,), (1,), (0, 7), (5, 0), (1, 97), (97, 1), (13, 71), (3, 4, 5), (2, 1, 3, 1, 2)]
+
+
+@pytest.mark.parametrize("level", [None, 5])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("values", VALUES)
+def test_auto_round_trip_on_odd_shapes(values, dtype, shape, level):
+    seed = _seed(values, dtype, shape, level)
+    t = _random(shape, dtype, seed)
+    if t.dim() == 2 and t.numel():
+        t[::2] = 0  # zero rows: the encoder may drop them
+    payload = encode({"t": t}, values=values, level=level)
+    decoded = decode(payload)["t"]
+    kind = inspect(payload)["tensors"][0]["encoding"]
+    if kind == "dense" or values != "int8":
+        _check_decoded(t, decoded, values, "dense", None)
+    else:
+        nonzero = _bits(t) != 0
+        mask = {"rows": nonzero.any(dim=1) if t.dim() == 2 else None,
+                "cols": nonzero.any(dim=0) if t.dim() == 2 else None,
+                "elements": nonzero}[kind]
+        _check_decoded(t, decoded, values, kind, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_auto_picks_the_smallest_lossless_encoding(dtype):
+    g = torch.Generator().manual_seed(0)
+    rows = _random((200, 16), dtype, 1)
+    rows[torch.rand(200, generator=g) > 0.1] = 0
+    cols = _random((16, 200), dtype, 2)
+    cols[:, torch.rand(200, generator=g) > 0.1] = 0
+    scattered = _random((64, 64), dtype, 3)
+    scattered[torch.rand(64, 64, generator=g) > 0.05] = 0
+    dense = _random((64, 64), dtype, 4)
+    zeros = torch.zeros(10, 10, dtype=dtype)
+    flat = _random((1000,), dtype, 5)
+    flat[100:] = 0
+    tensors = dict(rows=rows, cols=cols, scattered=scattered, dense=dense, zeros=zeros, flat=flat)
+    payload = encode(tensors)
+    layouts = {d["name"]: d for d in inspect(payload)["tensors"]}
+    assert {n: d["encoding"] for n, d in layouts.items()} == dict(
+        rows="rows", cols="cols", scattered="elements", dense="dense", zeros="rows", flat="elements")
+    assert layouts["zeros"]["kept"] == 0
+    assert layouts["flat"]["kept"] == 100 and layouts["flat"]["index"] == "varint"
+    for name in ("rows", "cols", "scattered"):
+        stored = layouts[name]["index_bytes"] + layouts[name]["values_bytes"]
+        assert stored < 0.2 * tensors[name].numel() * tensors[name].element_size()
+    decoded = decode(payload)
+    for name, t in tensors.items():
+        assert torch.equal(_bits(decoded[name]), _bits(t))
+
+
+def test_negative_zero_and_nan_survive_lossless_auto_encoding():
+    t = torch.tensor([[0.0, -0.0, 0.0], [0.0, float("nan"), float("-inf")], [0.0, 0.0, 0.0]])
+    nan_payload = torch.tensor([0x7FC00123], dtype=torch.int32).view(torch.float32)
+    for tensor in (t, nan_payload):
+        assert torch.equal(_bits(decode(encode({"t": tensor}))["t"]), _bits(tensor))
+
+
+def test_index_code_is_the_smaller_of_varint_and_bitmap():
+    every_other = torch.zeros(4000)
+    every_other[::2] = 1.0
+    few = torch.zeros(4000)
+    few[[5, 3000]] = 1.0
+    layouts = inspect(encode({"many": every_other, "few": few}))["tensors"]
+    assert layouts[0]["encoding"] == "elements" and layouts[0]["index"] == "bitmap"
+    assert layouts[0]["index_bytes"] == 500
+    assert layouts[1]["index"] == "varint" and layouts[1]["index_bytes"] == 1 + 2
+
+
+def test_mask_keeping_everything_is_dense_and_nothing_decodes_to_zeros():
+    t = _random((6, 9), torch.float32, 0)
+    full = encode({"t": t}, masks={"t": (torch.ones(6, dtype=torch.bool), 0)})
+    assert inspect(full)["tensors"][0]["encoding"] == "dense"
+    empty = encode({"t": t}, masks={"t": torch.zeros(6, 9)})
+    assert inspect(empty)["tensors"][0]["kept"] == 0
+    decoded = decode(empty)["t"]
+    assert decoded.shape == (6, 9) and not decoded.any()
+
+
+def test_numeric_masks_and_masks_absent_for_some_tensors():
+    t = _random((4, 5), torch.float32, 0)
+    u = _random((4, 5), torch.float32, 1)
+    decoded = decode(encode({"t": t, "u": u}, masks={"t": (torch.tensor([1.0, 0, 0, 2.0]), 0)}))
+    assert torch.equal(decoded["t"][[1, 2]], torch.zeros(2, 5)) and torch.equal(decoded["t"][[0, 3]], t[[0, 3]])
+    assert torch.equal(decoded["u"], u)
+
+
+def test_decode_accepts_bytes_likes_and_returns_writable_unshared_tensors():
+    t = _random((8, 8), torch.float32, 0)
+    payload = encode({"t": t})
+    for buffer in (payload, bytearray(payload), memoryview(payload)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = decode(buffer)["t"]
+        out.add_(1)
+        assert torch.equal(out, t + 1)
+    assert decode(payload)["t"].data_ptr() != decode(payload)["t"].data_ptr()
+
+
+def test_unicode_names_and_inspect_description():
+    t = _random((3, 4), torch.bfloat16, 0)
+    payload = encode({"layer.ä.λ": t}, values="int8", level=2)
+    info = inspect(payload)
+    assert info["compressed"] and info["n_tensors"] == 1 and info["payload_bytes"] == len(payload)
+    (d,) = info["tensors"]
+    assert (d["name"], d["dtype"], d["shape"], d["values"], d["encoding"]) == (
+        "layer.ä.λ", torch.bfloat16, (3, 4), "int8", "dense")
+    assert d["values_bytes"] == 12 + 4
+
+
+def test_crc32c_known_value_and_agreement_with_reference():
+    assert _codec.crc32c(b"123456789") == 0xE3069283
+    data = bytes(range(256)) * 37 + b"tail"
+    for n in (0, 1, 7, 8, 9, 100, len(data)):
+        assert _codec.crc32c(data[:n]) == reference_crc32c(data[:n])
+    assert _codec.crc32c(data[50:], _codec.crc32c(data[:50])) == _codec.crc32c(data)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_reference_decoder_agrees_on_random_payloads(seed):
+    g = torch.Generator().manual_seed(seed)
+    tensors, masks = {}, {}
+    for k in range(int(torch.randint(1, 5, (1,), generator=g))):
+        dtype = DTYPES[int(torch.randint(3, (1,), generator=g))]
+        shape = tuple(int(s) for s in torch.randint(0, 40, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g))
+        t = _random(shape, dtype, seed * 10 + k)
+        t[torch.rand(shape, generator=g) < 0.6] = 0
+        name = f"t{k}"
+        tensors[name] = t
+        choice = int(torch.randint(4, (1,), generator=g))
+        if choice == 1 and t.dim() == 2:
+            dim = int(torch.randint(2, (1,), generator=g))
+            masks[name] = (_keep(t.shape[dim], 0.3, g), dim)
+        elif choice == 2:
+            masks[name] = torch.rand(shape, generator=g) < 0.2
+    values = VALUES[seed % 4]
+    level = None if seed % 3 else 1 + seed % 7
+    payload = encode(tensors, masks=masks, values=values, level=level)
+    mine = decode(payload)
+    theirs = reference_decode(payload)
+    assert list(theirs) == list(mine)
+    for name, t in mine.items():
+        dtype_code, shape, data = theirs[name]
+        assert shape == tuple(t.shape) and dtype_code == {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}[t.dtype]
+        assert data == t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+# ------------------------------------------------------------------ argument errors
+
+def test_encode_rejects_bad_tensors_with_their_name():
+    with pytest.raises(TypeError, match=r"tensors\['w'\].*contiguous"):
+        encode({"w": torch.randn(4, 6).t()})
+    with pytest.raises(TypeError, match=r"tensors\['w'\].*dtype"):
+        encode({"w": torch.zeros(3, dtype=torch.int64)})
+    with pytest.raises(TypeError, match=r"tensors\['w'\]"):
+        encode({"w": [1.0, 2.0]})
+    with pytest.raises(TypeError, match="str"):
+        encode({3: torch.zeros(2)})
+    with pytest.raises(ValueError, match="dimensions"):
+        encode({"w": torch.zeros([1] * 9)})
+
+
+def test_check_finite_rejects_only_when_asked():
+    t = torch.tensor([1.0, float("inf"), 2.0]).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"'w'.*non-finite.*index 1"):
+        encode({"w": t}, check_finite=True)
+    assert torch.isinf(decode(encode({"w": t}))["w"][1])
+
+
+def test_int8_block_with_nan_decodes_as_nan_block():
+    t = torch.arange(130, dtype=torch.float32)
+    t[70] = float("nan")
+    out = decode(encode({"t": t}, values="int8"))["t"]
+    assert torch.isnan(out[64:128]).all() and not torch.isnan(out[:64]).any() and not torch.isnan(out[128:]).any()
+
+
+def test_encode_rejects_bad_options_and_masks():
+    t = torch.zeros(4, 5)
+    with pytest.raises(ValueError, match="values"):
+        encode({"t": t}, values="fp8")
+    with pytest.raises(ValueError, match="level"):
+        encode({"t": t}, level=0)
+    with pytest.raises(ValueError, match=r"masks\['t'\] must have shape \(4,\)"):
+        encode({"t": t}, masks={"t": (torch.ones(5, dtype=torch.bool), 0)})
+    with pytest.raises(ValueError, match="mask_dim"):
+        encode({"t": t}, masks={"t": (torch.ones(5, dtype=torch.bool), 2)})
+    with pytest.raises(ValueError, match="2-D"):
+        encode({"t": torch.zeros(2, 3, 4)}, masks={"t": (torch.ones(2, dtype=torch.bool), 0)})
+    with pytest.raises(ValueError, match=r"masks\['t'\] must have shape \(4, 5\)"):
+        encode({"t": t}, masks={"t": torch.ones(20, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="not being encoded"):
+        encode({"t": t}, masks={"u": torch.ones(4, 5)})
+    with pytest.raises(TypeError, match="bytes-like"):
+        decode("not bytes")
+
+
+# ------------------------------------------------------------------ decoder rejections
+
+def _reframe(section: bytes, n_tensors: int, flags: int = 0, raw_len: int | None = None) -> bytes:
+    """A payload around any section, with a correct checksum (so parsing is reached)."""
+    raw_len = len(section) if raw_len is None else raw_len
+    head = b"FBEC" + struct.pack("<HHIQQ", 1, flags, n_tensors, len(section), raw_len) + section
+    return head + struct.pack("<I", reference_crc32c(head))
+
+
+def _record(name=b"t", dtype=1, values=1, encoding=0, code=0, shape=(4,), n_kept=4, index=b"", body=None,
+            index_len=None, values_len=None):
+    body = bytes(4 * 4) if body is None else body
+    return (struct.pack("<H", len(name)) + name + bytes([dtype, values, encoding, code, len(shape)])
+            + b"".join(struct.pack("<Q", d) for d in shape)
+            + struct.pack("<QQQ", n_kept, len(index) if index_len is None else index_len,
+                          len(body) if values_len is None else values_len) + index + body)
+
+
+def test_hand_built_payload_decodes():
+    body = struct.pack("<2f", 1.5, -2.0)
+    payload = _reframe(_record(encoding=3, code=1, shape=(2, 3), n_kept=2, index=bytes([1, 3]), body=body), 1)
+    assert torch.equal(decode(payload)["t"], torch.tensor([[0, 1.5, 0], [0, 0, -2.0]]))
+
+
+REJECTIONS = {
+    "truncated": (lambda p: p[:-1], "truncated"),
+    "tiny": (lambda p: p[:3], "truncated"),
+    "magic": (lambda p: b"XBEC" + p[4:], "magic"),
+    "version": (lambda p: p[:4] + b"\x02\x00" + p[6:], "version"),
+    "flags": (lambda p: p[:6] + b"\x04\x00" + p[8:], "flag"),
+    "trailing": (lambda p: p + b"\x00", "trailing garbage"),
+    "checksum": (lambda p: p[:40] + bytes([p[40] ^ 1]) + p[41:], "checksum"),
+}
+
+
+@pytest.mark.parametrize("case", list(REJECTIONS))
+def test_decode_rejects_damaged_frames(case):
+    mutate, reason = REJECTIONS[case]
+    payload = encode({"t": torch.randn(3, 4)})
+    with pytest.raises(PayloadError, match=reason):
+        decode(mutate(payload))
+
+
+RECORD_REJECTIONS = {
+    "unknown dtype": (dict(dtype=9), 1, "unknown dtype"),
+    "unknown value format": (dict(values=0), 1, "unknown value format"),
+    "unknown encoding": (dict(encoding=4), 1, "unknown encoding"),
+    "unknown index code": (dict(encoding=3, code=3), 1, "unknown index code"),
+    "overflowing shape": (dict(shape=(2**32, 2**32), n_kept=0), 1, "overflows"),
+    "huge sparse shape": (dict(encoding=3, code=1, shape=(2**40,), n_kept=0, body=b""), 1, "max_output_bytes"),
+    "values length": (dict(values_len=12), 1, "truncated|values length"),
+    "count vs shape": (dict(n_kept=3, body=bytes(12)), 1, "count disagrees"),
+    "kept exceeds": (dict(encoding=3, code=1, n_kept=5, index=bytes(5), body=bytes(20)), 1, "exceeds"),
+    "index out of range": (dict(encoding=3, code=1, n_kept=1, index=bytes([4]), body=bytes(4)), 1, "out of range"),
+    "varint overlong": (dict(encoding=3, code=1, n_kept=1, index=b"\x81\x00", body=bytes(4)), 1, "minimally"),
+    "varint left over": (dict(encoding=3, code=1, n_kept=1, index=b"\x01\x01", body=bytes(4)), 1, "longer than"),
+    "bitmap stray bit": (dict(encoding=3, code=2, n_kept=1, index=b"\x11", body=bytes(4)), 1, "out of range"),
+    "bitmap count": (dict(encoding=3, code=2, n_kept=2, index=b"\x01", body=bytes(8)), 1, "fewer set bits"),
+    "bitmap length": (dict(encoding=3, code=2, n_kept=1, index=b"\x01\x00", body=bytes(4)), 1, "bitmap length"),
+    "rows on 1-D": (dict(encoding=1, code=1, n_kept=0, body=b""), 1, "2-D"),
+    "dense with index": (dict(code=1), 1, "dense tensor with an index"),
+    "more tensors than records": (dict(), 2, "truncated|tensor count"),
+    "huge tensor count": (dict(), 2**32 - 1, "tensor count"),
+    "name truncated": (dict(name=b"\xff" * 3), 1, "UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECORD_REJECTIONS))
+def test_decode_rejects_inconsistent_records(case):
+    fields, n_tensors, reason = RECORD_REJECTIONS[case]
+    with pytest.raises(PayloadError, match=reason):
+        decode(_reframe(_record(**fields), n_tensors))
+
+
+def test_decode_rejects_duplicate_names_and_bytes_after_last_record():
+    with pytest.raises(PayloadError, match="duplicate"):
+        decode(_reframe(_record() + _record(), 2))
+    with pytest.raises(PayloadError, match="after the last"):
+        decode(_reframe(_record() + b"\x00", 1))
+
+
+def test_sparse_output_budget_is_configurable():
+    payload = _reframe(_record(encoding=3, code=1, shape=(2**25,), n_kept=0, body=b""), 1)
+    with pytest.raises(PayloadError, match="max_output_bytes"):
+        decode(payload)
+    assert decode(payload, max_output_bytes=2**27)["t"].shape == (2**25,)
+
+
+def test_zstd_bombs_and_corrupt_frames_are_refused():
+    section = _record()
+    good = zstandard.ZstdCompressor(level=3).compress(section)
+    assert torch.equal(decode(_reframe(good, 1, flags=1, raw_len=len(section)))["t"], torch.zeros(4))
+    with pytest.raises(PayloadError, match="exceeds max_output_bytes"):
+        decode(_reframe(good, 1, flags=1, raw_len=2**40))
+    with pytest.raises(PayloadError, match="zstd frame size"):
+        decode(_reframe(good, 1, flags=1, raw_len=len(section) + 1))
+    bomb = zstandard.ZstdCompressor(level=3).compress(bytes(100 << 20))
+    with pytest.raises(PayloadError, match="exceeds max_output_bytes"):
+        decode(_reframe(bomb, 1, flags=1, raw_len=100 << 20))
+    with pytest.raises(PayloadError, match="trailing garbage"):
+        decode(_reframe(good + b"x", 1, flags=1, raw_len=len(section)))
+    with pytest.raises(PayloadError, match="zstd"):
+        decode(_reframe(good[:-2], 1, flags=1, raw_len=len(section)))
+    with pytest.raises(PayloadError, match="raw section length"):
+        decode(_reframe(section, 1, flags=0, raw_len=len(section) + 1))
