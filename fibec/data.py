@@ -74,7 +74,7 @@ class TextClassificationData:
         """A new dataset holding the samples at `indices`, in that order (same label names)."""
         idx = [int(i) for i in indices]
         n = len(self)
-        if any(not -n <= i < n for i in idx):
+        if any(not 0 <= i < n for i in idx):
             raise ValueError(f"indices must lie in range({n})")
         pick = lambda values: None if values is None else [values[i] for i in idx]  # noqa: E731
         return TextClassificationData(
@@ -108,7 +108,7 @@ def _labels_to_ids(raw: Sequence[object], name: str) -> tuple[list[int], list[st
     ints = [as_int(v) for v in raw]
     if raw and all(i is not None and i >= 0 for i in ints):
         return ints, [str(i) for i in range(max(ints) + 1)]  # type: ignore[arg-type]
-    if any(v is None or (isinstance(v, float) and v != v) for v in raw):
+    if any(v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip()) for v in raw):
         raise ValueError(f"{name}: label column has empty values")
     names = sorted({str(v).strip() for v in raw})
     lookup = {n: i for i, n in enumerate(names)}
@@ -232,7 +232,7 @@ def _two_files(files: dict[str, Path], name: str) -> TextClassificationData:
     names = sorted(files)
     texts, labels = [], []
     for label in names:
-        lines = [s.strip() for s in _lines(files[label], "latin-1")]
+        lines = _lines(files[label], "latin-1")
         texts += lines
         labels += [label] * len(lines)
     return _named(texts, labels, names, name)
@@ -296,7 +296,7 @@ def _load_snli(d: Path):
         s1, s2, y = (_lines(d / f"{p}.{split}") for p in ("s1", "s2", "labels"))
         if not len(s1) == len(s2) == len(y):
             raise ValueError(f"snli: {split} files are not line-aligned ({len(s1)}, {len(s2)}, {len(y)})")
-        return _named([s.strip() for s in s1], [s.strip() for s in y], names, "snli", [s.strip() for s in s2])
+        return _named(s1, [s.strip() for s in y], names, "snli", s2)
 
     return load("dev"), load("test")
 
@@ -316,7 +316,7 @@ def _load_uci(d: Path):
     texts, labels = [], []
     for f in ("amazon_cells_labelled.txt", "imdb_labelled.txt", "yelp_labelled.txt"):
         for row in _tsv(d / f):
-            texts.append(row[0].strip())
+            texts.append(row[0])
             labels.append(names[int(row[-1])])
     return train_test_split(_named(texts, labels, names, "uci_sentiment_sentences"), 0.2, seed=0)
 
@@ -508,8 +508,10 @@ def dirichlet_partition(labels: Sequence[int] | torch.Tensor | np.ndarray, num_c
     else:
         for p in parts:
             p.sort()
-        while (small := min(range(num_clients), key=lambda k: (len(parts[k]), k))) is not None \
-                and len(parts[small]) < min_size:
+        while True:
+            small = min(range(num_clients), key=lambda k: (len(parts[k]), k))
+            if len(parts[small]) >= min_size:
+                break
             large = max(range(num_clients), key=lambda k: (len(parts[k]), -k))
             parts[small].append(parts[large].pop())
     return [sorted(p) for p in parts]

@@ -71,6 +71,12 @@ def test_load_table_missing_column_names_it_and_lists_available(tmp_path, fmt, a
         load_table(path, **kwargs)
 
 
+def test_load_table_rejects_empty_labels(tmp_path):
+    rows = [{"text": "a", "label": "pos"}, {"text": "b", "label": ""}]
+    with pytest.raises(ValueError, match="empty"):
+        load_table(write_table(tmp_path / "d.csv", "csv", rows), text_column="text", label_column="label")
+
+
 def test_load_table_rejects_unknown_extension(tmp_path):
     path = tmp_path / "d.xlsx"
     path.write_text("x")
@@ -84,6 +90,10 @@ def test_subset_keeps_order_and_all_fields():
     sub = data.subset([2, 0])
     assert (sub.texts, sub.labels, sub.text_pairs, sub.groups, sub.name) == (["c", "a"], [0, 0], ["C", "A"],
                                                                               ["easy", "easy"], "n")
+    with pytest.raises(ValueError, match="indices"):
+        data.subset([3])
+    with pytest.raises(ValueError, match="indices"):
+        data.subset([-1])
     with pytest.raises(ValueError, match="labels"):
         TextClassificationData(["a"], [2], ["x", "y"])
 
