@@ -19,11 +19,16 @@ taken from the layer: dA_n = s (G_n B)^T X_n, dB_n = s G_n^T (X_n A^T).
 Layer inputs [N,T,I] have a sequence dimension T; [N,I] is taken as T=1 and [N,d1,..,dk,I] as
 T = d1*..*dk. The batch must be the first dimension of every hooked layer's input.
 
+A backward pass is delimited by autograd itself (a callback queued on the running backward),
+so several forward/backward pairs can run inside one context. Gradient checkpointing works in
+both modes: non-reentrant (the original forward's hooks fire) and reentrant (layers run again
+inside backward and their gradients arrive in nested backward calls, which count as one pass).
+
 Limits, each reported with an error rather than a wrong number: LoRA variants (DoRA and
 others), merged adapters, several active adapters in one layer, peft's mixed-adapter batches
 (`adapter_names=`), and a hooked layer whose output enters one backward pass more than once
-(weight sharing inside the graph: the per-sample gradient would need cross terms). Gradient
-checkpointing must be off. Only the weights count: biases are not part of the Fisher.
+(weight sharing inside the graph: the per-sample gradient would need cross terms). Only the
+weights count: biases are not part of the Fisher.
 """
 from __future__ import annotations
 
@@ -294,6 +299,10 @@ class FisherCollector:
         """Register the gradient hook of one layer call, with the token mask of this batch."""
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
+        if torch._C._current_graph_task_id() != -1:
+            # A forward inside backward is a checkpoint recomputation. Reentrant checkpointing
+            # runs a nested backward for its gradients: end the pass with the outer backward.
+            self._queue_end_of_pass()
         mask = self._layer_mask(layer, X)
 
         def on_grad(G: torch.Tensor) -> None:
@@ -321,6 +330,12 @@ class FisherCollector:
     def _end_backward_state(self) -> None:
         self._pass_scores: torch.Tensor | None = None
         self._pass_layers: set[str] = set()
+        self._pass_end_queued = False
+
+    def _queue_end_of_pass(self) -> None:
+        if not self._pass_end_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+            self._pass_end_queued = True
 
     def _finish_backward(self) -> None:
         if self._pass_scores is not None:
@@ -344,7 +359,7 @@ class FisherCollector:
         N = X3.shape[0]
         if self._pass_scores is None:
             self._pass_scores = torch.zeros(N, dtype=torch.float32, device=X3.device)
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+            self._queue_end_of_pass()
         elif self._pass_scores.shape[0] != N:
             self._fail(f"layer {layer.name!r} got a batch of {N} samples but another hooked layer got "
                        f"{self._pass_scores.shape[0]} in the same backward pass")

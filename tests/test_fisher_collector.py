@@ -157,6 +157,21 @@ def test_lora_fisher_and_scores_match_per_sample_grads(arch, padded):
     _check_against_oracle(fc, _per_sample_grads(model, arch, batch, list(param_to_key)), param_to_key, 5)
 
 
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)], ids=["bf16", "fp16"])
+def test_half_precision_model_accumulates_in_fp32(dtype, rtol):
+    # The tolerance covers the model's own half-precision forward and backward.
+    arch = "llama-cls"
+    model = _lora_model(arch).to(dtype)
+    batch = _batch(3, 6, padded=True)
+    fc = _collect(model, arch, batch)
+    param_to_key = _lora_param_names(fc)
+    grads = _per_sample_grads(model, arch, batch, list(param_to_key))
+    _assert_rel_close(fc.sample_scores, sum(g.square().flatten(1).sum(1) for g in grads.values()), rtol=rtol)
+    for pname, key in param_to_key.items():
+        layer, factor = key.split("|")
+        _assert_rel_close(fc.fisher[layer][factor], grads[pname].square().sum(0), rtol=rtol)
+
+
 def test_lora_layers_found_in_every_block():
     model = _lora_model("llama-cls")
     fc = FisherCollector(model)
@@ -345,6 +360,21 @@ def test_several_forward_backward_pairs_in_one_context():
     torch.testing.assert_close(fc.sample_scores, two.sample_scores)
     layer = fc.layer_names[0]
     torch.testing.assert_close(fc.fisher[layer]["lora_A"], one.fisher[layer]["lora_A"] + two.fisher[layer]["lora_A"])
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_result(use_reentrant):
+    arch = "llama-cls"
+    model = _lora_model(arch).train()  # HF checkpoints only in train mode; every dropout is 0
+    batch = _batch(3, 6, padded=True)
+    plain = _collect(model, arch, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.enable_input_require_grads()
+    checkpointed = _collect(model, arch, batch)
+    assert checkpointed.num_samples == 3  # the nested backward calls of reentrant mode are one pass
+    torch.testing.assert_close(checkpointed.sample_scores, plain.sample_scores, rtol=1e-5, atol=0)
+    for layer in plain.fisher:
+        torch.testing.assert_close(checkpointed.fisher[layer]["lora_A"], plain.fisher[layer]["lora_A"])
 
 
 def _hook_state(model: nn.Module) -> list[int]:
