@@ -10,11 +10,15 @@ import torch
 # X [N,T,I] layer inputs, G [N,T,O] loss gradients w.r.t. the layer outputs; per-sample weight
 # gradient dW_n = G_n^T X_n. Samples are processed in chunks so that the per-sample gradients of
 # one chunk (and fp32 copies of its inputs) stay under _CHUNK_BYTES: [N,O,I] never exists at once.
-_CHUNK_BYTES = 64 * 2**20
+_CHUNK_BYTES = 8 * 2**20
 
 
-def _samples_per_chunk(bytes_per_sample: int) -> int:
-    return max(1, _CHUNK_BYTES // max(1, bytes_per_sample))
+def _samples_per_chunk(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | None,
+                       work_floats_per_sample: int) -> int:
+    """Samples per chunk so that one chunk's fp32 work buffers and input copies fit _CHUNK_BYTES."""
+    T, I, O = X.shape[1], X.shape[2], G.shape[2]
+    copied = (I if X.dtype != torch.float32 else 0) + (O if G.dtype != torch.float32 or token_mask is not None else 0)
+    return max(1, _CHUNK_BYTES // (4 * (T * copied + work_floats_per_sample)))
 
 
 def _fp32_chunk(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | None,
@@ -35,7 +39,7 @@ def fisher_diag(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | Non
     N, T, I = X.shape
     O = G.shape[-1]
     fisher = torch.zeros(O, I, dtype=torch.float32, device=X.device)
-    chunk = _samples_per_chunk(4 * (O * I + T * (I + O)))
+    chunk = _samples_per_chunk(X, G, token_mask, O * I)
     grads = torch.empty(min(chunk, N), O, I, dtype=torch.float32, device=X.device)
     for start in range(0, N, chunk):
         stop = min(start + chunk, N)
@@ -60,7 +64,7 @@ def lora_fisher_diag(X: torch.Tensor, G: torch.Tensor, A: torch.Tensor, B: torch
     fisher_A = torch.zeros(r, I, dtype=torch.float32, device=X.device)
     fisher_B = torch.zeros(O, r, dtype=torch.float32, device=X.device)
     sqnorm = torch.empty(N, dtype=torch.float32, device=X.device)
-    chunk = _samples_per_chunk(4 * (T * (I + O + 2 * r) + 2 * r * (I + O)))
+    chunk = _samples_per_chunk(X, G, token_mask, 2 * r * (T + I + O))
     for start in range(0, N, chunk):
         stop = min(start + chunk, N)
         x, g = _fp32_chunk(X, G, token_mask, start, stop)
@@ -92,8 +96,7 @@ def sample_sqnorms(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | 
     O = G.shape[-1]
     if method == "auto":
         method = sqnorm_method(T, I, O)
-    per_sample = 2 * T * T if method == "gram" else O * I
-    chunk = _samples_per_chunk(4 * (per_sample + T * (I + O)))
+    chunk = _samples_per_chunk(X, G, token_mask, 2 * T * T if method == "gram" else O * I)
     sqnorm = torch.empty(N, dtype=torch.float32, device=X.device)
     for start in range(0, N, chunk):
         stop = min(start + chunk, N)

@@ -172,3 +172,16 @@ def test_kernels_overwrite_every_entry_of_a_nan_buffer(dtype):
     dA, dB = per_sample_lora_grads(X, G, A, B, 1.5, mask)
     assert_close(lora_out[0], dA.square().sum(0), dtype)
     assert_close(lora_out[1], dB.square().sum(0), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_gives_same_result_one_sample_per_chunk(monkeypatch, dtype):
+    X, G, mask = make_inputs((4, 37, 70, 67), dtype, True, seed=7)
+    A, B = (torch.randn(5, 70) / 8).to(dtype), torch.randn(67, 5).to(dtype)
+    whole = (reference.fisher_diag(X, G, mask), *reference.lora_fisher_diag(X, G, A, B, 0.3, mask),
+             reference.sample_sqnorms(X, G, mask, method="gram"), reference.sample_sqnorms(X, G, mask, method="direct"))
+    monkeypatch.setattr(reference, "_CHUNK_BYTES", 1)
+    chunked = (reference.fisher_diag(X, G, mask), *reference.lora_fisher_diag(X, G, A, B, 0.3, mask),
+               reference.sample_sqnorms(X, G, mask, method="gram"), reference.sample_sqnorms(X, G, mask, method="direct"))
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
