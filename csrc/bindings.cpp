@@ -74,10 +74,11 @@ py::bytes encode(const py::list& tensors, int values, bool shuffle, bool check_f
     {
         py::gil_scoped_release release;
         if (framed) {
-            encoder->write_section(out + kHeaderSize);
-            finish_frame(out, n_tensors, 0, section, section);
+            write_header(out, n_tensors, 0, section, section);
+            const uint32_t crc = encoder->write_section(out + kHeaderSize, crc32c(out, kHeaderSize));
+            std::memcpy(out + kHeaderSize + section, &crc, 4);
         } else {
-            encoder->write_section(out);
+            encoder->write_section(out, 0);
         }
     }
     return result;
@@ -88,17 +89,19 @@ py::bytes frame(const py::object& section, uint64_t raw_len, uint32_t n_tensors,
     uint8_t* out = nullptr;
     py::bytes result = new_bytes(kHeaderSize + view.size() + kTrailerSize, out);
     py::gil_scoped_release release;
+    write_header(out, n_tensors, flags, view.size(), raw_len);
     std::memcpy(out + kHeaderSize, view.data(), view.size());
-    finish_frame(out, n_tensors, flags, view.size(), raw_len);
+    const uint32_t crc = crc32c(out, kHeaderSize + view.size());
+    std::memcpy(out + kHeaderSize + view.size(), &crc, 4);
     return result;
 }
 
-py::tuple read_frame_py(const py::object& payload) {
+py::tuple read_frame_py(const py::object& payload, bool verify_crc) {
     ByteView view = byte_view(payload, "payload");
     Frame f;
     {
         py::gil_scoped_release release;
-        f = read_frame(view.data(), view.size());
+        f = read_frame(view.data(), view.size(), verify_crc);
     }
     return py::make_tuple(f.flags, f.n_tensors, f.section_offset, f.section_len, f.raw_len);
 }
@@ -106,14 +109,26 @@ py::tuple read_frame_py(const py::object& payload) {
 // Returns [(name: bytes, dtype: int, shape: tuple, data: bytearray | None, layout: tuple)]; data is
 // None for empty tensors and when fill is false (inspection); layout is
 // (value format, encoding, index code, kept count, index bytes, values bytes).
+// With verify_crc, buffer is a whole uncompressed payload (section at offset, CRC after it)
+// whose checksum is verified record by record while filling, so each record is read from
+// memory once; any parse error is reported as a checksum mismatch when the checksum is bad.
 py::list decode_section(const py::object& buffer, uint64_t offset, uint64_t length, uint32_t n_tensors,
-                        bool shuffled, uint64_t max_output_bytes, bool fill) {
+                        bool shuffled, uint64_t max_output_bytes, bool fill, bool verify_crc) {
     ByteView view = byte_view(buffer, "payload");
     if (offset > view.size() || length > view.size() - offset) throw py::value_error("section outside the buffer");
+    if (verify_crc && view.size() - offset - length != kTrailerSize) throw py::value_error("no checksum after the section");
+    const uint8_t* data = view.data();
+    uint32_t expected_crc = 0;
+    if (verify_crc) std::memcpy(&expected_crc, data + offset + length, 4);
     std::vector<Record> records;
     {
         py::gil_scoped_release release;
-        records = parse_section(view.data() + offset, length, n_tensors, max_output_bytes);
+        try {
+            records = parse_section(data + offset, length, n_tensors, max_output_bytes);
+        } catch (const PayloadError&) {
+            if (verify_crc && crc32c(data, offset + length) != expected_crc) throw PayloadError("checksum mismatch");
+            throw;
+        }
     }
     std::vector<py::object> outputs;
     std::vector<uint8_t*> targets;
@@ -130,8 +145,12 @@ py::list decode_section(const py::object& buffer, uint64_t offset, uint64_t leng
     }
     {
         py::gil_scoped_release release;
-        for (size_t k = 0; k < records.size(); ++k)
+        uint32_t crc = verify_crc ? crc32c(data, offset) : 0;
+        for (size_t k = 0; k < records.size(); ++k) {
+            if (verify_crc) crc = crc32c(records[k].begin, records[k].size, crc);
             if (targets[k]) fill_record(records[k], targets[k], shuffled);
+        }
+        if (verify_crc && crc != expected_crc) throw PayloadError("checksum mismatch");
     }
     py::list result;
     for (size_t k = 0; k < records.size(); ++k) {
@@ -161,9 +180,10 @@ PYBIND11_MODULE(_codec, m) {
     m.def("encode", &encode, py::arg("tensors"), py::arg("values"), py::arg("shuffle"), py::arg("check_finite"),
           py::arg("framed"));
     m.def("frame", &frame, py::arg("section"), py::arg("raw_len"), py::arg("n_tensors"), py::arg("flags"));
-    m.def("read_frame", &read_frame_py, py::arg("payload"));
+    m.def("read_frame", &read_frame_py, py::arg("payload"), py::arg("verify_crc"));
     m.def("decode_section", &decode_section, py::arg("buffer"), py::arg("offset"), py::arg("length"),
-          py::arg("n_tensors"), py::arg("shuffled"), py::arg("max_output_bytes"), py::arg("fill"));
+          py::arg("n_tensors"), py::arg("shuffled"), py::arg("max_output_bytes"), py::arg("fill"),
+          py::arg("verify_crc"));
     m.def("crc32c", &crc32c_py, py::arg("data"), py::arg("crc") = 0);
     m.attr("FORMAT_VERSION") = kVersion;
     m.attr("HEADER_SIZE") = kHeaderSize;

@@ -532,10 +532,11 @@ Encoder::Encoder(std::vector<TensorIn> tensors, EncodeOptions options)
 
 Encoder::~Encoder() = default;
 
-void Encoder::write_section(uint8_t* out) const {
+uint32_t Encoder::write_section(uint8_t* out, uint32_t crc) const {
     for (size_t k = 0; k < tensors_.size(); ++k) {
         const TensorIn& t = tensors_[k];
         const TensorPlan& plan = plans_[k];
+        uint8_t* const record = out;
         put<uint16_t>(out, static_cast<uint16_t>(t.name.size()));
         std::memcpy(out, t.name.data(), t.name.size());
         out += t.name.size();
@@ -552,10 +553,12 @@ void Encoder::write_section(uint8_t* out) const {
         out += plan.index_len;
         write_values(t, plan, options_.shuffle, out);
         out += plan.values_len;
+        crc = crc32c(record, plan.record_len, crc);
     }
+    return crc;
 }
 
-void finish_frame(uint8_t* out, uint32_t n_tensors, uint16_t flags, uint64_t section_len, uint64_t raw_len) {
+void write_header(uint8_t* out, uint32_t n_tensors, uint16_t flags, uint64_t section_len, uint64_t raw_len) {
     uint8_t* p = out;
     std::memcpy(p, kMagic, 4);
     p += 4;
@@ -564,9 +567,6 @@ void finish_frame(uint8_t* out, uint32_t n_tensors, uint16_t flags, uint64_t sec
     put<uint32_t>(p, n_tensors);
     put<uint64_t>(p, section_len);
     put<uint64_t>(p, raw_len);
-    const uint64_t body = kHeaderSize + section_len;
-    const uint32_t crc = crc32c(out, body);
-    std::memcpy(out + body, &crc, 4);
 }
 
 // ---------------------------------------------------------------- decoder
@@ -603,7 +603,13 @@ std::string describe(const char* field, uint64_t value) { return std::string(fie
 
 }  // namespace
 
-Frame read_frame(const uint8_t* data, size_t len) {
+uint32_t stored_crc(const uint8_t* data, const Frame& frame) {
+    uint32_t stored;
+    std::memcpy(&stored, data + frame.section_offset + frame.section_len, 4);
+    return stored;
+}
+
+Frame read_frame(const uint8_t* data, size_t len, bool verify_crc) {
     if (len < 4) throw PayloadError("truncated: shorter than the magic");
     if (std::memcmp(data, kMagic, 4) != 0) throw PayloadError("bad magic: not a fibec payload");
     if (len < kHeaderSize + kTrailerSize) throw PayloadError("truncated: shorter than header and checksum");
@@ -622,9 +628,8 @@ Frame read_frame(const uint8_t* data, size_t len) {
     if (f.section_len < available) throw PayloadError("trailing garbage after the checksum");
     if (!(f.flags & kFlagZstd) && f.raw_len != f.section_len)
         throw PayloadError("raw section length disagrees with an uncompressed section");
-    uint32_t stored;
-    std::memcpy(&stored, data + kHeaderSize + f.section_len, 4);
-    if (crc32c(data, kHeaderSize + f.section_len) != stored) throw PayloadError("checksum mismatch");
+    if (verify_crc && crc32c(data, kHeaderSize + f.section_len) != stored_crc(data, f))
+        throw PayloadError("checksum mismatch");
     return f;
 }
 
@@ -635,6 +640,8 @@ std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_te
     Cursor c(data, len);
     uint64_t total_out = 0;
     for (Record& r : records) {
+        const size_t record_start = len - c.remaining();
+        r.begin = data + record_start;
         const uint16_t name_len = c.get<uint16_t>("name length");
         const uint8_t* name = c.take(name_len, "name");
         r.name.assign(reinterpret_cast<const char*>(name), name_len);
@@ -687,6 +694,7 @@ std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_te
         if (r.index_code == kNoIndex && r.index_len != 0) throw PayloadError("index bytes on a dense tensor");
         r.index = c.take(r.index_len, "index body");
         r.value_body = c.take(r.values_len, "values body");
+        r.size = len - c.remaining() - record_start;
         if (r.index_code != kNoIndex) {
             IndexReader reader(r.index_code, r.index, r.index_len, r.universe);
             for (uint64_t k = 0; k < r.n_kept; ++k) reader.next();

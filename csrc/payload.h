@@ -63,7 +63,9 @@ class Encoder {
     Encoder(const Encoder&) = delete;
     Encoder& operator=(const Encoder&) = delete;
     uint64_t section_size() const { return section_size_; }
-    void write_section(uint8_t* out) const;
+    // Writes the section and returns crc32c(section, crc): each record is summed right
+    // after it is written, while it is still in cache.
+    uint32_t write_section(uint8_t* out, uint32_t crc) const;
 
   private:
     std::vector<TensorIn> tensors_;
@@ -72,9 +74,8 @@ class Encoder {
     uint64_t section_size_ = 0;
 };
 
-// Header at out[0, kHeaderSize); the section must already be at out + kHeaderSize.
-// Appends the CRC32C of everything before it.
-void finish_frame(uint8_t* out, uint32_t n_tensors, uint16_t flags, uint64_t section_len, uint64_t raw_len);
+// Writes the header at out[0, kHeaderSize).
+void write_header(uint8_t* out, uint32_t n_tensors, uint16_t flags, uint64_t section_len, uint64_t raw_len);
 
 struct Frame {
     uint16_t flags;
@@ -84,8 +85,10 @@ struct Frame {
     uint64_t raw_len;
 };
 
-// Checks magic, version, flags, lengths and the checksum.
-Frame read_frame(const uint8_t* data, size_t len);
+// Checks magic, version, flags and lengths, and the checksum when verify_crc is set.
+Frame read_frame(const uint8_t* data, size_t len, bool verify_crc);
+
+uint32_t stored_crc(const uint8_t* data, const Frame& frame);
 
 struct Record {
     std::string name;
@@ -99,6 +102,8 @@ struct Record {
     const uint8_t* value_body;
     uint64_t values_len;
     uint64_t out_bytes;  // numel * dtype size
+    const uint8_t* begin;  // the record's bytes, for checksumming
+    uint64_t size;
 };
 
 // Parses and fully validates a raw (decompressed) section, including every index set,

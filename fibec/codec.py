@@ -115,7 +115,7 @@ def inspect(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | 
     dtype, shape, encoding, value format, index code, kept count and byte lengths.
     Validates exactly as decode() does (raises PayloadError)."""
     view = _byte_view(payload)
-    flags, n_tensors, _, section_len, raw_len = _call(_codec.read_frame, view)
+    flags, n_tensors, _, section_len, raw_len = _call(_codec.read_frame, view, False)
     tensors = []
     for name, dtype, shape, _, layout in _read(view, max_output_bytes, fill=False):
         value_code, encoding, index_code, kept, index_bytes, values_bytes = layout
@@ -206,12 +206,16 @@ def _read(payload: object, max_output_bytes: int | None, *, fill: bool) -> list[
     elif isinstance(max_output_bytes, bool) or not isinstance(max_output_bytes, int) or max_output_bytes < 0:
         raise ValueError(f"max_output_bytes must be None or a non-negative int, got {max_output_bytes!r}")
     max_output_bytes = min(max_output_bytes, 2**64 - 1)
-    flags, n_tensors, offset, section_len, raw_len = _call(_codec.read_frame, view)
-    buffer, shuffled = view, False
-    if flags & _FLAG_ZSTD:
+    flags, n_tensors, offset, section_len, raw_len = _call(_codec.read_frame, view, False)
+    compressed = bool(flags & _FLAG_ZSTD)
+    buffer = view
+    if compressed:
+        _call(_codec.read_frame, view, True)  # checksum first: zstd only ever sees intact bytes
         buffer = _decompress(view[offset:offset + section_len], raw_len, max_output_bytes)
-        offset, section_len, shuffled = 0, raw_len, True
-    records = _call(_codec.decode_section, buffer, offset, section_len, n_tensors, shuffled, max_output_bytes, fill)
+        offset, section_len = 0, raw_len
+    # Uncompressed: the C++ side verifies the checksum while it decodes.
+    records = _call(_codec.decode_section, buffer, offset, section_len, n_tensors, compressed, max_output_bytes,
+                    fill, not compressed)
     out, seen = [], set()
     for raw_name, dtype_code, shape, data, layout in records:
         try:

@@ -1,0 +1,243 @@
+"""Payload codec: fibec.codec against what a user would otherwise send, in one run, one thread.
+
+Payloads (fp32 LoRA factors A [r, d], B [d, r] for q and v of every layer, entries ~ N(0, 0.02^2)):
+- (a) lora-768:        12 layers x {q, v}, r=16, d=768, dense
+- (b) lora-768-10%:    the same with 10% of neurons kept (neuron masks: columns of A, rows of B);
+                       the baselines get the tensors with the dropped neurons zeroed
+- (c) lora-7b:         32 layers x {q, v}, r=16, d=4096 (a LLaMA-7B-sized q,v LoRA payload), dense
+Methods: fibec in each value format (fp32 is lossless), fibec fp32 + zstd-3 stage, torch.save
+(torch.load weights_only), safetensors, zstd-3 and lz4 on the raw bytes, blosc2 (shuffle + zstd,
+clevel 5), and fp16 + zstd-3. Size is relative to the raw fp32 bytes; encode/decode GB/s are raw
+fp32 bytes per second, medians over rounds. Extra peak memory (RSS high-water mark of one
+encode + decode in a fresh process) is measured for payload (c) in script mode.
+
+pytest mode:  pytest bench/bench_codec.py   (pytest-benchmark; size ratio in extra_info)
+script mode:  python bench/bench_codec.py   (methods interleaved over rounds; table of medians)
+FIBEC_BENCH_SMALL=1 shrinks (c) to d=1024; FIBEC_BENCH_ROUNDS sets the rounds (default 7);
+FIBEC_BENCH_MEMORY=0 skips the peak-memory processes.
+"""
+from __future__ import annotations
+
+import io
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from fibec import codec
+
+SMALL = os.environ.get("FIBEC_BENCH_SMALL", "0") not in ("", "0")
+ROUNDS = int(os.environ.get("FIBEC_BENCH_ROUNDS", "7"))
+ZSTD_LEVEL = 3
+
+Tensors = dict[str, torch.Tensor]
+
+
+def lora_payload(layers: int, d: int, r: int = 16, keep: float | None = None, seed: int = 0):
+    """({name: tensor}, masks or None) of a q,v LoRA update; keep = fraction of neurons kept."""
+    g = torch.Generator().manual_seed(seed)
+    tensors, masks = {}, {}
+    for layer in range(layers):
+        for proj in ("q_proj", "v_proj"):
+            prefix = f"model.layers.{layer}.self_attn.{proj}"
+            a = torch.randn(r, d, generator=g) * 0.02
+            b = torch.randn(d, r, generator=g) * 0.02
+            if keep is not None:
+                cols = torch.rand(d, generator=g) < keep
+                rows = torch.rand(d, generator=g) < keep
+                a[:, ~cols] = 0
+                b[~rows] = 0
+                masks[f"{prefix}.lora_A"] = (cols, 1)
+                masks[f"{prefix}.lora_B"] = (rows, 0)
+            tensors[f"{prefix}.lora_A"] = a
+            tensors[f"{prefix}.lora_B"] = b
+    return tensors, (masks or None)
+
+
+PAYLOADS = {
+    "lora-768": lambda: lora_payload(12, 768),
+    "lora-768-10%": lambda: lora_payload(12, 768, keep=0.1),
+    "lora-7b": lambda: lora_payload(32, 1024 if SMALL else 4096),
+}
+
+
+def raw_bytes(tensors: Tensors) -> int:
+    return sum(t.numel() * 4 for t in tensors.values())
+
+
+# ---------------------------------------------------------------- methods: (encode, decode)
+
+def _concat(tensors: Tensors, dtype=torch.float32) -> bytes:
+    return b"".join(t.to(dtype).contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values())
+
+
+def _split(data: bytes | bytearray, like: Tensors, dtype=torch.float32) -> Tensors:
+    flat = torch.frombuffer(bytearray(data), dtype=dtype)
+    out, offset = {}, 0
+    for name, t in like.items():
+        out[name] = flat[offset:offset + t.numel()].view(t.shape).float()
+        offset += t.numel()
+    return out
+
+
+def _fibec(values: str, level: int | None = None):
+    def enc(tensors, masks):
+        return codec.encode(tensors, masks=masks, values=values, level=level)
+    return enc, lambda data, like: codec.decode(data)
+
+
+def _torch_save():
+    def enc(tensors, masks):
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
+        return buffer.getvalue()
+    return enc, lambda data, like: torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _safetensors():
+    from safetensors.torch import load, save
+    return (lambda tensors, masks: save(tensors)), (lambda data, like: load(data))
+
+
+def _zstd(dtype=torch.float32):
+    import zstandard
+    compressor, decompressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL), zstandard.ZstdDecompressor()
+    return ((lambda tensors, masks: compressor.compress(_concat(tensors, dtype))),
+            (lambda data, like: _split(decompressor.decompress(data), like, dtype)))
+
+
+def _lz4():
+    import lz4.frame
+    return ((lambda tensors, masks: lz4.frame.compress(_concat(tensors))),
+            (lambda data, like: _split(lz4.frame.decompress(data), like)))
+
+
+def _blosc2():
+    import blosc2
+    blosc2.set_nthreads(1)
+
+    def enc(tensors, masks):
+        return blosc2.compress(_concat(tensors), typesize=4, clevel=5, filter=blosc2.Filter.SHUFFLE,
+                               codec=blosc2.Codec.ZSTD)
+    return enc, lambda data, like: _split(blosc2.decompress(data), like)
+
+
+METHODS: dict[str, Callable[[], tuple]] = {
+    "fibec fp32": lambda: _fibec("fp32"),
+    "fibec fp16": lambda: _fibec("fp16"),
+    "fibec bf16": lambda: _fibec("bf16"),
+    "fibec int8": lambda: _fibec("int8"),
+    "fibec fp32+zstd3": lambda: _fibec("fp32", ZSTD_LEVEL),
+    "torch.save": _torch_save,
+    "safetensors": _safetensors,
+    "zstd-3 raw": _zstd,
+    "lz4 raw": _lz4,
+    "blosc2 shuffle+zstd": _blosc2,
+    "fp16+zstd-3": lambda: _zstd(torch.float16),
+}
+LOSSLESS = {"fibec fp32", "fibec fp32+zstd3", "torch.save", "safetensors", "zstd-3 raw", "lz4 raw",
+            "blosc2 shuffle+zstd"}
+
+
+def _check(method: str, tensors: Tensors, masks, decoded: Tensors) -> None:
+    """Lossless methods reproduce the (masked) tensors exactly; lossy ones stay close."""
+    assert list(decoded) == list(tensors), method
+    for name, t in tensors.items():
+        out = decoded[name].float()
+        if method in LOSSLESS:
+            assert torch.equal(out, t), (method, name)
+        else:
+            assert torch.allclose(out, t, rtol=2e-2, atol=t.abs().max().item() / 100), (method, name)
+
+
+def _timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def measure(payload: str, rounds: int = ROUNDS) -> list[dict]:
+    """Per method: size ratio and median encode/decode GB/s; methods interleaved per round."""
+    tensors, masks = PAYLOADS[payload]()
+    raw = raw_bytes(tensors)
+    methods = {name: make() for name, make in METHODS.items()}
+    times = {name: ([], []) for name in methods}
+    sizes = {}
+    for name, (enc, dec) in methods.items():
+        data = enc(tensors, masks)
+        _check(name, tensors, masks, dec(data, tensors))
+        sizes[name] = len(data)
+    for _ in range(rounds):
+        for name, (enc, dec) in methods.items():
+            t_enc, data = _timed(lambda: enc(tensors, masks))
+            t_dec, _ = _timed(lambda: dec(data, tensors))
+            times[name][0].append(t_enc)
+            times[name][1].append(t_dec)
+    return [{
+        "payload": payload, "method": name, "raw_mb": raw / 1e6, "ratio": sizes[name] / raw,
+        "encode_gbs": raw / statistics.median(times[name][0]) / 1e9,
+        "decode_gbs": raw / statistics.median(times[name][1]) / 1e9,
+    } for name in methods]
+
+
+def peak_memory_mb(payload: str, method: str) -> float:
+    """Extra RSS high-water mark (MB) of one encode + decode, in a fresh process."""
+    code = ("import sys, resource; sys.path.insert(0, 'bench'); import bench_codec as b; "
+            f"t, m = b.PAYLOADS[{payload!r}](); enc, dec = b.METHODS[{method!r}](); "
+            "enc(t, m); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "dec(enc(t, m), t); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return int(result.stdout.split()[-1]) / 1024
+
+
+# ---------------------------------------------------------------- pytest-benchmark mode
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("direction", ["encode", "decode"])
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("payload", list(PAYLOADS))
+def test_codec_speed(benchmark, payload, method, direction):
+    tensors, masks = PAYLOADS[payload]()
+    enc, dec = METHODS[method]()
+    data = enc(tensors, masks)
+    _check(method, tensors, masks, dec(data, tensors))
+    raw = raw_bytes(tensors)
+    benchmark.extra_info.update(ratio=len(data) / raw, raw_bytes=raw)
+    fn = (lambda: enc(tensors, masks)) if direction == "encode" else (lambda: dec(data, tensors))
+    benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+
+
+# ---------------------------------------------------------------- script mode
+
+def main() -> None:
+    torch.set_num_threads(1)
+    memory = os.environ.get("FIBEC_BENCH_MEMORY", "1") not in ("", "0")
+    print(f"fibec codec benchmark: one thread, {ROUNDS} rounds, medians; GB/s of raw fp32 bytes")
+    header = f"{'payload':<14} {'method':<21} {'size/raw':>9} {'enc GB/s':>9} {'dec GB/s':>9}"
+    print(header + (f" {'peak MB':>8}" if memory else ""))
+    for payload in PAYLOADS:
+        for row in measure(payload):
+            line = (f"{row['payload']:<14} {row['method']:<21} {row['ratio']:>9.4f} "
+                    f"{row['encode_gbs']:>9.2f} {row['decode_gbs']:>9.2f}")
+            if memory and payload == "lora-7b":
+                line += f" {peak_memory_mb(payload, row['method']):>8.1f}"
+            print(line, flush=True)
+        print(f"{'':<14} (raw fp32: {row['raw_mb']:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
