@@ -65,6 +65,7 @@ _FLAGS = {
     "--out": ("out", str, "output directory"),
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(FedConfig)}
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", list: "a list of strings"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,7 +126,7 @@ def build_config(args: argparse.Namespace) -> tuple[FedConfig, list[str]]:
             value = settings[name] = float(value)
         kind = type(default) if default is not None else str
         if name != "method" and (not isinstance(value, kind) or isinstance(value, bool) != isinstance(default, bool)):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a {kind.__name__}, got {value!r}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be {_KIND_WORDS[kind]}, got {value!r}")
     cfg = FedConfig(**settings)
     if fraction is not None:
         if not 0 < fraction <= 1:

