@@ -296,19 +296,37 @@ class FisherCollector:
         return hook
 
     def _watch(self, layer: _Layer, X: torch.Tensor, output: torch.Tensor) -> None:
-        """Register the gradient hook of one layer call, with the token mask of this batch."""
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+        """Hook the autograd node that produced this call's output, with the token mask of this batch.
+
+        A node receives G even when the model later modifies the output in place, which would
+        silence a hook on the output tensor itself. When the output is a reshaped view of the
+        layer's matmul result (nn.Linear on [N,T,I]), an in-place op on it would bypass the view's
+        node, so the hook goes on the node of the viewed tensor.
+        """
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.grad_fn is not None):
             return
+        producer = output
+        base = output._base
+        if (base is not None and base.grad_fn is not None and base.numel() == output.numel()
+                and base.is_contiguous() and output.is_contiguous()):
+            producer = base
         if torch._C._current_graph_task_id() != -1:
             # A forward inside backward is a checkpoint recomputation. Reentrant checkpointing
             # runs a nested backward for its gradients: end the pass with the outer backward.
             self._queue_end_of_pass()
-        mask = self._layer_mask(layer, X)
+        saved = [X, self._layer_mask(layer, X)]
+        index, shape = producer.output_nr, output.shape
 
-        def on_grad(G: torch.Tensor) -> None:
-            self._collect(layer, X, G, mask)
+        def on_grad(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+            if not saved:
+                self._fail(f"layer {layer.name!r}: a second backward through the same forward "
+                           "(retain_graph=True) is not supported; run the forward again")
+            X, mask = saved
+            saved.clear()  # the graph's nodes, and so this hook, may outlive the backward pass
+            if grad_outputs[index] is not None:
+                self._collect(layer, X, grad_outputs[index].reshape(shape), mask)
 
-        output.register_hook(on_grad)
+        producer.grad_fn.register_prehook(on_grad)
 
     def _layer_mask(self, layer: _Layer, X: torch.Tensor) -> torch.Tensor | None:
         mask = self._token_mask

@@ -294,6 +294,37 @@ def test_inputs_without_or_with_several_sequence_dims():
     _assert_rel_close(fc.sample_scores, sum(g.double().square().flatten(1).sum(1) for g in grads.values()))
 
 
+@pytest.mark.parametrize("shape", [(3, 5), (3, 4, 5)], ids=["2d", "3d"])
+def test_output_modified_in_place_is_still_collected(shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 2))
+    x = torch.randn(shape)
+
+    def after_first(h):
+        return model[2](model[1](h.mul_(2.0)))  # both in place on the first layer's output
+
+    with FisherCollector(model, layers=["0"]) as fc:
+        after_first(model[0](x)).square().sum().backward()
+    model.zero_grad(set_to_none=True)
+
+    def loss_of_one(w, xi):
+        return after_first(functional_call(model[0], {"weight": w}, (xi,))).square().sum()
+
+    grads = vmap(grad(loss_of_one), in_dims=(None, 0))(model[0].weight.detach(), x).double()
+    _assert_rel_close(fc.fisher["0"]["weight"], grads.square().sum(0))
+    _assert_rel_close(fc.sample_scores, grads.square().sum((1, 2)))
+
+
+def test_second_backward_through_one_forward_is_an_error():
+    layer = nn.Linear(4, 3)
+    with FisherCollector(layer, layers="linear") as fc:
+        loss = layer(torch.randn(2, 5, 4)).square().sum()
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="retain_graph"):
+            loss.backward()
+    assert fc.num_samples == 2
+
+
 def test_all_is_lora_plus_linear():
     arch = "bert-cls"
     model = _lora_model(arch)
