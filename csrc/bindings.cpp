@@ -3,6 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
+#include <memory>
+
 #include "crc32c.h"
 #include "payload.h"
 
@@ -11,18 +14,24 @@ using namespace fibec;
 
 namespace {
 
-struct ByteView {
-    py::buffer_info info;
-    const uint8_t* data() const { return static_cast<const uint8_t*>(info.ptr); }
-    size_t size() const { return static_cast<size_t>(info.size) * static_cast<size_t>(info.itemsize); }
-};
+// A C-contiguous buffer export (any number of dimensions), released on destruction.
+class ByteView {
+  public:
+    ByteView(const py::handle& obj, const char* what) {
+        if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_C_CONTIGUOUS) != 0) {
+            PyErr_Clear();
+            throw py::type_error(std::string(what) + " must be a C-contiguous buffer");
+        }
+    }
+    ~ByteView() { PyBuffer_Release(&view_); }
+    ByteView(const ByteView&) = delete;
+    ByteView& operator=(const ByteView&) = delete;
+    const uint8_t* data() const { return static_cast<const uint8_t*>(view_.buf); }
+    size_t size() const { return static_cast<size_t>(view_.len); }
 
-ByteView byte_view(const py::handle& obj, const char* what) {
-    py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request();
-    const bool contiguous = info.ndim <= 1 && (info.ndim == 0 || info.strides[0] == info.itemsize);
-    if (!contiguous) throw py::type_error(std::string(what) + " must be a contiguous 1-D buffer");
-    return ByteView{std::move(info)};
-}
+  private:
+    Py_buffer view_{};
+};
 
 py::bytes new_bytes(size_t n, uint8_t*& data) {
     PyObject* obj = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n));
@@ -34,8 +43,7 @@ py::bytes new_bytes(size_t n, uint8_t*& data) {
 // tensors: [(name: bytes, dtype: int, shape: tuple, data: buffer, mask_kind: int, mask: buffer | None)]
 py::bytes encode(const py::list& tensors, int values, bool shuffle, bool check_finite, bool framed) {
     std::vector<TensorIn> inputs;
-    std::vector<ByteView> views;  // keep the buffers exported while encoding
-    views.reserve(2 * tensors.size());
+    std::vector<std::unique_ptr<ByteView>> views;  // keep the buffers exported while encoding
     for (const auto& item : tensors) {
         auto spec = item.cast<py::tuple>();
         TensorIn t;
@@ -45,20 +53,20 @@ py::bytes encode(const py::list& tensors, int values, bool shuffle, bool check_f
         if (dtype_size(t.dtype) < 2 || t.dtype == kInt8Block) throw py::type_error("unsupported dtype code");
         uint64_t numel = 1;
         for (uint64_t d : t.shape) numel *= d;
-        views.push_back(byte_view(spec[3], "tensor data"));
-        if (views.back().size() != numel * dtype_size(t.dtype))
+        views.push_back(std::make_unique<ByteView>(spec[3], "tensor data"));
+        if (views.back()->size() != numel * dtype_size(t.dtype))
             throw py::value_error("tensor '" + t.name + "': data size disagrees with shape");
-        t.data = views.back().data();
+        t.data = views.back()->data();
         t.mask_kind = static_cast<MaskKind>(spec[4].cast<int>());
         t.mask = nullptr;
         if (t.mask_kind != MaskKind::kAuto) {
-            views.push_back(byte_view(spec[5], "mask"));
+            views.push_back(std::make_unique<ByteView>(spec[5], "mask"));
             const uint64_t units = t.mask_kind == MaskKind::kRows   ? t.shape.at(0)
                                    : t.mask_kind == MaskKind::kCols ? t.shape.at(1)
                                                                     : numel;
-            if (views.back().size() != units)
+            if (views.back()->size() != units)
                 throw py::value_error("tensor '" + t.name + "': mask size disagrees with shape");
-            t.mask = views.back().data();
+            t.mask = views.back()->data();
         }
         inputs.push_back(std::move(t));
     }
@@ -85,7 +93,7 @@ py::bytes encode(const py::list& tensors, int values, bool shuffle, bool check_f
 }
 
 py::bytes frame(const py::object& section, uint64_t raw_len, uint32_t n_tensors, uint16_t flags) {
-    ByteView view = byte_view(section, "section");
+    ByteView view(section, "section");
     uint8_t* out = nullptr;
     py::bytes result = new_bytes(kHeaderSize + view.size() + kTrailerSize, out);
     py::gil_scoped_release release;
@@ -97,7 +105,7 @@ py::bytes frame(const py::object& section, uint64_t raw_len, uint32_t n_tensors,
 }
 
 py::tuple read_frame_py(const py::object& payload, bool verify_crc) {
-    ByteView view = byte_view(payload, "payload");
+    ByteView view(payload, "payload");
     Frame f;
     {
         py::gil_scoped_release release;
@@ -114,7 +122,7 @@ py::tuple read_frame_py(const py::object& payload, bool verify_crc) {
 // memory once; any parse error is reported as a checksum mismatch when the checksum is bad.
 py::list decode_section(const py::object& buffer, uint64_t offset, uint64_t length, uint32_t n_tensors,
                         bool shuffled, uint64_t max_output_bytes, bool fill, bool verify_crc) {
-    ByteView view = byte_view(buffer, "payload");
+    ByteView view(buffer, "payload");
     if (offset > view.size() || length > view.size() - offset) throw py::value_error("section outside the buffer");
     if (verify_crc && view.size() - offset - length != kTrailerSize) throw py::value_error("no checksum after the section");
     const uint8_t* data = view.data();
@@ -166,7 +174,7 @@ py::list decode_section(const py::object& buffer, uint64_t offset, uint64_t leng
 }
 
 uint32_t crc32c_py(const py::object& data, uint32_t crc) {
-    ByteView view = byte_view(data, "data");
+    ByteView view(data, "data");
     py::gil_scoped_release release;
     return crc32c(view.data(), view.size(), crc);
 }

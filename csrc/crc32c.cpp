@@ -38,7 +38,7 @@ uint32_t crc_portable(const uint8_t* p, size_t n, uint32_t c) {
         uint32_t lo, hi;
         std::memcpy(&lo, p, 4);
         std::memcpy(&hi, p + 4, 4);
-        lo ^= c;  // little-endian hosts only (checked in the bindings)
+        lo ^= c;  // little-endian hosts only (asserted in payload.cpp)
         c = t[7][lo & 0xFF] ^ t[6][(lo >> 8) & 0xFF] ^ t[5][(lo >> 16) & 0xFF] ^ t[4][lo >> 24] ^
             t[3][hi & 0xFF] ^ t[2][(hi >> 8) & 0xFF] ^ t[1][(hi >> 16) & 0xFF] ^ t[0][hi >> 24];
         p += 8;

@@ -153,9 +153,13 @@ def _tensor_spec(name: object, tensor: object, mask: MaskSpec | None) -> tuple:
     encoded_name = name.encode("utf-8")
     if len(encoded_name) > _MAX_NAME_BYTES:
         raise ValueError(f"tensor name {name[:40]!r}... is longer than {_MAX_NAME_BYTES} UTF-8 bytes")
-    tensor = tensor.detach().cpu()
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
     mask_kind, mask_bytes = _mask_spec(name, tensor, mask)
-    data = tensor.reshape(-1).view(torch.uint8).numpy()
+    # A numpy view of the tensor's memory (numpy has no bfloat16: same-size int16 view).
+    data = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
     return (encoded_name, _DTYPE_CODES[tensor.dtype], tuple(tensor.shape), data, mask_kind, mask_bytes)
 
 
@@ -179,7 +183,7 @@ def _mask_spec(name: str, tensor: torch.Tensor, mask: MaskSpec | None) -> tuple[
         raise ValueError(f"{arg} must have shape {expected}, got {tuple(mask.shape)}")
     kept = mask.detach().cpu()
     kept = (kept if kept.dtype == torch.bool else kept != 0).contiguous()
-    return kind, kept.reshape(-1).view(torch.uint8).numpy()
+    return kind, kept.view(torch.uint8).numpy()
 
 
 def _byte_view(payload: object) -> memoryview:

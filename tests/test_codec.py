@@ -409,3 +409,21 @@ def test_zstd_bombs_and_corrupt_frames_are_refused():
         decode(_reframe(good[:-2], 1, flags=1, raw_len=len(section)))
     with pytest.raises(PayloadError, match="raw section length"):
         decode(_reframe(section, 1, flags=0, raw_len=len(section) + 1))
+
+
+@pytest.mark.parametrize("values", ["fp16", "bf16"])
+def test_half_rounding_matches_torch_on_edge_and_random_bit_patterns(values):
+    edges = torch.tensor([65504.0, 65519.996, 65520.0, 65536.0, 1e38, 2.0**-14, 2.0**-24, 2.0**-25, 2.0**-25 * 1.0001,
+                          2.0**-26, 1e-45, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8,
+                          3.4e38, float("inf"), 0.0, 6.1e-5, 5.9e-8, 2.98e-8])
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (4099,), generator=g, dtype=torch.int64).to(torch.int32)
+    random = bits.view(torch.float32)
+    random = random[torch.isfinite(random)]
+    for t in (torch.cat([edges, -edges]), random, random[:7]):  # vector body and scalar tail
+        decoded = decode(encode({"t": t}, values=values))["t"]
+        assert torch.equal(_bits(decoded), _bits(t.to(CAST[values]).float()))
+    for dtype in (torch.float16, torch.bfloat16):
+        half = random.to(dtype)
+        assert torch.equal(_bits(decode(encode({"t": half}, values=values))["t"]),
+                           _bits(half.to(CAST[values]).to(dtype)))
