@@ -87,12 +87,12 @@ def difficulty_scores(model: torch.nn.Module, data_batches: Iterable[Mapping[str
     chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         model.eval()
+        device = next(model.parameters()).device
         with torch.enable_grad(), FisherCollector(model, "lora", loss_reduction="mean") as fc:
             for batch in data_batches:
                 for p in saved_grads:
                     p.grad = None
                 fc.token_mask = batch.get("attention_mask")
-                device = next(model.parameters()).device
                 inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
                 out = model(**inputs)
                 if out.loss is None:
