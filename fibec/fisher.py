@@ -56,6 +56,12 @@ class _Layer:
     module: nn.Module
     adapter: str | None  # None: a dense nn.Linear
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights whose Fisher is collected, under their keys in FisherCollector.fisher."""
+        if self.adapter is None:
+            return {"weight": self.module.weight}
+        return {"lora_A": self.module.lora_A[self.adapter].weight, "lora_B": self.module.lora_B[self.adapter].weight}
+
 
 def _peft_classes() -> tuple[type, type] | tuple[None, None]:
     """(peft lora.Linear, BaseTunerLayer), or Nones when peft was never imported.
@@ -212,14 +218,11 @@ class FisherCollector:
         self._fisher = {}
         self._traces = {}
         for layer in self._layers:
-            m = layer.module
-            if layer.adapter is None:
-                shapes = {"weight": m.weight}
-            else:
-                shapes = {"lora_A": m.lora_A[layer.adapter].weight, "lora_B": m.lora_B[layer.adapter].weight}
+            weights = layer.weights()
             self._fisher[layer.name] = {key: torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-                                        for key, w in shapes.items()}
-            self._traces[layer.name] = torch.zeros((), dtype=torch.float32, device=next(iter(shapes.values())).device)
+                                        for key, w in weights.items()}
+            device = next(iter(weights.values())).device
+            self._traces[layer.name] = torch.zeros((), dtype=torch.float32, device=device)
         self._sample_scores: torch.Tensor | None = None
         self._num_samples = 0
         self._end_backward_state()
@@ -394,10 +397,9 @@ class FisherCollector:
             ops.fisher_diag(X3, G3, token_mask=mask, out=fisher["weight"])
             sqnorm = ops.sample_sqnorms(X3, G3, token_mask=mask)
         else:
-            m = layer.module
-            A = m.lora_A[layer.adapter].weight.detach().to(X3.dtype)
-            B = m.lora_B[layer.adapter].weight.detach().to(X3.dtype)
-            scaling = float(m.scaling[layer.adapter]) * grad_scale
+            weights = layer.weights()
+            A, B = (weights[key].detach().to(X3.dtype) for key in ("lora_A", "lora_B"))
+            scaling = float(layer.module.scaling[layer.adapter]) * grad_scale
             _, _, sqnorm = ops.lora_fisher_diag(X3, G3, A, B, scaling, token_mask=mask,
                                                 out=(fisher["lora_A"], fisher["lora_B"]))
         self._traces[layer.name] += sqnorm.sum().to(self._traces[layer.name].device)

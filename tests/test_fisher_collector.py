@@ -229,7 +229,7 @@ def test_lora_input_is_the_dropout_output():
     assert abs(without_dropout.item() - expected_score) > 1e-3 * expected_score, "dropout had no effect"
 
 
-def test_token_mask_drops_masked_tokens():
+def test_token_mask_drops_masked_tokens(backend):
     # Tokens go through the layers independently, so masking token t in the collector must equal
     # leaving t out of the loss.
     torch.manual_seed(0)
@@ -541,6 +541,18 @@ def test_merged_or_variant_adapters_are_rejected():
     dora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=targets, use_dora=True, task_type=task))
     with pytest.raises(ValueError, match="variant"):
         FisherCollector(dora)
+
+
+def test_one_active_adapter_per_layer_is_collected():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_backbone("bert-cls")[0], peft.LoraConfig(r=4, target_modules=["query"]))
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["query"]))
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="2 active LoRA adapters"):
+        FisherCollector(model)
+    model.set_adapter("other")
+    fc = FisherCollector(model)
+    assert {f["lora_A"].shape[0] for f in fc.fisher.values()} == {2}
 
 
 def test_disabled_adapters_contribute_nothing():
