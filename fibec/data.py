@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -76,7 +75,10 @@ class TextClassificationData:
         n = len(self)
         if any(not 0 <= i < n for i in idx):
             raise ValueError(f"indices must lie in range({n})")
-        pick = lambda values: None if values is None else [values[i] for i in idx]  # noqa: E731
+
+        def pick(values: list | None) -> list | None:
+            return None if values is None else [values[i] for i in idx]
+
         return TextClassificationData(
             texts=pick(self.texts), labels=pick(self.labels), label_names=list(self.label_names),
             text_pairs=pick(self.text_pairs), name=self.name, groups=pick(self.groups),
@@ -215,16 +217,17 @@ def _named(texts: list[str], label_strings: list[str], names: list[str], name: s
     unknown = sorted(set(label_strings) - set(lookup))
     if unknown:
         raise ValueError(f"{name}: unexpected labels {unknown[:5]} (expected {names})")
-    strip = lambda values: None if values is None else [v.strip() for v in values]  # noqa: E731
-    return TextClassificationData(strip(texts), [lookup[s] for s in label_strings], names, strip(pairs), name=name)
+    pairs = None if pairs is None else [p.strip() for p in pairs]
+    return TextClassificationData([t.strip() for t in texts], [lookup[s] for s in label_strings], names, pairs,
+                                  name=name)
 
 
 def _sentence_label_tsv(path: Path, names: list[str], name: str, *, skip: int = 0,
                         label_first: bool = False) -> TextClassificationData:
     rows = _tsv(path, skip=skip)
     if label_first:
-        return _named([r[1] for r in rows], [r[0] for r in rows], names, name)
-    return _named([r[0] for r in rows], [r[-1].strip() for r in rows], names, name)
+        return _named(["\t".join(r[1:]) for r in rows], [r[0] for r in rows], names, name)
+    return _named(["\t".join(r[:-1]) for r in rows], [r[-1].strip() for r in rows], names, name)
 
 
 def _two_files(files: dict[str, Path], name: str) -> TextClassificationData:
