@@ -8,8 +8,8 @@ Payloads (fp32 LoRA factors A [r, d], B [d, r] for q and v of every layer, entri
 Methods: fibec in each value format (fp32 is lossless), fibec fp32 + zstd-3 stage, torch.save
 (torch.load weights_only), safetensors, zstd-3 and lz4 on the raw bytes, blosc2 (shuffle + zstd,
 clevel 5), and fp16 + zstd-3. Size is relative to the raw fp32 bytes; encode/decode GB/s are raw
-fp32 bytes per second, medians over rounds. Extra peak memory (RSS high-water mark of one
-encode + decode in a fresh process) is measured for payload (c) in script mode.
+fp32 bytes per second, medians over rounds. Extra peak memory (peak RSS above the inputs
+during one encode + decode, in a fresh process) is measured for payload (c) in script mode.
 
 pytest mode:  pytest bench/bench_codec.py   (pytest-benchmark; size ratio in extra_info)
 script mode:  python bench/bench_codec.py   (methods interleaved over rounds; table of medians)
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -186,15 +185,32 @@ def measure(payload: str, rounds: int = ROUNDS) -> list[dict]:
     } for name in methods]
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+
+def extra_peak_mb(payload: str, method: str) -> float:
+    """In this (fresh) process: the peak RSS above the inputs of one encode + decode (MB): the
+    payload, the decoded tensors and every temporary. Linux (resets VmHWM via clear_refs)."""
+    tensors, masks = PAYLOADS[payload]()
+    enc, dec = METHODS[method]()
+    base = _status_kb("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    decoded = dec(enc(tensors, masks), tensors)
+    peak = _status_kb("VmHWM:")
+    del decoded
+    return (peak - base) / 1024
+
+
 def peak_memory_mb(payload: str, method: str) -> float:
-    """Extra RSS high-water mark (MB) of one encode + decode, in a fresh process."""
-    code = ("import sys, resource; sys.path.insert(0, 'bench'); import bench_codec as b; "
-            f"t, m = b.PAYLOADS[{payload!r}](); enc, dec = b.METHODS[{method!r}](); "
-            "enc(t, m); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "dec(enc(t, m), t); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)")
+    """extra_peak_mb in a fresh process, so earlier methods' freed memory does not hide it."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import bench_codec as b; "
+            f"print(b.extra_peak_mb({payload!r}, {method!r}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return int(result.stdout.split()[-1]) / 1024
+    return float(result.stdout.split()[-1])
 
 
 # ---------------------------------------------------------------- pytest-benchmark mode

@@ -169,7 +169,7 @@ def main() -> None:
     start = time.monotonic()
     if seconds:
         while time.monotonic() - start < seconds:
-            run(10000, derandomize=False)
+            run(2000, derandomize=False)
             print(f"fuzz: {Stats.cases} cases after {time.monotonic() - start:.0f}s", flush=True)
     else:
         run(cases, derandomize=os.environ.get("FIBEC_FUZZ_DERANDOMIZE") == "1")
