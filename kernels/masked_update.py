@@ -23,11 +23,12 @@ def _selected_offsets(mask_ptr, n_rows, n_cols, n_col_blocks,
                       MASK_KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """(flat offsets, which of them to update) for this program's [BLOCK_R, BLOCK_C] tile."""
     pid = tl.program_id(0)
-    rows = (pid // n_col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid % n_col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # int64 so that offsets past 2**31 entries (one-row view of a huge p) do not wrap.
+    rows = (pid // n_col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % n_col_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_rows = rows < n_rows
     in_cols = cols < n_cols
-    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    offsets = rows[:, None] * n_cols + cols[None, :]
     selected = in_rows[:, None] & in_cols[None, :]
     if MASK_KIND == 1:
         selected = tl.load(mask_ptr + offsets, mask=selected, other=0) != 0
