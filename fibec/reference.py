@@ -112,7 +112,7 @@ def sample_sqnorms(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | 
 # ---- Masked optimizer steps -------------------------------------------------------------
 
 
-def _masked_view(p: torch.Tensor, mask: torch.Tensor | None, mask_dim: int | None):
+def _masked_view(mask: torch.Tensor, mask_dim: int | None):
     """(dim, index, reshape) such that `reshape(t).index_select(dim, index)` are t's selected entries.
 
     mask_dim None: element mask of p's shape (entries of p flattened); 0: mask over rows;
@@ -154,7 +154,7 @@ def masked_adamw_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
         if p32 is not p:
             p.copy_(p32)
         return
-    dim, index, view = _masked_view(p, mask, mask_dim)
+    dim, index, view = _masked_view(mask, mask_dim)
     if index.numel() == 0:
         return
     p32 = view(p).index_select(dim, index).float()
@@ -194,7 +194,7 @@ def masked_sgd_(p: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None, 
         if p32 is not p:
             p.copy_(p32)
         return
-    dim, index, view = _masked_view(p, mask, mask_dim)
+    dim, index, view = _masked_view(mask, mask_dim)
     if index.numel() == 0:
         return
     p32 = view(p).index_select(dim, index).float()
