@@ -294,10 +294,12 @@ def test_inputs_without_or_with_several_sequence_dims():
     _assert_rel_close(fc.sample_scores, sum(g.double().square().flatten(1).sum(1) for g in grads.values()))
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("shape", [(3, 5), (3, 4, 5)], ids=["2d", "3d"])
-def test_output_modified_in_place_is_still_collected(shape):
+def test_output_modified_in_place_is_still_collected(shape, bias):
+    # Autograd records these outputs differently (mm, addmm, a view of addmm, an unsafe view).
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 2))
+    model = nn.Sequential(nn.Linear(5, 6, bias=bias), nn.ReLU(inplace=True), nn.Linear(6, 2))
     x = torch.randn(shape)
 
     def after_first(h):
