@@ -395,6 +395,7 @@ def test_several_forward_backward_pairs_in_one_context():
     torch.testing.assert_close(fc.fisher[layer]["lora_A"], one.fisher[layer]["lora_A"] + two.fisher[layer]["lora_A"])
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")  # transformers 5
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_gradient_checkpointing_gives_the_same_result(use_reentrant):
     arch = "llama-cls"
