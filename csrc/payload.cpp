@@ -174,11 +174,17 @@ void quantise(const float* x, uint64_t n, uint8_t* body) {
         // A block holding inf or NaN has no usable scale: it decodes as all-NaN.
         const bool usable = !has_nan && std::isfinite(amax);
         const float scale = usable ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
-        const float inv = usable && amax > 0.0f ? 127.0f / amax : 0.0f;
         std::memcpy(body + 4 * block, &scale, 4);
+        if (!usable || amax == 0.0f) {
+            std::memset(q_out + start, 0, end - start);
+            continue;
+        }
+        const float inv = 127.0f / amax;
+        // Adding and subtracting 1.5 * 2^23 rounds |r| <= 2^22 to nearest even, vectorisably.
+        constexpr float kRound = 12582912.0f;
         for (uint64_t i = start; i < end; ++i) {
-            const float r = std::nearbyint(x[i] * inv);
-            q_out[i] = static_cast<uint8_t>(static_cast<int8_t>(std::clamp(r, -127.0f, 127.0f)));
+            const float r = std::min(127.0f, std::max(-127.0f, x[i] * inv));
+            q_out[i] = static_cast<uint8_t>(static_cast<int8_t>(static_cast<int>((r + kRound) - kRound)));
         }
     }
 }
@@ -386,9 +392,29 @@ void set_sparse(TensorPlan& plan, Encoding encoding, uint64_t universe, const In
     choose_index_code(plan, s.varint_len);
 }
 
+// Whether any element's bits are all 0; a branch-free inner loop the compiler vectorises,
+// so the common dense case costs one streaming read.
+template <class U>
+bool has_zero(const U* x, uint64_t n) {
+    constexpr uint64_t kChunk = 4096;
+    for (uint64_t start = 0; start < n; start += kChunk) {
+        const uint64_t end = std::min(n, start + kChunk);
+        uint32_t zeros = 0;
+        for (uint64_t i = start; i < end; ++i) zeros += x[i] == 0;
+        if (zeros) return true;
+    }
+    return false;
+}
+
 void plan_auto(const TensorIn& t, TensorPlan& plan) {
     const bool matrix = t.shape.size() == 2;
     const size_t width = dtype_size(t.dtype);
+    const bool any_zero = width == 4 ? has_zero(reinterpret_cast<const uint32_t*>(t.data), plan.numel)
+                                     : has_zero(reinterpret_cast<const uint16_t*>(t.data), plan.numel);
+    if (!any_zero) {  // nothing to drop: dense is the smallest
+        set_dense(plan);
+        return;
+    }
     std::vector<uint8_t> row_any(matrix ? plan.rows : 0), col_any(matrix ? plan.cols : 0);
     IndexStats elements;
     const uint64_t rows = matrix ? plan.rows : 1, cols = matrix ? plan.cols : plan.numel;

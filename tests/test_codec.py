@@ -427,3 +427,11 @@ def test_half_rounding_matches_torch_on_edge_and_random_bit_patterns(values):
         half = random.to(dtype)
         assert torch.equal(_bits(decode(encode({"t": half}, values=values))["t"]),
                            _bits(half.to(CAST[values]).to(dtype)))
+
+
+def test_int8_rounds_half_to_even_and_zero_blocks_have_zero_scale():
+    t = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, -126.5] + [0.0] * 57 + [0.0] * 64)
+    out = decode(encode({"t": t}, values="int8"))["t"]
+    assert out[:7].tolist() == [127.0, 0.0, 2.0, 2.0, 0.0, -2.0, -126.0]
+    assert not out[64:].any()
+    assert inspect(encode({"t": t}, masks={"t": torch.ones(128)}, values="int8"))["tensors"][0]["values_bytes"] == 136
