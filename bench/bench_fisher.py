@@ -16,7 +16,8 @@ bf16 under triton.testing.do_bench against a same-FLOP bf16 torch.matmul.
 
 pytest mode:  pytest bench/bench_fisher.py   (pytest-benchmark; peak memory in extra_info)
 script mode:  python bench/bench_fisher.py   (methods interleaved over rounds; table of medians)
-FIBEC_BENCH_SMALL=1 shrinks the shapes; FIBEC_BENCH_ROUNDS sets the rounds (default 5).
+FIBEC_BENCH_SMALL=1 shrinks the shapes; FIBEC_BENCH_ROUNDS sets the rounds (default 5);
+FIBEC_BENCH_GROUPS=fisher,sqnorms,lora picks groups (default all).
 """
 from __future__ import annotations
 
@@ -215,6 +216,7 @@ GROUPS = {
         "opacus ghost norms (norms only)": opacus_ghost_lora, "torch.func": torch_func_lora}),
 }
 BASELINE = {"fisher": "per-sample loop", "sqnorms": "torch.func", "lora": "plain low-rank bmm"}
+SELECTED = os.environ.get("FIBEC_BENCH_GROUPS", ",".join(GROUPS)).split(",")
 
 
 def synchronize() -> None:
@@ -270,7 +272,7 @@ def measure_peak(group: str, method: str, shape) -> int:
 
 
 # ---- pytest-benchmark mode ---------------------------------------------------------------
-CASES = [(group, method, shape) for group, (_, shapes, methods) in GROUPS.items()
+CASES = [(group, method, shape) for group, (_, shapes, methods) in GROUPS.items() if group in SELECTED
          for shape in shapes for method in methods]
 
 
@@ -340,7 +342,7 @@ def main() -> None:
     print(f"device={DEVICE} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"rounds={ROUNDS} small={SMALL}")
     for group, (make_inputs, shapes, factories) in GROUPS.items():
-        for shape in shapes:
+        for shape in shapes if group in SELECTED else ():
             inputs = make_inputs(shape)
             methods = {m: f(*inputs) for m, f in factories.items()}
             expected = methods[BASELINE[group]]()
