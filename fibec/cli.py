@@ -37,6 +37,8 @@ _FLAGS = {
     "--label-column": ("label_column", str, "label column of a table file"),
     "--text-pair-column": ("text_pair_column", str, "second text column (sentence pairs)"),
     "--test-fraction": ("test_fraction", float, "held-out test share of a table file"),
+    "--default-train": ("default_train", int, "training samples of the built-in default task"),
+    "--default-test": ("default_test", int, "test samples of the built-in default task"),
     "--clients": ("clients", int, "number of clients N"),
     "--clients-per-round": ("clients_per_round", int, "clients sampled per round"),
     "--rounds": ("rounds", int, "communication rounds"),
@@ -62,6 +64,7 @@ _FLAGS = {
     "--seed": ("seed", int, "seed of partition, sampling, init and training"),
     "--eval-every": ("eval_every", int, "evaluate every k rounds"),
     "--eval-samples": ("eval_samples", int, "size of the fixed test subset (0: whole test split)"),
+    "--threads": ("threads", int, "torch intra-op threads (0: torch's default; 1 avoids oversubscribing a busy box)"),
     "--out": ("out", str, "output directory"),
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(FedConfig)}
@@ -147,9 +150,9 @@ def validate(cfg: FedConfig, methods: list[str]) -> None:
         if not ok:
             raise ConfigError(message)
 
-    for name, low in (("clients", 1), ("clients_per_round", 1), ("rounds", 1), ("lora_r", 1), ("gal_size", 1),
+    for name, low in (("default_train", 2), ("default_test", 2), ("clients", 1), ("clients_per_round", 1), ("rounds", 1), ("lora_r", 1), ("gal_size", 1),
                       ("local_steps", 1), ("batch_size", 1), ("max_length", 2), ("full_at", 1),
-                      ("eval_every", 1), ("reselect_every", 0), ("rescore_every", 0), ("eval_samples", 0)):
+                      ("eval_every", 1), ("threads", 0), ("reselect_every", 0), ("rescore_every", 0), ("eval_samples", 0)):
         value = getattr(cfg, name)
         need(isinstance(value, int) and not isinstance(value, bool) and value >= low,
              f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")

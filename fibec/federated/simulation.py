@@ -52,12 +52,12 @@ class FedConfig:
     label_column: str = "label"
     text_pair_column: str | None = None
     test_fraction: float = 0.2
-    default_train: int = 600
+    default_train: int = 360
     default_test: int = 200
-    clients: int = 8
-    clients_per_round: int = 3
-    rounds: int = 8
-    alpha: float = 0.5
+    clients: int = 6
+    clients_per_round: int = 2
+    rounds: int = 6
+    alpha: float = 1.0
     method: str = "fibecfed"
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -72,14 +72,15 @@ class FedConfig:
     pacing: str = "linear"
     lambda0: float = 0.3
     full_at: int = 5
-    local_steps: int = 8
+    local_steps: int = 6
     batch_size: int = 16
     max_length: int = 48
-    lr: float = 2e-3
+    lr: float = 5e-3
     values: str = "fp32"
     seed: int = 0
     eval_every: int = 1
-    eval_samples: int = 200
+    eval_samples: int = 100
+    threads: int = 1
     out: str = "runs/fibec"
 
 
@@ -104,11 +105,16 @@ def evaluate(model: torch.nn.Module, data: TextClassificationData, tokenizer, *,
     return correct / len(data), loss_sum / len(data)
 
 
-def eval_subset(test: TextClassificationData, size: int, seed: int) -> TextClassificationData:
-    """The fixed test subset every method is evaluated on (seeded, at most `size` samples)."""
-    if size <= 0 or size >= len(test):
-        return test
-    return test.subset(sorted(np.random.default_rng(seed).permutation(len(test))[:size].tolist()))
+def _apportion(weights: list[int], total: int) -> list[int]:
+    """Split `total` into integers proportional to `weights` (largest remainder, ties to the first)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if total <= 0 or w.sum() <= 0:
+        return [0] * len(weights)
+    quota = w / w.sum() * total
+    counts = np.floor(quota).astype(np.int64)
+    for k in np.argsort(-(quota - counts), kind="stable")[: total - int(counts.sum())]:
+        counts[k] += 1
+    return counts.tolist()
 
 
 class Simulation:
@@ -132,30 +138,57 @@ class Simulation:
         options = client_options(cfg, self.method)
         self.clients = [Client(cid, train.subset(part), self.tokenizer, self.layout, initial, options)
                         for cid, part in enumerate(partition)]
-        self.test = eval_subset(test, cfg.eval_samples, cfg.seed)
+        self.test = test
         self.rng = np.random.default_rng(cfg.seed)
+        self.shares: list[TextClassificationData | None] | None = None
 
     def sample_clients(self) -> list[Client]:
         k = min(self.cfg.clients_per_round, len(self.clients))
         return [self.clients[i] for i in sorted(self.rng.choice(len(self.clients), size=k, replace=False))]
 
+    def _test_shares(self) -> list[TextClassificationData | None]:
+        """Each client's test share: drawn once (seeded) from the test split, sized like the client's
+        data and with the client's label mix (largest remainder at both levels), `eval_samples` in
+        all. A class whose test samples run out is topped up from the class with most left."""
+        rng = np.random.default_rng([self.cfg.seed, 1])
+        labels = np.asarray(self.test.labels)
+        pools = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in range(self.test.num_labels)]
+        total = len(self.test) if self.cfg.eval_samples <= 0 else min(self.cfg.eval_samples, len(self.test))
+        shares = []
+        for client, size in zip(self.clients, _apportion([len(c) for c in self.clients], total)):
+            picked = []
+            for c, count in enumerate(_apportion(client.data.label_counts(), size)):
+                for _ in range(count):
+                    pool = pools[c] if pools[c] else max(pools, key=len)
+                    picked.append(pool.pop())
+            shares.append(self.test.subset(sorted(picked)) if picked else None)
+        return shares
+
     def evaluate(self) -> tuple[float, float]:
-        """Global model for methods that aggregate every layer; otherwise the client-size-weighted
-        mean over all clients' personalised models (global sent layers and head + own layers)."""
+        """(accuracy, loss) pooled over the clients' test shares (`_test_shares`; the same samples
+        for every method). Methods that aggregate every layer evaluate the global model on every
+        share; personalised methods evaluate each client's model (global sent layers and head +
+        its own other layers) on its own share."""
+        if self.shares is None:
+            self.shares = self._test_shares()
         kwargs = dict(batch_size=self.cfg.batch_size * 4, max_length=self.cfg.max_length)
-        if self.method_name not in PERSONALISED:
-            set_state(self.model, self.server.state)
-            return evaluate(self.model, self.test, self.tokenizer, **kwargs)
+        personalised = self.method_name in PERSONALISED
         shared = {n: self.server.state[n] for n in self.layout.param_names(self.server.gal) + list(self.layout.head)}
-        total = sum(len(c) for c in self.clients)
-        acc = loss = 0.0
-        for client in self.clients:
-            set_state(self.model, client.state)
-            set_state(self.model, shared)
-            a, l = evaluate(self.model, self.test, self.tokenizer, **kwargs)
-            acc += a * len(client) / total
-            loss += l * len(client) / total
-        return acc, loss
+        if not personalised:
+            set_state(self.model, self.server.state)
+        correct = loss = 0.0
+        count = 0
+        for client, share in zip(self.clients, self.shares):
+            if share is None:
+                continue
+            if personalised:
+                set_state(self.model, client.state)
+                set_state(self.model, shared)
+            a, l = evaluate(self.model, share, self.tokenizer, **kwargs)
+            correct += a * len(share)
+            loss += l * len(share)
+            count += len(share)
+        return correct / count, loss / count
 
     def run(self, metrics_path: Path | None = None, progress: bool = True) -> list[dict]:
         """Run every round; returns (and appends to metrics_path as JSONL) one dict per round."""
@@ -223,7 +256,10 @@ def run_methods(cfg: FedConfig, methods: list[str], train: TextClassificationDat
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     results = {}
     deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     try:
         for name in methods:
             sim = Simulation(cfg, name, train, test, partition, model_path)
@@ -231,4 +267,5 @@ def run_methods(cfg: FedConfig, methods: list[str], train: TextClassificationDat
             results[name] = sim.run(path, progress=progress)
     finally:
         torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
     return results
