@@ -7,6 +7,7 @@ data is the decoded tensor's raw little-endian bytes (dtype 1 float32, 2 float16
 """
 from __future__ import annotations
 
+import math
 import struct
 
 import zstandard
@@ -90,7 +91,11 @@ def _read_indices(code: int, body: bytes, universe: int, n_kept: int) -> list[in
 
 
 def _to_f32(x: float) -> float:
-    return struct.unpack("<f", struct.pack("<f", x))[0]
+    """Round a double to the nearest fp32 (ties to even); past the fp32 range that is +-inf."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 def _value_floats(fmt: int, body: bytes, n: int, shuffled: bool) -> list[float]:
