@@ -28,6 +28,14 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 # flag -> (FedConfig field, type, help); every flag defaults to None so that unset flags do not
 # override the config file.
 _FLAGS = {
@@ -54,6 +62,7 @@ _FLAGS = {
     "--rho": ("rho", float, "fraction of neurons updated in non-GAL layers, in (0, 1]"),
     "--neuron-momentum": ("neuron_momentum", float, "momentum of the neuron importance, in [0, 1)"),
     "--pacing": ("pacing", str, "curriculum pacing: linear | root | geometric | step"),
+    "--class-balanced": ("class_balanced", _yes_no, "curriculum order within each label (true|false)"),
     "--lambda0": ("lambda0", float, "initial curriculum fraction, in (0, 1]"),
     "--full-at": ("full_at", int, "round at which the curriculum uses all data"),
     "--local-steps": ("local_steps", int, "local optimiser steps per round"),
@@ -68,7 +77,7 @@ _FLAGS = {
     "--out": ("out", str, "output directory"),
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(FedConfig)}
-_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", list: "a list of strings"}
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list of strings"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import torch
 from fibec import codec
 from fibec.curriculum import difficulty_scores
 from fibec.data import default_task, dirichlet_partition, make_batches
-from fibec.federated.client import ClientUpdate, RoundPlan
+from fibec.federated.client import ClientUpdate, within_label_rank
 from fibec.federated.simulation import FedConfig, Simulation, run_methods
 from fibec.modeling import AdapterLayout, load_classifier, save_tiny_model
 
@@ -141,9 +141,16 @@ def test_curriculum_batches_come_from_the_easiest_fraction(tiny_bert, task):
     plan = sim.server.plan(0)
     update = client.fit(sim.model, sim.server.payload(plan), plan)
     allowed = math.ceil(0.3 * len(client.data))
-    easiest = set(torch.sort(scores, stable=True).indices[:allowed].tolist())
+    order = within_label_rank(scores, client.data.labels)
+    easiest = set(torch.sort(order, stable=True).indices[:allowed].tolist())
     assert seen and set(seen) <= easiest
     assert update.metrics["curriculum_fraction"] == pytest.approx(0.3)
+    # The easiest fraction is taken within each label: every label keeps its share of the pool.
+    labels = torch.tensor(client.data.labels)
+    pool_labels = labels[sorted(easiest)]
+    for label in labels.unique():
+        expected = 0.3 * int((labels == label).sum())
+        assert abs(int((pool_labels == label).sum()) - expected) <= 1.0
 
 
 def test_corrupted_or_mismatched_payloads_are_rejected_and_the_round_goes_on(tiny_bert, task, caplog):

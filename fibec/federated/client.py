@@ -57,6 +57,7 @@ class ClientOptions:
     """Local-training settings shared by all clients of a run (see docs/ALGORITHM.md, Driver)."""
 
     curriculum: bool = True
+    class_balanced: bool = True
     sparse: bool = True
     ranker: str = "sensitivity"
     rho: float = 0.25
@@ -72,6 +73,23 @@ class ClientOptions:
     weight_decay: float = 0.0
     values: str = "fp32"
     seed: int = 0
+
+
+def within_label_rank(scores: torch.Tensor, labels: list[int]) -> torch.Tensor:
+    """Each score replaced by its rank fraction among the samples of the same label: (rank + 0.5) / n_c.
+
+    Sorting by it interleaves the labels, so the easiest fraction of the data holds that fraction
+    of every label. Without it, Fisher scores on a fresh model rank by label (the untrained head
+    already favours one class, whose samples then have small gradients) and the first curriculum
+    rounds would see mostly one label.
+    """
+    ranked = torch.empty_like(scores, dtype=torch.float32)
+    y = torch.as_tensor(labels)
+    for label in torch.unique(y):
+        members = torch.nonzero(y == label).flatten()
+        order = torch.sort(scores[members], stable=True).indices
+        ranked[members[order]] = (torch.arange(len(members), dtype=torch.float32) + 0.5) / len(members)
+    return ranked
 
 
 class Client:
@@ -108,6 +126,8 @@ class Client:
         """Difficulty-score the local data on the model as loaded; returns the layers' Fisher traces."""
         scores, fisher, traces = difficulty_scores(model, self._all_batches(), num_samples=len(self.data),
                                                    return_fisher=True)
+        if self.options.class_balanced:
+            scores = within_label_rank(scores, self.data.labels)
         if self.options.curriculum:
             if self.sampler is None:
                 self.sampler = CurriculumSampler(scores, batch_size=self.options.batch_size,

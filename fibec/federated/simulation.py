@@ -70,6 +70,7 @@ class FedConfig:
     rho: float = 0.25
     neuron_momentum: float = 0.9
     pacing: str = "linear"
+    class_balanced: bool = True
     lambda0: float = 0.3
     full_at: int = 5
     local_steps: int = 6
@@ -86,7 +87,8 @@ class FedConfig:
 
 def client_options(cfg: FedConfig, method: Method) -> ClientOptions:
     return ClientOptions(curriculum=method.curriculum, sparse=method.sparse, ranker=cfg.gal_ranker, rho=cfg.rho,
-                         neuron_momentum=cfg.neuron_momentum, pacing=cfg.pacing, lambda0=cfg.lambda0,
+                         neuron_momentum=cfg.neuron_momentum, pacing=cfg.pacing, class_balanced=cfg.class_balanced,
+                         lambda0=cfg.lambda0,
                          full_at=cfg.full_at, rescore_every=cfg.rescore_every, local_steps=cfg.local_steps,
                          batch_size=cfg.batch_size, max_length=cfg.max_length, lr=cfg.lr, values=cfg.values,
                          seed=cfg.seed)
@@ -138,22 +140,24 @@ class Simulation:
         options = client_options(cfg, self.method)
         self.clients = [Client(cid, train.subset(part), self.tokenizer, self.layout, initial, options)
                         for cid, part in enumerate(partition)]
-        self.test = test
+        share_indices = self._draw_test_shares(test)
+        self.shares = [test.subset(idx) if idx else None for idx in share_indices]
+        self.test = test.subset(sorted(i for idx in share_indices for i in idx))  # every evaluated sample
         self.rng = np.random.default_rng(cfg.seed)
-        self.shares: list[TextClassificationData | None] | None = None
 
     def sample_clients(self) -> list[Client]:
         k = min(self.cfg.clients_per_round, len(self.clients))
         return [self.clients[i] for i in sorted(self.rng.choice(len(self.clients), size=k, replace=False))]
 
-    def _test_shares(self) -> list[TextClassificationData | None]:
-        """Each client's test share: drawn once (seeded) from the test split, sized like the client's
-        data and with the client's label mix (largest remainder at both levels), `eval_samples` in
-        all. A class whose test samples run out is topped up from the class with most left."""
+    def _draw_test_shares(self, test: TextClassificationData) -> list[list[int]]:
+        """Each client's test share (indices into `test`): drawn once (seeded), sized like the
+        client's data and with the client's label mix (largest remainder at both levels),
+        `eval_samples` in all. A class whose test samples run out is topped up from the class
+        with most left."""
         rng = np.random.default_rng([self.cfg.seed, 1])
-        labels = np.asarray(self.test.labels)
-        pools = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in range(self.test.num_labels)]
-        total = len(self.test) if self.cfg.eval_samples <= 0 else min(self.cfg.eval_samples, len(self.test))
+        labels = np.asarray(test.labels)
+        pools = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in range(test.num_labels)]
+        total = len(test) if self.cfg.eval_samples <= 0 else min(self.cfg.eval_samples, len(test))
         shares = []
         for client, size in zip(self.clients, _apportion([len(c) for c in self.clients], total)):
             picked = []
@@ -161,16 +165,18 @@ class Simulation:
                 for _ in range(count):
                     pool = pools[c] if pools[c] else max(pools, key=len)
                     picked.append(pool.pop())
-            shares.append(self.test.subset(sorted(picked)) if picked else None)
+            shares.append(sorted(picked))
         return shares
+
+    def _test_shares(self) -> list[TextClassificationData | None]:
+        """The clients' test shares (None for an empty one); together they are `self.test`."""
+        return self.shares
 
     def evaluate(self) -> tuple[float, float]:
         """(accuracy, loss) pooled over the clients' test shares (`_test_shares`; the same samples
         for every method). Methods that aggregate every layer evaluate the global model on every
         share; personalised methods evaluate each client's model (global sent layers and head +
         its own other layers) on its own share."""
-        if self.shares is None:
-            self.shares = self._test_shares()
         kwargs = dict(batch_size=self.cfg.batch_size * 4, max_length=self.cfg.max_length)
         personalised = self.method_name in PERSONALISED
         shared = {n: self.server.state[n] for n in self.layout.param_names(self.server.gal) + list(self.layout.head)}
