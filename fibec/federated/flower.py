@@ -319,8 +319,7 @@ class _Nodes:
             raise ValueError(f"no connected node holds partitions {missing[:5]}")
 
     def _exchange(self, contents: dict[int, RecordDict], message_type: str, group: str) -> dict[int, Message]:
-        messages = [self.grid.create_message(content, message_type, node_id, group)
-                    for node_id, content in contents.items()]
+        messages = [Message(content, node_id, message_type, group_id=group) for node_id, content in contents.items()]
         replies = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
             if reply.has_error():
