@@ -102,8 +102,8 @@ def sample_sqnorms(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | 
         stop = min(start + chunk, N)
         x, g = _fp32_chunk(X, G, token_mask, start, stop)
         if method == "gram":
-            gram = torch.bmm(x, x.transpose(1, 2)).mul_(torch.bmm(g, g.transpose(1, 2)))
-            sqnorm[start:stop] = gram.sum((1, 2))
+            gram_x = torch.bmm(x, x.transpose(1, 2)).flatten(1)
+            sqnorm[start:stop] = torch.linalg.vecdot(gram_x, torch.bmm(g, g.transpose(1, 2)).flatten(1))
         else:
             sqnorm[start:stop] = torch.bmm(g.transpose(1, 2), x).square_().sum((1, 2))
     return sqnorm
