@@ -209,6 +209,18 @@ def test_run_config_round_trips_and_bad_settings_name_the_key(tmp_path):
         flower.fed_config({**run_config, "method": "fibecfed,fedavg"})
 
 
+def test_example_flower_app_lists_every_run_config_key():
+    import tomllib
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "flower" / "pyproject.toml"
+    app = tomllib.loads(example.read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fibec.federated.flower:server_app",
+                                 "clientapp": "fibec.federated.flower:client_app"}
+    # `flwr run --run-config` may only override keys the app declares.
+    assert set(app["config"]) == set(flower.run_config_of(FedConfig(), "fibecfed")) | {flower.ROUND_TIMEOUT}
+    flower.fed_config(app["config"])
+
+
 def test_node_config_must_name_a_partition_of_the_run():
     def context(node_config):
         return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})

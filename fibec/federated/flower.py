@@ -270,13 +270,13 @@ def client_train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def client_evaluate(msg: Message, context: Context) -> Message:
     """Accuracy and loss of this client's personalised model (its layers + the received GAL and
-    head) on its share of the fixed test subset (the in-process engine's `_test_shares`)."""
+    head) on its share of the fixed test subset (the in-process engine's `Simulation.shares`)."""
     def work(sim: Simulation, client: Client) -> RecordDict:
         shared = codec.decode(array_bytes(msg.content[_PAYLOAD]["payload"]))
         unknown = set(shared) - set(sim.layout.all_names)
         if unknown:
             raise codec.PayloadError(f"evaluation payload has unknown tensors {sorted(unknown)[:3]}")
-        share = sim._test_shares()[client.cid]
+        share = sim.shares[client.cid]
         accuracy = loss = 0.0
         if share is not None:
             from ..modeling import set_state
