@@ -7,7 +7,6 @@ Ray). FIBEC_FLOWER_PROCESSES=1 also runs a real SuperLink and two SuperNodes on 
 import itertools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -151,14 +150,8 @@ def check_gal_only(cfg: FedConfig, method: str, state: dict, gal: list[str]) -> 
     assert all(not torch.equal(state[n], before[n]) for n in layout.head)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_flower_run_reproduces_the_in_process_engine_and_aggregates_only_gal_layers(tiny_bert, tmp_path, one_thread, server_task):
+def test_flower_run_reproduces_the_in_process_engine_and_aggregates_only_gal_layers(tiny_bert, tmp_path,
+                                                                                     server_task):
     cfg = small_config(tiny_bert, tmp_path / "flower")
     run_config = flower.run_config_of(cfg, "fibecfed")
     grid = LoopbackGrid(flower.client_app, run_config, cfg.clients)
@@ -183,7 +176,7 @@ def test_flower_run_reproduces_the_in_process_engine_and_aggregates_only_gal_lay
         assert set(context.state.array_records) >= {"fibec.state", "fibec.importance", "fibec.order"}
 
 
-def test_fedavg_on_flower_matches_the_in_process_engine(tiny_bert, tmp_path, one_thread, server_task):
+def test_fedavg_on_flower_matches_the_in_process_engine(tiny_bert, tmp_path, server_task):
     cfg = small_config(tiny_bert, tmp_path / "flower", rounds=1, clients=3)
     run_config = flower.run_config_of(cfg, "fedavg")
     grid = LoopbackGrid(flower.client_app, run_config, cfg.clients)
@@ -337,4 +330,3 @@ def test_superlink_and_two_supernodes_run_the_app(tiny_bert, tmp_path):
     reference = run_methods(cfg, ["fibecfed"], *load_data(cfg), tiny_bert, progress=False)["fibecfed"]
     assert without_times(records) == without_times(reference)
     check_gal_only(cfg, "fibecfed", load_file(str(final_state)), records[-1]["gal"])
-    shutil.rmtree(tmp_path / "flwr_home", ignore_errors=True)
