@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -c $(VENV)/torch-pin.txt -e ".[test,bench]"
+	$(PY) -m pip install --no-deps backpack-for-pytorch
 	HF_HUB_OFFLINE=1 $(PY) -m pytest bench -q --benchmark-columns=median,iqr,rounds
 
 clean:

