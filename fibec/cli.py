@@ -98,7 +98,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_toml(path: str) -> dict:
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the same parser as the tomli package
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError("--config needs Python 3.11+ (tomllib) or the tomli package") from None
 
     try:
         with open(path, "rb") as f:
