@@ -42,6 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .. import codec
 from ..curriculum import CurriculumSampler
+from ..modeling import set_state
 from .client import Client, ClientUpdate, RoundPlan
 from .simulation import PERSONALISED, FedConfig, Simulation, evaluate
 
@@ -273,14 +274,13 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     head) on its share of the fixed test subset (the in-process engine's `Simulation.shares`)."""
     def work(sim: Simulation, client: Client) -> RecordDict:
         shared = codec.decode(array_bytes(msg.content[_PAYLOAD]["payload"]))
-        unknown = set(shared) - set(sim.layout.all_names)
-        if unknown:
-            raise codec.PayloadError(f"evaluation payload has unknown tensors {sorted(unknown)[:3]}")
+        bad = sorted(n for n, t in shared.items()
+                     if n not in client.state or tuple(t.shape) != tuple(client.state[n].shape))
+        if bad:
+            raise codec.PayloadError(f"evaluation payload has unknown or misshapen tensors {bad[:3]}")
         share = sim.shares[client.cid]
         accuracy = loss = 0.0
         if share is not None:
-            from ..modeling import set_state
-
             set_state(sim.model, client.state)
             set_state(sim.model, shared)
             accuracy, loss = evaluate(sim.model, share, sim.tokenizer, batch_size=sim.cfg.batch_size * 4,
