@@ -188,6 +188,19 @@ def test_fedavg_on_flower_matches_the_in_process_engine(tiny_bert, tmp_path, ser
     assert ("evaluate", "down") not in grid.payload_bytes  # the global model is evaluated on the server
 
 
+def test_client_rejects_an_evaluation_payload_that_does_not_fit_its_model(tiny_bert, tmp_path, server_task):
+    from flwr.app import ArrayRecord
+
+    cfg = small_config(tiny_bert, tmp_path)
+    grid = LoopbackGrid(flower.client_app, flower.run_config_of(cfg, "fibecfed"), cfg.clients)
+    head = flower._build(cfg, "fibecfed").layout.head[0]
+    bad = codec.encode({head: torch.zeros(3)})
+    message = grid.create_message(RecordDict({"fibec.payload": ArrayRecord({"payload": flower.bytes_array(bad)})}),
+                                  "evaluate", 100, "1")
+    with pytest.raises(codec.PayloadError, match="misshapen"):
+        grid.send_and_receive([message])
+
+
 def test_run_config_round_trips_and_bad_settings_name_the_key(tmp_path):
     cfg = FedConfig(model="/some/folder", lora_targets=["query", "value"], text_pair_column="hypothesis")
     run_config = flower.run_config_of(cfg, "no-gal")
