@@ -71,6 +71,21 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             for key, value in entries.items():
                 self.state[p][key] = value.to(device=p.device, copy=True)
 
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group, self.state[p])
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
     @staticmethod
     def _mask_of(state: dict[str, Any]) -> tuple[torch.Tensor | None, int | None]:
         if "mask" not in state:
@@ -100,27 +115,16 @@ class MaskedAdamW(_MaskedOptimizer):
         check_finite_scalar("weight_decay", weight_decay, low=0.0)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = self._fp32_zeros(p)
-                    state["exp_avg_sq"] = self._fp32_zeros(p)
-                state["step"] += 1
-                mask, mask_dim = self._mask_of(state)
-                ops.masked_adamw_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], mask, step=state["step"],
-                                  lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                                  weight_decay=group["weight_decay"], mask_dim=mask_dim)
-        return loss
+    def _update(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = self._fp32_zeros(p)
+            state["exp_avg_sq"] = self._fp32_zeros(p)
+        state["step"] += 1
+        mask, mask_dim = self._mask_of(state)
+        ops.masked_adamw_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], mask, step=state["step"],
+                          lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                          weight_decay=group["weight_decay"], mask_dim=mask_dim)
 
 
 class MaskedSGD(_MaskedOptimizer):
@@ -139,23 +143,12 @@ class MaskedSGD(_MaskedOptimizer):
             raise ValueError("nesterov=True requires momentum > 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                buf = None
-                if group["momentum"] != 0:
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = self._fp32_zeros(p)
-                    buf = state["momentum_buffer"]
-                mask, mask_dim = self._mask_of(state)
-                ops.masked_sgd_(p, p.grad, mask, lr=group["lr"], momentum=group["momentum"], buf=buf,
-                                weight_decay=group["weight_decay"], nesterov=group["nesterov"], mask_dim=mask_dim)
-        return loss
+    def _update(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        buf = None
+        if group["momentum"] != 0:
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = self._fp32_zeros(p)
+            buf = state["momentum_buffer"]
+        mask, mask_dim = self._mask_of(state)
+        ops.masked_sgd_(p, p.grad, mask, lr=group["lr"], momentum=group["momentum"], buf=buf,
+                        weight_decay=group["weight_decay"], nesterov=group["nesterov"], mask_dim=mask_dim)
