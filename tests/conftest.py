@@ -6,9 +6,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Under pytest-xdist each worker gets one core; more threads only oversubscribe it.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# The tests' matmuls are tiny: spinning up intra-op threads costs more than it saves, and under
+# pytest-xdist each worker has one core anyway.
+torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

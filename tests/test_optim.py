@@ -12,15 +12,6 @@ ADAMW = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls on a busy machine are ~50x slower with two spinning intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_lora_bert():
     """A 2-layer BERT (hidden 32) with LoRA on query/value, built from a config; copy before training."""
