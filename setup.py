@@ -26,6 +26,8 @@ setup(
         "zstandard",
         "tqdm",
         "matplotlib",
+        # `fibec run --config` reads TOML: tomllib from Python 3.11, the same parser as tomli before.
+        "tomli; python_version < '3.11'",
     ],
     extras_require={
         "test": [
