@@ -55,16 +55,16 @@ class FedConfig:
     default_train: int = 360
     default_test: int = 200
     clients: int = 6
-    clients_per_round: int = 2
-    rounds: int = 6
+    clients_per_round: int = 3
+    rounds: int = 8
     alpha: float = 1.0
     method: str = "fibecfed"
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=list)
-    gal_size: int = 4
-    gal_ranker: str = "sensitivity"
+    gal_size: int = 6
+    gal_ranker: str = "fisher"
     reselect_every: int = 4
     rescore_every: int = 0
     rho: float = 0.25
