@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         bench = Path(__file__).resolve().parents[1] / "bench"
         if not bench.is_dir():
-            print(f"fibec bench: no bench/ folder next to the package; run `pytest bench` in the repository",
+            print("fibec bench: no bench/ folder next to the package; run `pytest bench` in the repository",
                   file=sys.stderr)
             return 2
         return subprocess.call([sys.executable, "-m", "pytest", str(bench), "-q"])

@@ -16,7 +16,7 @@ from ..curriculum import CurriculumSampler, difficulty_scores
 from ..data import TextClassificationData, make_batches, model_inputs
 from ..modeling import AdapterLayout, get_state, set_state
 from ..optim import MaskedAdamW
-from ..selection import NeuronImportance, layer_fisher_traces, layer_sensitivity, select_neurons
+from ..selection import NeuronImportance, layer_sensitivity, select_neurons
 
 LAYER_SCORES = "layer_scores"
 

@@ -26,9 +26,7 @@ and server_state_<method>.safetensors (the final global trainable state) to the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
 import time
 from dataclasses import asdict
@@ -44,9 +42,7 @@ from .. import codec
 from ..curriculum import CurriculumSampler
 from ..modeling import set_state
 from .client import Client, ClientUpdate, RoundPlan
-from .simulation import PERSONALISED, FedConfig, Simulation, evaluate
-
-log = logging.getLogger("fibec.flower")
+from .simulation import PERSONALISED, FedConfig, Simulation, evaluate, partition_for, torch_settings
 
 ROUND_TIMEOUT = "round-timeout"
 DEFAULT_ROUND_TIMEOUT = 600.0
@@ -110,31 +106,12 @@ def _round_timeout(run_config) -> float:
 def _build(cfg: FedConfig, method: str) -> Simulation:
     """The run's Simulation (data, partition, model, server and clients), built from the seed alone."""
     from ..cli import load_data
-    from ..data import dirichlet_partition
     from ..modeling import check_model_folder, default_model_path
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     train, test = load_data(cfg)
     model_path = str(check_model_folder(cfg.model) if cfg.model else default_model_path())
-    # The partition of simulation.run_methods, so both engines give every client the same data.
-    partition = dirichlet_partition(train.labels, cfg.clients, cfg.alpha, min_size=cfg.batch_size // 2 or 1,
-                                    seed=cfg.seed)
-    return Simulation(cfg, method, train, test, partition, model_path)
-
-
-@contextlib.contextmanager
-def _torch_settings(cfg: FedConfig):
-    """The in-process engine's torch settings (deterministic algorithms, cfg.threads), restored after."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
+    return Simulation(cfg, method, train, test, partition_for(cfg, train), model_path)
 
 
 # ---- bytes in records ------------------------------------------------------------------------
@@ -226,7 +203,7 @@ def _client_reply(msg: Message, context: Context, work) -> Message:
     """Build the run, restore this node's client, run `work(sim, client) -> RecordDict`, save the client."""
     cfg, method = fed_config(context.run_config)
     pid = _partition_id(context, cfg.clients)
-    with _torch_settings(cfg):
+    with torch_settings(cfg):
         sim = _build(cfg, method)
         client = sim.clients[pid]
         _load_client(client, context.state)
@@ -338,80 +315,49 @@ class _Nodes:
         return {int(r.content[_REPLY][PARTITION_ID]): r for r in replies.values()}
 
 
-def _evaluate(sim: Simulation, nodes: _Nodes, round_idx: int) -> tuple[float, float]:
-    """Simulation.evaluate with each personalised client evaluated on its own node."""
-    if sim.method_name not in PERSONALISED:
-        return sim.evaluate()
-    shared_names = sim.layout.param_names(sim.server.gal) + list(sim.layout.head)
-    shared = codec.encode({n: sim.server.state[n] for n in shared_names})
-    content = RecordDict({_PAYLOAD: ArrayRecord({"payload": bytes_array(shared)})})
-    replies = nodes.ask(list(range(len(sim.clients))), lambda p: content, "evaluate", round_idx)
-    correct = loss = 0.0
-    for pid in sorted(replies):
-        metrics = replies[pid].content[_METRICS]
-        correct += metrics["accuracy"] * metrics["num-examples"]
-        loss += metrics["loss"] * metrics["num-examples"]
-    return correct / len(sim.test), loss / len(sim.test)
+class _FlowerTransport:
+    """Simulation.run's client calls (see Simulation.initial_scores / fit / evaluate_round), each a
+    Flower message round trip; bytes in the records are the lengths of the arrays that travel."""
 
+    def __init__(self, sim: Simulation, nodes: _Nodes) -> None:
+        self.sim, self.nodes = sim, nodes
 
-def _update_of(pid: int, reply: Message) -> ClientUpdate:
-    record, metrics = reply.content[_PAYLOAD], dict(reply.content[_METRICS])
-    num_samples = metrics.pop("num-examples")
-    return ClientUpdate(pid, array_bytes(record["payload"]), array_bytes(record["scores"]), int(num_samples), metrics)
+    def initial_scores(self, chosen: list[int], round_idx: int) -> list[tuple[int, bytes, float]]:
+        replies = self.nodes.ask(chosen, lambda p: RecordDict(), "train.scores", round_idx)
+        return [(pid, array_bytes(replies[pid].content[_PAYLOAD]["scores"]),
+                 float(replies[pid].content[_METRICS]["num-examples"])) for pid in chosen]
+
+    def fit(self, chosen: list[int], payload: bytes, plan: RoundPlan) -> list[ClientUpdate]:
+        content = RecordDict({_PAYLOAD: ArrayRecord({"payload": bytes_array(payload)}), _PLAN: _plan_record(plan)})
+        replies = self.nodes.ask(chosen, lambda p: content, "train", plan.round_idx)
+        updates = []
+        for pid in chosen:
+            record, metrics = replies[pid].content[_PAYLOAD], dict(replies[pid].content[_METRICS])
+            num_samples = metrics.pop("num-examples")
+            updates.append(ClientUpdate(pid, array_bytes(record["payload"]), array_bytes(record["scores"]),
+                                        int(num_samples), metrics))
+        return updates
+
+    def evaluate_round(self, round_idx: int) -> tuple[float, float]:
+        """Simulation.evaluate with each personalised client evaluated on its own node."""
+        sim = self.sim
+        if sim.method_name not in PERSONALISED:
+            return sim.evaluate()
+        shared_names = sim.layout.param_names(sim.server.gal) + list(sim.layout.head)
+        shared = codec.encode({n: sim.server.state[n] for n in shared_names})
+        content = RecordDict({_PAYLOAD: ArrayRecord({"payload": bytes_array(shared)})})
+        replies = self.nodes.ask(list(range(len(sim.clients))), lambda p: content, "evaluate", round_idx)
+        correct = loss = 0.0
+        for pid in sorted(replies):
+            metrics = replies[pid].content[_METRICS]
+            correct += metrics["accuracy"] * metrics["num-examples"]
+            loss += metrics["loss"] * metrics["num-examples"]
+        return correct / len(sim.test), loss / len(sim.test)
 
 
 def run_rounds(sim: Simulation, nodes: _Nodes, metrics_path: Path | None = None) -> list[dict]:
-    """Simulation.run's round loop with every client call a Flower message round trip; the records
-    have the in-process engine's format, bytes being the lengths of the arrays that travelled."""
-    cfg, server = sim.cfg, sim.server
-    records: list[dict] = []
-    cum_up = cum_down = 0
-    start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        out = stack.enter_context(metrics_path.open("w")) if metrics_path is not None else None
-        for round_idx in range(cfg.rounds):
-            t0 = time.perf_counter()
-            chosen = [c.cid for c in sim.sample_clients()]
-            up = down = 0
-            if round_idx == 0 and server.needs_ranking:
-                replies = nodes.ask(chosen, lambda p: RecordDict(), "train.scores", round_idx)
-                initial = []
-                for pid in chosen:
-                    scores = array_bytes(replies[pid].content[_PAYLOAD]["scores"])
-                    up += len(scores)
-                    initial.append((pid, scores, float(replies[pid].content[_METRICS]["num-examples"])))
-                server.select(initial)
-            plan = server.plan(round_idx)
-            gal = list(server.gal)
-            payload = server.payload(plan)
-            content = RecordDict({_PAYLOAD: ArrayRecord({"payload": bytes_array(payload)}),
-                                  _PLAN: _plan_record(plan)})
-            replies = nodes.ask(chosen, lambda p: content, "train", round_idx)
-            down += len(payload) * len(chosen)
-            updates = [_update_of(pid, replies[pid]) for pid in chosen]
-            up += sum(u.uploaded_bytes for u in updates)
-            result = server.aggregate(plan, updates)
-            cum_up += up
-            cum_down += down
-            record = {
-                "round": round_idx + 1, "method": sim.method_name, "clients": chosen,
-                "uploaded_bytes": up, "downloaded_bytes": down,
-                "cum_uploaded_bytes": cum_up, "cum_downloaded_bytes": cum_down,
-                "train_loss": float(np.mean([u.metrics["train_loss"] for u in updates])),
-                "curriculum_fraction": float(np.mean([u.metrics["curriculum_fraction"] for u in updates])),
-                "masked_fraction": float(np.mean([u.metrics["masked_fraction"] for u in updates])),
-                "gal": gal, "rejected": {str(k): v for k, v in result.rejected.items()},
-            }
-            if (round_idx + 1) % cfg.eval_every == 0 or round_idx + 1 == cfg.rounds:
-                record["test_accuracy"], record["test_loss"] = _evaluate(sim, nodes, round_idx)
-            record["wall_time"] = time.perf_counter() - t0
-            record["elapsed"] = time.perf_counter() - start
-            records.append(record)
-            log.info("round %d: up %d B, down %d B, acc %s", round_idx + 1, up, down, record.get("test_accuracy"))
-            if out is not None:
-                out.write(json.dumps(record) + "\n")
-                out.flush()
-    return records
+    """The in-process engine's rounds and records, every client call a Flower message round trip."""
+    return sim.run(metrics_path, progress=False, transport=_FlowerTransport(sim, nodes))
 
 
 @server_app.main()
@@ -424,7 +370,7 @@ def server_main(grid: Grid, context: Context) -> None:
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    with _torch_settings(cfg):
+    with torch_settings(cfg):
         sim = _build(cfg, method)
         nodes = _Nodes(grid, cfg.clients, timeout)
         run_rounds(sim, nodes, out_dir / f"metrics_{method}.jsonl")

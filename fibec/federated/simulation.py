@@ -6,6 +6,7 @@ after. Everything is drawn from the run's seed, so a run is repeatable bit for b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,9 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import TextClassificationData, make_batches, model_inputs
+from ..data import TextClassificationData, dirichlet_partition, make_batches, model_inputs
 from ..modeling import AdapterLayout, get_state, load_classifier, set_state
-from .client import Client, ClientOptions
+from .client import Client, ClientOptions, ClientUpdate, RoundPlan
 from .server import Server
 
 
@@ -196,9 +197,27 @@ class Simulation:
             count += len(share)
         return correct / count, loss / count
 
-    def run(self, metrics_path: Path | None = None, progress: bool = True) -> list[dict]:
-        """Run every round; returns (and appends to metrics_path as JSONL) one dict per round."""
+    # ---- the in-process transport: every client call is a method call on the shared model ----
+
+    def initial_scores(self, chosen: list[int], round_idx: int) -> list[tuple[int, bytes, float]]:
+        """(cid, layer-score bytes, weight) of each chosen client, for the first GAL ranking."""
+        return [(cid, self.clients[cid].initial_scores(self.model), float(len(self.clients[cid]))) for cid in chosen]
+
+    def fit(self, chosen: list[int], payload: bytes, plan: RoundPlan) -> list[ClientUpdate]:
+        """Each chosen client's update for the server's payload and plan."""
+        return [self.clients[cid].fit(self.model, payload, plan) for cid in chosen]
+
+    def evaluate_round(self, round_idx: int) -> tuple[float, float]:
+        return self.evaluate()
+
+    def run(self, metrics_path: Path | None = None, progress: bool = True, transport=None) -> list[dict]:
+        """Run every round; returns (and appends to metrics_path as JSONL) one dict per round.
+
+        `transport` carries the client calls (`initial_scores`, `fit`, `evaluate_round`, as on this
+        class, which is the default); the Flower engine passes one that sends messages instead.
+        """
         cfg = self.cfg
+        transport = self if transport is None else transport
         records: list[dict] = []
         cum_up = cum_down = 0
         start = time.perf_counter()
@@ -208,25 +227,23 @@ class Simulation:
         try:
             for round_idx in bar:
                 t0 = time.perf_counter()
-                chosen = self.sample_clients()
+                chosen = [c.cid for c in self.sample_clients()]
                 up = down = 0
                 if round_idx == 0 and self.server.needs_ranking:
-                    initial = [(c.cid, c.initial_scores(self.model), float(len(c))) for c in chosen]
+                    initial = transport.initial_scores(chosen, round_idx)
                     up += sum(len(p) for _, p, _ in initial)
                     self.server.select(initial)
                 plan = self.server.plan(round_idx)
                 gal = list(self.server.gal)
                 payload = self.server.payload(plan)
-                updates = []
-                for client in chosen:
-                    down += len(payload)
-                    updates.append(client.fit(self.model, payload, plan))
+                updates = transport.fit(chosen, payload, plan)
+                down += len(payload) * len(chosen)
                 up += sum(u.uploaded_bytes for u in updates)
                 result = self.server.aggregate(plan, updates)
                 cum_up += up
                 cum_down += down
                 record = {
-                    "round": round_idx + 1, "method": self.method_name, "clients": [c.cid for c in chosen],
+                    "round": round_idx + 1, "method": self.method_name, "clients": chosen,
                     "uploaded_bytes": up, "downloaded_bytes": down,
                     "cum_uploaded_bytes": cum_up, "cum_downloaded_bytes": cum_down,
                     "train_loss": float(np.mean([u.metrics["train_loss"] for u in updates])),
@@ -235,7 +252,7 @@ class Simulation:
                     "gal": gal, "rejected": {str(k): v for k, v in result.rejected.items()},
                 }
                 if (round_idx + 1) % cfg.eval_every == 0 or round_idx + 1 == cfg.rounds:
-                    record["test_accuracy"], record["test_loss"] = self.evaluate()
+                    record["test_accuracy"], record["test_loss"] = transport.evaluate_round(round_idx)
                     bar.set_postfix(acc=f"{record['test_accuracy']:.3f}", up=f"{cum_up / 1e6:.2f}MB")
                 record["wall_time"] = time.perf_counter() - t0
                 record["elapsed"] = time.perf_counter() - start
@@ -253,25 +270,36 @@ class Simulation:
 def run_methods(cfg: FedConfig, methods: list[str], train: TextClassificationData, test: TextClassificationData,
                 model_path: str, out_dir: Path | None = None, progress: bool = True) -> dict[str, list[dict]]:
     """Run each method on the same Dirichlet partition and seed; returns {method: records}."""
-    from ..data import dirichlet_partition
-
-    partition = dirichlet_partition(train.labels, cfg.clients, cfg.alpha, min_size=cfg.batch_size // 2 or 1,
-                                    seed=cfg.seed)
+    partition = partition_for(cfg, train)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     results = {}
+    with torch_settings(cfg):
+        for name in methods:
+            sim = Simulation(cfg, name, train, test, partition, model_path)
+            path = None if out_dir is None else out_dir / f"metrics_{name}.jsonl"
+            results[name] = sim.run(path, progress=progress)
+    return results
+
+
+def partition_for(cfg: FedConfig, train: TextClassificationData) -> list[list[int]]:
+    """The run's Dirichlet partition of `train`, drawn from the seed: every engine gives every
+    client the same data."""
+    return dirichlet_partition(train.labels, cfg.clients, cfg.alpha, min_size=cfg.batch_size // 2 or 1,
+                               seed=cfg.seed)
+
+
+@contextlib.contextmanager
+def torch_settings(cfg: FedConfig):
+    """A run's torch settings (deterministic algorithms, cfg.threads threads), restored after."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     try:
-        for name in methods:
-            sim = Simulation(cfg, name, train, test, partition, model_path)
-            path = None if out_dir is None else out_dir / f"metrics_{name}.jsonl"
-            results[name] = sim.run(path, progress=progress)
+        yield
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
-    return results
