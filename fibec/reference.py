@@ -124,6 +124,30 @@ def _masked_view(mask: torch.Tensor, mask_dim: int | None):
     return mask_dim, mask.nonzero().squeeze(1), lambda t: t
 
 
+def _masked_step_(update, p: torch.Tensor, grad: torch.Tensor, states: tuple[torch.Tensor, ...],
+                  mask: torch.Tensor | None, mask_dim: int | None) -> None:
+    """Run `update(p32, grad32, *states)` in place on the selected entries only (all when mask is None).
+
+    p is updated in fp32 and rounded back to its dtype; the fp32 states are gathered and scattered
+    with it, so unselected entries of p and of every state are never written.
+    """
+    if mask is None:
+        p32 = p if p.dtype == torch.float32 else p.float()
+        update(p32, grad.float(), *states)
+        if p32 is not p:
+            p.copy_(p32)
+        return
+    dim, index, view = _masked_view(mask, mask_dim)
+    if index.numel() == 0:
+        return
+    p32 = view(p).index_select(dim, index).float()
+    picked = [view(state).index_select(dim, index) for state in states]
+    update(p32, view(grad).index_select(dim, index).float(), *picked)
+    view(p).index_copy_(dim, index, p32.to(p.dtype))
+    for state, selected in zip(states, picked):
+        view(state).index_copy_(dim, index, selected)
+
+
 def _adamw_update_(p32: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                    step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     # Same operations in the same order as torch.optim.AdamW's single-tensor path.
@@ -148,22 +172,11 @@ def masked_adamw_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     update (>= 1). Unselected entries of p and both moments are never written.
     """
     beta1, beta2 = betas
-    if mask is None:
-        p32 = p if p.dtype == torch.float32 else p.float()
-        _adamw_update_(p32, grad.float(), exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
-        if p32 is not p:
-            p.copy_(p32)
-        return
-    dim, index, view = _masked_view(mask, mask_dim)
-    if index.numel() == 0:
-        return
-    p32 = view(p).index_select(dim, index).float()
-    m = view(exp_avg).index_select(dim, index)
-    v = view(exp_avg_sq).index_select(dim, index)
-    _adamw_update_(p32, view(grad).index_select(dim, index).float(), m, v, step, lr, beta1, beta2, eps, weight_decay)
-    view(p).index_copy_(dim, index, p32.to(p.dtype))
-    view(exp_avg).index_copy_(dim, index, m)
-    view(exp_avg_sq).index_copy_(dim, index, v)
+
+    def update(p32: torch.Tensor, grad32: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+        _adamw_update_(p32, grad32, m, v, step, lr, beta1, beta2, eps, weight_decay)
+
+    _masked_step_(update, p, grad, (exp_avg, exp_avg_sq), mask, mask_dim)
 
 
 def _sgd_direction(p32: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, momentum: float,
@@ -187,20 +200,10 @@ def masked_sgd_(p: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None, 
     the first step), used when momentum > 0. Mask forms as in masked_adamw_. Unselected
     entries of p and buf are never written.
     """
-    use_buf = buf if momentum != 0 else None
-    if mask is None:
-        p32 = p if p.dtype == torch.float32 else p.float()
-        p32.add_(_sgd_direction(p32, grad.float(), use_buf, momentum, weight_decay, nesterov), alpha=-lr)
-        if p32 is not p:
-            p.copy_(p32)
-        return
-    dim, index, view = _masked_view(mask, mask_dim)
-    if index.numel() == 0:
-        return
-    p32 = view(p).index_select(dim, index).float()
-    b = None if use_buf is None else view(use_buf).index_select(dim, index)
-    p32.add_(_sgd_direction(p32, view(grad).index_select(dim, index).float(), b, momentum, weight_decay, nesterov),
-             alpha=-lr)
-    view(p).index_copy_(dim, index, p32.to(p.dtype))
-    if b is not None:
-        view(use_buf).index_copy_(dim, index, b)
+    states = (buf,) if momentum != 0 else ()
+
+    def update(p32: torch.Tensor, grad32: torch.Tensor, *buf32: torch.Tensor) -> None:
+        direction = _sgd_direction(p32, grad32, buf32[0] if buf32 else None, momentum, weight_decay, nesterov)
+        p32.add_(direction, alpha=-lr)
+
+    _masked_step_(update, p, grad, states, mask, mask_dim)
