@@ -54,25 +54,26 @@ class ClientUpdate:
 
 @dataclass(frozen=True)
 class ClientOptions:
-    """Local-training settings shared by all clients of a run (see docs/ALGORITHM.md, Driver)."""
+    """Local-training settings shared by all clients of a run, taken from the run's FedConfig
+    (simulation.client_options), where the defaults live (docs/ALGORITHM.md, Driver)."""
 
-    curriculum: bool = True
-    class_balanced: bool = True
-    sparse: bool = True
-    ranker: str = "sensitivity"
-    rho: float = 0.25
-    neuron_momentum: float = 0.9
-    pacing: str = "linear"
-    lambda0: float = 0.3
-    full_at: int = 5
-    rescore_every: int = 0
-    local_steps: int = 10
-    batch_size: int = 16
-    max_length: int = 64
-    lr: float = 5e-4
+    curriculum: bool
+    class_balanced: bool
+    sparse: bool
+    ranker: str
+    rho: float
+    neuron_momentum: float
+    pacing: str
+    lambda0: float
+    full_at: int
+    rescore_every: int
+    local_steps: int
+    batch_size: int
+    max_length: int
+    lr: float
+    values: str
+    seed: int
     weight_decay: float = 0.0
-    values: str = "fp32"
-    seed: int = 0
 
 
 def within_label_rank(scores: torch.Tensor, labels: list[int]) -> torch.Tensor:
