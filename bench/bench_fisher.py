@@ -110,18 +110,22 @@ def opacus_fisher(X, G) -> Runner:
     return run
 
 
-def backpack_fisher(X, G) -> Runner:
-    from backpack import backpack, extend
-    from backpack.extensions import SumGradSquared
+def backpack_runner(X, G, extension: str, result: str) -> Runner:
+    """BackPACK's `extension` on the layer's backward; returns the weight's `result` attribute."""
+    from backpack import backpack, extend, extensions
 
     layer = extend(linear_for(X, G))
 
     def run():
         layer.zero_grad(set_to_none=True)
-        with backpack(SumGradSquared()):
+        with backpack(getattr(extensions, extension)()):
             (layer(X) * G).sum().backward()
-        return layer.weight.sum_grad_squared
+        return getattr(layer.weight, result)
     return run
+
+
+def backpack_fisher(X, G) -> Runner:
+    return backpack_runner(X, G, "SumGradSquared", "sum_grad_squared")
 
 
 def forward_backward_only(X, G) -> Runner:
@@ -150,17 +154,7 @@ def opacus_ghost_sqnorms(X, G) -> Runner:
 
 
 def backpack_sqnorms(X, G) -> Runner:
-    from backpack import backpack, extend
-    from backpack.extensions import BatchL2Grad
-
-    layer = extend(linear_for(X, G))
-
-    def run():
-        layer.zero_grad(set_to_none=True)
-        with backpack(BatchL2Grad()):
-            (layer(X) * G).sum().backward()
-        return layer.weight.batch_l2
-    return run
+    return backpack_runner(X, G, "BatchL2Grad", "batch_l2")
 
 
 # ---- lora: -> (F_A [r,I], F_B [O,r], sqnorm [N]); Opacus ghost norms give sqnorm only -----
