@@ -5,6 +5,7 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <nmmintrin.h>
+#include <wmmintrin.h>
 #define FIBEC_HAVE_X86_CRC 1
 #endif
 
@@ -49,74 +50,79 @@ uint32_t crc_portable(const uint8_t* p, size_t n, uint32_t c) {
 }
 
 #ifdef FIBEC_HAVE_X86_CRC
-// Three streams of kStride bytes run in parallel to hide the crc32 instruction's
-// 3-cycle latency, then merge: crc(s, A B) = shift_|B|(crc(s, A)) ^ crc(0, B), where
-// shift_n (feeding n zero bytes) is linear in the 32-bit state, so four 256-entry
-// tables built from its images of the 32 basis states apply it.
-constexpr size_t kStride = 4096;
-
-__attribute__((target("sse4.2"))) uint32_t crc_zeros_sse42(uint32_t state, size_t n) {
-    uint64_t c = state;
-    for (size_t i = 0; i < n / 8; ++i) c = _mm_crc32_u64(c, 0);
-    return static_cast<uint32_t>(c);
+// Carry-less multiplication folding (the method of Intel's "Fast CRC Computation for
+// Generic Polynomials Using PCLMULQDQ"): on Zen and Skylake-class cores the crc32
+// instruction retires at most one 8-byte step per 2-3 cycles, PCLMULQDQ folds 64 bytes in
+// about as many cycles as that does 24.
+//
+// In the reflected domain the crc32 instruction uses, bit i of a 128-bit lane that starts
+// `offset` bits into the message stands for x^(L - 1 - offset - i). Moving the lane D bits
+// later multiplies it by x^D mod P; with the constant stored as reflect32(x^e mod P) << 1
+// the 127-bit carry-less product lands exactly on the lane D bits later when e = D + 32
+// for the low 64 bits and e = D - 32 for the high 64 bits.
+constexpr uint64_t fold_constant(unsigned exponent) {
+    uint32_t r = 0x80000000u;  // x^0, reflected
+    for (unsigned i = 0; i < exponent; ++i) r = (r >> 1) ^ (kPoly & (0u - (r & 1u)));
+    return static_cast<uint64_t>(r) << 1;
 }
 
-struct ShiftTables {
-    std::array<std::array<uint32_t, 256>, 4> t{};
-    ShiftTables() {
-        uint32_t basis[32];
-        for (int bit = 0; bit < 32; ++bit) basis[bit] = crc_zeros_sse42(1u << bit, kStride);
-        for (int part = 0; part < 4; ++part)
-            for (uint32_t b = 0; b < 256; ++b) {
-                uint32_t image = 0;
-                for (int bit = 0; bit < 8; ++bit)
-                    if (b & (1u << bit)) image ^= basis[8 * part + bit];
-                t[part][b] = image;
-            }
-    }
-    uint32_t shift(uint32_t s) const {
-        return t[0][s & 0xFF] ^ t[1][(s >> 8) & 0xFF] ^ t[2][(s >> 16) & 0xFF] ^ t[3][s >> 24];
-    }
-};
-
-const ShiftTables& shift_tables() {
-    static const ShiftTables instance;
-    return instance;
-}
+constexpr unsigned kLanes = 4;
+constexpr size_t kBlock = 16 * kLanes;
 
 __attribute__((target("sse4.2"))) uint32_t crc_sse42(const uint8_t* p, size_t n, uint32_t c) {
-    if (n >= 3 * kStride) {
-        const ShiftTables& tables = shift_tables();
-        while (n >= 3 * kStride) {
-            uint64_t c0 = c, c1 = 0, c2 = 0;
-            for (size_t i = 0; i < kStride; i += 8) {
-                uint64_t v0, v1, v2;
-                std::memcpy(&v0, p + i, 8);
-                std::memcpy(&v1, p + kStride + i, 8);
-                std::memcpy(&v2, p + 2 * kStride + i, 8);
-                c0 = _mm_crc32_u64(c0, v0);
-                c1 = _mm_crc32_u64(c1, v1);
-                c2 = _mm_crc32_u64(c2, v2);
-            }
-            c = tables.shift(tables.shift(static_cast<uint32_t>(c0)) ^ static_cast<uint32_t>(c1)) ^
-                static_cast<uint32_t>(c2);
-            p += 3 * kStride;
-            n -= 3 * kStride;
-        }
-    }
-    uint64_t c0 = c;
+    uint64_t c64 = c;
     for (; n >= 8; p += 8, n -= 8) {
         uint64_t v;
         std::memcpy(&v, p, 8);
-        c0 = _mm_crc32_u64(c0, v);
+        c64 = _mm_crc32_u64(c64, v);
     }
-    uint32_t c32 = static_cast<uint32_t>(c0);
+    uint32_t c32 = static_cast<uint32_t>(c64);
     while (n--) c32 = _mm_crc32_u8(c32, *p++);
     return c32;
 }
 
-bool cpu_has_sse42() {
-    static const bool has = __builtin_cpu_supports("sse4.2");
+__attribute__((target("sse4.2,pclmul"))) inline __m128i fold(__m128i lane, __m128i constants, __m128i next) {
+    const __m128i low = _mm_clmulepi64_si128(lane, constants, 0x00);
+    const __m128i high = _mm_clmulepi64_si128(lane, constants, 0x11);
+    return _mm_xor_si128(_mm_xor_si128(low, high), next);
+}
+
+// CRC state (not inverted) after p[0, n); with kCopy, also copies those bytes to dst.
+template <bool kCopy>
+__attribute__((target("sse4.2,pclmul"))) uint32_t crc_pclmul(const uint8_t* p, uint8_t* dst, size_t n, uint32_t c) {
+    if (n >= 2 * kBlock) {
+        const __m128i far = _mm_set_epi64x(fold_constant(128 * kLanes - 32), fold_constant(128 * kLanes + 32));
+        const __m128i near = _mm_set_epi64x(fold_constant(128 - 32), fold_constant(128 + 32));
+        __m128i lane[kLanes];
+        for (unsigned l = 0; l < kLanes; ++l) lane[l] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * l));
+        if (kCopy) {
+            for (unsigned l = 0; l < kLanes; ++l) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * l), lane[l]);
+            dst += kBlock;
+        }
+        lane[0] = _mm_xor_si128(lane[0], _mm_cvtsi32_si128(static_cast<int>(c)));  // the state enters as the first 4 bytes
+        p += kBlock;
+        n -= kBlock;
+        for (; n >= kBlock; p += kBlock, n -= kBlock) {
+            for (unsigned l = 0; l < kLanes; ++l) {
+                const __m128i next = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * l));
+                if (kCopy) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * l), next);
+                lane[l] = fold(lane[l], far, next);
+            }
+            if (kCopy) dst += kBlock;
+        }
+        __m128i last = lane[0];
+        for (unsigned l = 1; l < kLanes; ++l) last = fold(last, near, lane[l]);
+        // What is left is the CRC of these 16 bytes from a zero state.
+        const uint64_t c64 = _mm_crc32_u64(_mm_crc32_u64(0, static_cast<uint64_t>(_mm_cvtsi128_si64(last))),
+                                           static_cast<uint64_t>(_mm_extract_epi64(last, 1)));
+        c = static_cast<uint32_t>(c64);
+    }
+    if (kCopy) std::memcpy(dst, p, n);
+    return crc_sse42(p, n, c);
+}
+
+bool cpu_has_crc_instructions() {
+    static const bool has = __builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("pclmul");
     return has;
 }
 #endif
@@ -124,11 +130,18 @@ bool cpu_has_sse42() {
 }  // namespace
 
 uint32_t crc32c(const uint8_t* data, size_t len, uint32_t crc) {
-    uint32_t c = ~crc;
 #ifdef FIBEC_HAVE_X86_CRC
-    if (cpu_has_sse42()) return ~crc_sse42(data, len, c);
+    if (cpu_has_crc_instructions()) return ~crc_pclmul<false>(data, nullptr, len, ~crc);
 #endif
-    return ~crc_portable(data, len, c);
+    return ~crc_portable(data, len, ~crc);
+}
+
+uint32_t crc32c_copy(const uint8_t* src, uint8_t* dst, size_t len, uint32_t crc) {
+#ifdef FIBEC_HAVE_X86_CRC
+    if (cpu_has_crc_instructions()) return ~crc_pclmul<true>(src, dst, len, ~crc);
+#endif
+    std::memcpy(dst, src, len);
+    return ~crc_portable(src, len, ~crc);
 }
 
 }  // namespace fibec

@@ -1,5 +1,6 @@
 """fibec.codec: round trips, encoding choice, argument errors, decoder rejections, and
 agreement with the independent reference decoder written from docs/PAYLOAD.md."""
+import random
 import struct
 import warnings
 import zlib
@@ -220,10 +221,15 @@ def test_unicode_names_and_inspect_description():
 
 def test_crc32c_known_value_and_agreement_with_reference():
     assert _codec.crc32c(b"123456789") == 0xE3069283
-    data = bytes(range(256)) * 37 + b"tail"
-    for n in (0, 1, 7, 8, 9, 100, len(data)):
-        assert _codec.crc32c(data[:n]) == reference_crc32c(data[:n])
-    assert _codec.crc32c(data[50:], _codec.crc32c(data[:50])) == _codec.crc32c(data)
+    data = random.Random(7).randbytes(70_000)
+    # Lengths around the 64-byte folding block and its 128-byte minimum, at unaligned starts.
+    lengths = [*range(0, 300), 511, 512, 513, 4095, 4096, 65_537]
+    for offset in (0, 1, 3, 8):
+        for n in lengths:
+            chunk = data[offset:offset + n]
+            assert _codec.crc32c(chunk) == reference_crc32c(chunk), (offset, n)
+    for split in (0, 50, 127, 128, 1000):
+        assert _codec.crc32c(data[split:], _codec.crc32c(data[:split])) == _codec.crc32c(data)
 
 
 @pytest.mark.parametrize("seed", range(12))
