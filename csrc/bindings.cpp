@@ -1,12 +1,20 @@
-// Python bindings for the payload codec: buffers in via the buffer protocol (read in
-// place), bytes/bytearray out (allocated once, filled with the GIL released).
+// Python bindings for the payload codec: tensors are read in place, payloads come in via
+// the buffer protocol, encode() allocates its bytes once, decoded tensors leave as DLPack
+// capsules over one output block; all coding runs with the GIL released.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstring>
 #include <memory>
+#include <utility>
+
+#if __has_include(<sys/mman.h>)
+#include <sys/mman.h>
+#endif
 
 #include "crc32c.h"
+#include "dlpack.h"
+#include "output_block.h"
 #include "payload.h"
 
 namespace py = pybind11;
@@ -40,10 +48,33 @@ py::bytes new_bytes(size_t n, uint8_t*& data) {
     return py::reinterpret_steal<py::bytes>(obj);
 }
 
-// tensors: [(name: bytes, dtype: int, shape: tuple, data: buffer, mask_kind: int, mask: buffer | None)]
+// Tells the kernel to back the interior of a large, not yet touched output with huge
+// pages: a fresh 32 MB buffer otherwise takes ~8,000 page faults, each a 4 KiB zeroing.
+void advise_huge_pages(uint8_t* data, size_t n) {
+#ifdef MADV_HUGEPAGE
+    constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+    if (n < 4 * kHuge) return;
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + n) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only: errors are harmless
+#else
+    (void)data;
+    (void)n;
+#endif
+}
+
+// A memory range handed over as (address, bytes) by fibec/codec.py, which keeps its tensor
+// alive for the call; the size is checked against what the range must hold.
+const uint8_t* tensor_memory(const py::handle& address, const py::handle& bytes, uint64_t expected, const std::string& what) {
+    if (bytes.cast<uint64_t>() != expected) throw py::value_error(what + ": size disagrees with its shape");
+    return reinterpret_cast<const uint8_t*>(address.cast<uintptr_t>());
+}
+
+// tensors: [(name: bytes, dtype: int, shape: tuple, data address: int, data bytes: int,
+//            mask kind: int, mask address: int, mask bytes: int)]
 py::bytes encode(const py::list& tensors, int values, bool shuffle, bool check_finite, bool framed) {
     std::vector<TensorIn> inputs;
-    std::vector<std::unique_ptr<ByteView>> views;  // keep the buffers exported while encoding
+    inputs.reserve(tensors.size());
     for (const auto& item : tensors) {
         auto spec = item.cast<py::tuple>();
         TensorIn t;
@@ -53,20 +84,14 @@ py::bytes encode(const py::list& tensors, int values, bool shuffle, bool check_f
         if (dtype_size(t.dtype) < 2 || t.dtype == kInt8Block) throw py::type_error("unsupported dtype code");
         uint64_t numel = 1;
         for (uint64_t d : t.shape) numel *= d;
-        views.push_back(std::make_unique<ByteView>(spec[3], "tensor data"));
-        if (views.back()->size() != numel * dtype_size(t.dtype))
-            throw py::value_error("tensor '" + t.name + "': data size disagrees with shape");
-        t.data = views.back()->data();
-        t.mask_kind = static_cast<MaskKind>(spec[4].cast<int>());
+        t.data = tensor_memory(spec[3], spec[4], numel * dtype_size(t.dtype), "tensor '" + t.name + "'");
+        t.mask_kind = static_cast<MaskKind>(spec[5].cast<int>());
         t.mask = nullptr;
         if (t.mask_kind != MaskKind::kAuto) {
-            views.push_back(std::make_unique<ByteView>(spec[5], "mask"));
             const uint64_t units = t.mask_kind == MaskKind::kRows   ? t.shape.at(0)
                                    : t.mask_kind == MaskKind::kCols ? t.shape.at(1)
                                                                     : numel;
-            if (views.back()->size() != units)
-                throw py::value_error("tensor '" + t.name + "': mask size disagrees with shape");
-            t.mask = views.back()->data();
+            t.mask = tensor_memory(spec[6], spec[7], units, "mask of '" + t.name + "'");
         }
         inputs.push_back(std::move(t));
     }
@@ -81,6 +106,7 @@ py::bytes encode(const py::list& tensors, int values, bool shuffle, bool check_f
     py::bytes result = new_bytes(framed ? kHeaderSize + section + kTrailerSize : section, out);
     {
         py::gil_scoped_release release;
+        advise_huge_pages(out, section);
         if (framed) {
             write_header(out, n_tensors, 0, section, section);
             const uint32_t crc = encoder->write_section(out + kHeaderSize, crc32c(out, kHeaderSize));
@@ -98,8 +124,7 @@ py::bytes frame(const py::object& section, uint64_t raw_len, uint32_t n_tensors,
     py::bytes result = new_bytes(kHeaderSize + view.size() + kTrailerSize, out);
     py::gil_scoped_release release;
     write_header(out, n_tensors, flags, view.size(), raw_len);
-    std::memcpy(out + kHeaderSize, view.data(), view.size());
-    const uint32_t crc = crc32c(out, kHeaderSize + view.size());
+    const uint32_t crc = crc32c_copy(view.data(), out + kHeaderSize, view.size(), crc32c(out, kHeaderSize));
     std::memcpy(out + kHeaderSize + view.size(), &crc, 4);
     return result;
 }
@@ -114,64 +139,137 @@ py::tuple read_frame_py(const py::object& payload, bool verify_crc) {
     return py::make_tuple(f.flags, f.n_tensors, f.section_offset, f.section_len, f.raw_len);
 }
 
-// Returns [(name: bytes, dtype: int, shape: tuple, data: bytearray | None, layout: tuple)]; data is
-// None for empty tensors and when fill is false (inspection); layout is
-// (value format, encoding, index code, kept count, index bytes, values bytes).
-// With verify_crc, buffer is a whole uncompressed payload (section at offset, CRC after it)
-// whose checksum is verified record by record while filling, so each record is read from
-// memory once; any parse error is reported as a checksum mismatch when the checksum is bad.
-py::list decode_section(const py::object& buffer, uint64_t offset, uint64_t length, uint32_t n_tensors,
-                        bool shuffled, uint64_t max_output_bytes, bool fill, bool verify_crc) {
-    ByteView view(buffer, "payload");
-    if (offset > view.size() || length > view.size() - offset) throw py::value_error("section outside the buffer");
-    if (verify_crc && view.size() - offset - length != kTrailerSize) throw py::value_error("no checksum after the section");
-    const uint8_t* data = view.data();
-    uint32_t expected_crc = 0;
-    if (verify_crc) std::memcpy(&expected_crc, data + offset + length, 4);
-    std::vector<Record> records;
-    {
+// DLPack export of decoded tensors: each capsule's tensor keeps the shared output block alive.
+struct ExportedTensor {
+    dlpack::ManagedTensor managed{};
+    std::shared_ptr<OutputBlock> block;
+    std::vector<int64_t> shape, strides;
+};
+
+void delete_exported(dlpack::ManagedTensor* self) { delete static_cast<ExportedTensor*>(self->manager_ctx); }
+
+void destroy_capsule(PyObject* capsule) {
+    if (!PyCapsule_IsValid(capsule, dlpack::kCapsuleName)) return;  // consumed: the tensor owns it now
+    auto* managed = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, dlpack::kCapsuleName));
+    managed->deleter(managed);
+}
+
+py::object export_tensor(const Record& r, const std::shared_ptr<OutputBlock>& block, uint8_t* data) {
+    auto exported = std::make_unique<ExportedTensor>();
+    exported->block = block;
+    exported->shape.assign(r.shape.begin(), r.shape.end());  // each < 2^63 (parse_section)
+    exported->strides.resize(r.shape.size());
+    int64_t stride = 1;
+    for (size_t d = r.shape.size(); d-- > 0;) {
+        exported->strides[d] = stride;
+        stride *= exported->shape[d] ? exported->shape[d] : 1;  // numel bounded by the output budget
+    }
+    dlpack::Tensor& t = exported->managed.dl_tensor;
+    t.data = data;
+    t.device = {dlpack::kCPU, 0};
+    t.ndim = static_cast<int32_t>(r.shape.size());
+    t.dtype = {r.dtype == kBF16 ? dlpack::kBfloat : dlpack::kFloat, static_cast<uint8_t>(8 * dtype_size(r.dtype)), 1};
+    t.shape = exported->shape.data();
+    t.strides = exported->strides.data();
+    exported->managed.manager_ctx = exported.get();
+    exported->managed.deleter = delete_exported;
+    PyObject* capsule = PyCapsule_New(&exported->managed, dlpack::kCapsuleName, destroy_capsule);
+    if (!capsule) throw py::error_already_set();
+    exported.release();
+    return py::reinterpret_steal<py::object>(capsule);
+}
+
+py::str record_name(const Record& r) {
+    PyObject* name = PyUnicode_DecodeUTF8(r.name.data(), static_cast<Py_ssize_t>(r.name.size()), "strict");
+    if (!name) {
+        PyErr_Clear();
+        throw PayloadError("tensor name " + py::repr(py::bytes(r.name.substr(0, 40))).cast<std::string>() +
+                           " is not valid UTF-8");
+    }
+    return py::reinterpret_steal<py::str>(name);
+}
+
+// A validated section. The buffer stays exported (and so alive and unchanged) as long as
+// this object exists.
+class Section {
+  public:
+    // With verify_crc, buffer is a whole uncompressed payload (section at offset, CRC after
+    // it) whose checksum is verified record by record while decoding, so that each record is
+    // read from memory once; a parse error on a payload whose checksum is bad is reported as
+    // a checksum mismatch.
+    Section(const py::object& buffer, uint64_t offset, uint64_t length, uint32_t n_tensors, bool shuffled,
+            uint64_t max_output_bytes, bool verify_crc)
+        : view_(buffer, "payload"), offset_(offset), shuffled_(shuffled), verify_crc_(verify_crc) {
+        if (offset > view_.size() || length > view_.size() - offset) throw py::value_error("section outside the buffer");
+        if (verify_crc && view_.size() - offset - length != kTrailerSize)
+            throw py::value_error("no checksum after the section");
+        const uint8_t* data = view_.data();
+        if (verify_crc) std::memcpy(&expected_crc_, data + offset + length, 4);
         py::gil_scoped_release release;
         try {
-            records = parse_section(data + offset, length, n_tensors, max_output_bytes);
+            records_ = parse_section(data + offset, length, n_tensors, max_output_bytes);
         } catch (const PayloadError&) {
-            if (verify_crc && crc32c(data, offset + length) != expected_crc) throw PayloadError("checksum mismatch");
+            if (verify_crc && crc32c(data, offset + length) != expected_crc_) throw PayloadError("checksum mismatch");
             throw;
         }
     }
-    std::vector<py::object> outputs;
-    std::vector<uint8_t*> targets;
-    for (const Record& r : records) {
-        if (r.out_bytes == 0 || !fill) {
-            outputs.push_back(py::none());
-            targets.push_back(nullptr);
-            continue;
+
+    // [(name: str, dtype: int, shape: tuple, layout)], layout being
+    // (value format, encoding, index code, kept count, index bytes, values bytes).
+    py::list tensors() const {
+        py::list result;
+        for (const Record& r : records_) {
+            py::tuple shape(r.shape.size());
+            for (size_t d = 0; d < r.shape.size(); ++d) shape[d] = py::int_(r.shape[d]);
+            result.append(py::make_tuple(record_name(r), r.dtype, shape,
+                                         py::make_tuple(r.values, static_cast<int>(r.encoding),
+                                                        static_cast<int>(r.index_code), r.n_kept, r.index_len,
+                                                        r.values_len)));
         }
-        PyObject* obj = PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(r.out_bytes));
-        if (!obj) throw py::error_already_set();
-        outputs.push_back(py::reinterpret_steal<py::object>(obj));
-        targets.push_back(reinterpret_cast<uint8_t*>(PyByteArray_AS_STRING(obj)));
+        return result;
     }
-    {
+
+    // Verifies the checksum (when asked at construction) without decoding.
+    void verify() const { run(nullptr, {}); }
+
+    // ([name: str], [DLPack capsule]): the decoded tensors, in one shared output block.
+    py::tuple decode() const {
+        py::list names;
+        for (const Record& r : records_) names.append(record_name(r));
+        std::vector<uint64_t> offsets(records_.size());
+        uint64_t total = 0;
+        for (size_t k = 0; k < records_.size(); ++k) {
+            offsets[k] = total;
+            total += (records_[k].out_bytes + kOutputAlignment - 1) / kOutputAlignment * kOutputAlignment;
+        }
+        const std::shared_ptr<OutputBlock> block = OutputBlock::acquire(total);
+        run(block->data(), offsets);
+        py::list capsules;
+        for (size_t k = 0; k < records_.size(); ++k)
+            capsules.append(export_tensor(records_[k], block, block->data() + offsets[k]));
+        return py::make_tuple(names, capsules);
+    }
+
+  private:
+    void run(uint8_t* base, const std::vector<uint64_t>& offsets) const {
         py::gil_scoped_release release;
-        uint32_t crc = verify_crc ? crc32c(data, offset) : 0;
-        for (size_t k = 0; k < records.size(); ++k) {
-            if (verify_crc) crc = crc32c(records[k].begin, records[k].size, crc);
-            if (targets[k]) fill_record(records[k], targets[k], shuffled);
+        uint32_t crc = verify_crc_ ? crc32c(view_.data(), offset_) : 0;
+        for (size_t k = 0; k < records_.size(); ++k) {
+            uint8_t* out = base && records_[k].out_bytes ? base + offsets[k] : nullptr;
+            if (verify_crc_)
+                crc = checksum_and_fill(records_[k], out, crc);
+            else if (out)
+                fill_record(records_[k], out, shuffled_);
         }
-        if (verify_crc && crc != expected_crc) throw PayloadError("checksum mismatch");
+        if (verify_crc_ && crc != expected_crc_) throw PayloadError("checksum mismatch");
     }
-    py::list result;
-    for (size_t k = 0; k < records.size(); ++k) {
-        const Record& r = records[k];
-        py::tuple shape(r.shape.size());
-        for (size_t d = 0; d < r.shape.size(); ++d) shape[d] = py::int_(r.shape[d]);
-        result.append(py::make_tuple(py::bytes(r.name), r.dtype, shape, outputs[k],
-                                     py::make_tuple(r.values, static_cast<int>(r.encoding),
-                                                    static_cast<int>(r.index_code), r.n_kept, r.index_len,
-                                                    r.values_len)));
-    }
-    return result;
-}
+
+    ByteView view_;
+    uint64_t offset_;
+    bool shuffled_, verify_crc_;
+    uint32_t expected_crc_ = 0;
+    std::vector<Record> records_;
+};
 
 uint32_t crc32c_py(const py::object& data, uint32_t crc) {
     ByteView view(data, "data");
@@ -189,9 +287,13 @@ PYBIND11_MODULE(_codec, m) {
           py::arg("framed"));
     m.def("frame", &frame, py::arg("section"), py::arg("raw_len"), py::arg("n_tensors"), py::arg("flags"));
     m.def("read_frame", &read_frame_py, py::arg("payload"), py::arg("verify_crc"));
-    m.def("decode_section", &decode_section, py::arg("buffer"), py::arg("offset"), py::arg("length"),
-          py::arg("n_tensors"), py::arg("shuffled"), py::arg("max_output_bytes"), py::arg("fill"),
-          py::arg("verify_crc"));
+    py::class_<Section>(m, "Section")
+        .def(py::init<const py::object&, uint64_t, uint64_t, uint32_t, bool, uint64_t, bool>(), py::arg("buffer"),
+             py::arg("offset"), py::arg("length"), py::arg("n_tensors"), py::arg("shuffled"),
+             py::arg("max_output_bytes"), py::arg("verify_crc"))
+        .def("tensors", &Section::tensors)
+        .def("verify", &Section::verify)
+        .def("decode", &Section::decode);
     m.def("crc32c", &crc32c_py, py::arg("data"), py::arg("crc") = 0);
     m.attr("FORMAT_VERSION") = kVersion;
     m.attr("HEADER_SIZE") = kHeaderSize;

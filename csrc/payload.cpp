@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string_view>
+#include <unordered_set>
 
 #include "crc32c.h"
 #include "floatconv.h"
@@ -614,9 +616,14 @@ uint32_t Encoder::write_section(uint8_t* out, uint32_t crc) const {
         put<uint64_t>(out, plan.values_len);
         write_index(t, plan, out);
         out += plan.index_len;
-        write_values(t, plan, options_.shuffle, out);
+        crc = crc32c(record, static_cast<size_t>(out - record), crc);
+        if (plan.encoding == kDense && plan.values == t.dtype && !options_.shuffle) {
+            crc = crc32c_copy(t.data, out, plan.values_len, crc);  // one pass over the tensor
+        } else {
+            write_values(t, plan, options_.shuffle, out);
+            crc = crc32c(out, plan.values_len, crc);  // still in cache
+        }
         out += plan.values_len;
-        crc = crc32c(record, plan.record_len, crc);
     }
     return crc;
 }
@@ -724,6 +731,8 @@ std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_te
         r.numel = 1;
         for (auto& d : r.shape) {
             d = c.get<uint64_t>("shape");
+            if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+                throw PayloadError("shape dimension exceeds 2^63 - 1");
             if (__builtin_mul_overflow(r.numel, d, &r.numel)) throw PayloadError("shape element count overflows");
         }
         if (__builtin_mul_overflow(r.numel, static_cast<uint64_t>(dtype_size(r.dtype)), &r.out_bytes) ||
@@ -765,6 +774,9 @@ std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_te
         }
     }
     if (c.remaining() != 0) throw PayloadError("trailing bytes after the last tensor record");
+    std::unordered_set<std::string_view> names;
+    for (const Record& r : records)
+        if (!names.insert(r.name).second) throw PayloadError("duplicate tensor name '" + r.name + "'");
     return records;
 }
 
@@ -812,6 +824,14 @@ void fill_record(const Record& r, uint8_t* out, bool shuffled) {
     } else {
         for (uint64_t k = 0; k < r.n_kept; ++k) conv(stream + k * in_w, out + reader.next() * out_w, 1);
     }
+}
+
+uint32_t checksum_and_fill(const Record& r, uint8_t* out, uint32_t crc) {
+    crc = crc32c(r.begin, static_cast<size_t>(r.value_body - r.begin), crc);  // fields and index body
+    if (out && r.encoding == kDense && r.values == r.dtype) return crc32c_copy(r.value_body, out, r.values_len, crc);
+    crc = crc32c(r.value_body, r.values_len, crc);
+    if (out) fill_record(r, out, false);  // the body is still in cache
+    return crc;
 }
 
 }  // namespace fibec

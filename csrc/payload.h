@@ -106,12 +106,17 @@ struct Record {
     uint64_t size;
 };
 
-// Parses and fully validates a raw (decompressed) section, including every index set,
-// before anything is allocated for the output; the declared outputs must fit max_output_bytes.
+// Parses and fully validates a raw (decompressed) section, including every index set and
+// the uniqueness of names, before anything is allocated for the output; the declared
+// outputs must fit max_output_bytes. (Names are checked as UTF-8 by the bindings.)
 std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_tensors, uint64_t max_output_bytes);
 
 // Writes a validated record's dense tensor (out_bytes bytes, dtype layout) into out.
 void fill_record(const Record& record, uint8_t* out, bool shuffled);
+
+// Returns crc32c(record bytes, crc) and, unless out is null, fills out as fill_record does for
+// an unshuffled record, reading a value body that needs no conversion only once.
+uint32_t checksum_and_fill(const Record& record, uint8_t* out, uint32_t crc);
 
 size_t dtype_size(uint8_t code);
 

@@ -80,9 +80,11 @@ def encode(
     if len(tensors) > 0xFFFFFFFF:
         raise ValueError("tensors holds more than 2**32 - 1 entries")
 
+    # The specs hold the tensors (and masks) whose memory the C++ side reads by address.
     specs = [_tensor_spec(name, tensor, masks.get(name)) for name, tensor in tensors.items()]
     compress = level is not None
-    section = _codec.encode(specs, _VALUE_CODES[values], compress, bool(check_finite), not compress)
+    section = _codec.encode([spec[:-1] for spec in specs], _VALUE_CODES[values], compress, bool(check_finite),
+                            not compress)
     if not compress:
         return section
     import zstandard
@@ -100,14 +102,8 @@ def decode(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | N
     dense outputs); by default max(64 MiB, 256 x len(payload)). Raise it to accept payloads
     of very sparse tensors whose dense size exceeds that.
     """
-    records = _read(payload, max_output_bytes, fill=True)
-    out: dict[str, torch.Tensor] = {}
-    for name, dtype, shape, data, _ in records:
-        if data is None:
-            out[name] = torch.zeros(shape, dtype=dtype)
-        else:
-            out[name] = torch.frombuffer(data, dtype=dtype).reshape(shape)
-    return out
+    names, capsules = _call(_parse(payload, max_output_bytes).decode)
+    return dict(zip(names, map(torch.from_dlpack, capsules)))
 
 
 def inspect(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | None = None) -> dict:
@@ -116,12 +112,15 @@ def inspect(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | 
     Validates exactly as decode() does (raises PayloadError)."""
     view = _byte_view(payload)
     flags, n_tensors, _, section_len, raw_len = _call(_codec.read_frame, view, False)
+    section = _parse(view, max_output_bytes)
+    described = _call(section.tensors)
+    _call(section.verify)
     tensors = []
-    for name, dtype, shape, _, layout in _read(view, max_output_bytes, fill=False):
+    for name, dtype_code, shape, layout in described:
         value_code, encoding, index_code, kept, index_bytes, values_bytes = layout
         tensors.append({
             "name": name,
-            "dtype": dtype,
+            "dtype": _CODE_DTYPES[dtype_code],
             "shape": shape,
             "encoding": _ENCODINGS[encoding],
             "values": VALUE_FORMATS[value_code - 1],
@@ -153,17 +152,17 @@ def _tensor_spec(name: object, tensor: object, mask: MaskSpec | None) -> tuple:
     encoded_name = name.encode("utf-8")
     if len(encoded_name) > _MAX_NAME_BYTES:
         raise ValueError(f"tensor name {name[:40]!r}... is longer than {_MAX_NAME_BYTES} UTF-8 bytes")
-    if tensor.requires_grad:
-        tensor = tensor.detach()
-    if tensor.device.type != "cpu":
+    if not tensor.is_cpu:
         tensor = tensor.cpu()
-    mask_kind, mask_bytes = _mask_spec(name, tensor, mask)
-    # A numpy view of the tensor's memory (numpy has no bfloat16: same-size int16 view).
-    data = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
-    return (encoded_name, _DTYPE_CODES[tensor.dtype], tuple(tensor.shape), data, mask_kind, mask_bytes)
+    mask_kind, mask = _mask_spec(name, tensor, mask)
+    mask_memory = (0, 0) if mask is None else (mask.data_ptr(), mask.numel())
+    # The C++ side reads the memory at these addresses; the last entry keeps it alive meanwhile.
+    return (encoded_name, _DTYPE_CODES[tensor.dtype], tensor.shape, tensor.data_ptr(), tensor.nbytes, mask_kind,
+            *mask_memory, (tensor, mask))
 
 
-def _mask_spec(name: str, tensor: torch.Tensor, mask: MaskSpec | None) -> tuple[int, object]:
+def _mask_spec(name: str, tensor: torch.Tensor, mask: MaskSpec | None) -> tuple[int, torch.Tensor | None]:
+    """(mask kind, contiguous CPU bool tensor of the kept units, or None)."""
     arg = f"masks[{name!r}]"
     if mask is None:
         return _MASK_AUTO, None
@@ -182,8 +181,7 @@ def _mask_spec(name: str, tensor: torch.Tensor, mask: MaskSpec | None) -> tuple[
     if tuple(mask.shape) != expected:
         raise ValueError(f"{arg} must have shape {expected}, got {tuple(mask.shape)}")
     kept = mask.detach().cpu()
-    kept = (kept if kept.dtype == torch.bool else kept != 0).contiguous()
-    return kind, kept.view(torch.uint8).numpy()
+    return kind, (kept if kept.dtype == torch.bool else kept != 0).contiguous()
 
 
 def _byte_view(payload: object) -> memoryview:
@@ -203,7 +201,8 @@ def _call(fn, *args):
         raise PayloadError(str(error)) from None
 
 
-def _read(payload: object, max_output_bytes: int | None, *, fill: bool) -> list[tuple]:
+def _parse(payload: object, max_output_bytes: int | None) -> "_codec.Section":
+    """The payload's section, parsed and validated up to the checksum."""
     view = _byte_view(payload)
     if max_output_bytes is None:
         max_output_bytes = max(MIN_OUTPUT_BYTES, OUTPUT_BYTES_PER_PAYLOAD_BYTE * view.nbytes)
@@ -217,20 +216,10 @@ def _read(payload: object, max_output_bytes: int | None, *, fill: bool) -> list[
         _call(_codec.read_frame, view, True)  # checksum first: zstd only ever sees intact bytes
         buffer = _decompress(view[offset:offset + section_len], raw_len, max_output_bytes)
         offset, section_len = 0, raw_len
-    # Uncompressed: the C++ side verifies the checksum while it decodes.
-    records = _call(_codec.decode_section, buffer, offset, section_len, n_tensors, compressed, max_output_bytes,
-                    fill, not compressed)
-    out, seen = [], set()
-    for raw_name, dtype_code, shape, data, layout in records:
-        try:
-            name = raw_name.decode("utf-8")
-        except UnicodeDecodeError:
-            raise PayloadError(f"tensor name {raw_name[:40]!r} is not valid UTF-8") from None
-        if name in seen:
-            raise PayloadError(f"duplicate tensor name {name!r}")
-        seen.add(name)
-        out.append((name, _CODE_DTYPES[dtype_code], shape, data, layout))
-    return out
+    # Uncompressed: the Section verifies the checksum while it decodes.
+    section = _call(_codec.Section, buffer, offset, section_len, n_tensors, compressed, max_output_bytes,
+                    not compressed)
+    return section
 
 
 def _decompress(compressed: memoryview, raw_len: int, max_output_bytes: int) -> bytes:

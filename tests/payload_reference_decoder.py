@@ -165,6 +165,8 @@ def decode(payload: bytes) -> dict[str, tuple[int, tuple[int, ...], bytes]]:
         if dtype not in DTYPE_WIDTH or fmt not in VALUE_WIDTH or encoding > 3 or code > 2 or ndim > 8:
             raise Malformed("codes")
         shape = tuple(r.u(8) for _ in range(ndim))
+        if any(d >= 1 << 63 for d in shape):
+            raise Malformed("dimension too large")
         numel = 1
         for d in shape:
             numel *= d

@@ -205,7 +205,40 @@ def test_decode_accepts_bytes_likes_and_returns_writable_unshared_tensors():
             out = decode(buffer)["t"]
         out.add_(1)
         assert torch.equal(out, t + 1)
-    assert decode(payload)["t"].data_ptr() != decode(payload)["t"].data_ptr()
+    first, second = decode(payload)["t"], decode(payload)["t"]
+    first.zero_()
+    assert torch.equal(second, t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decoded_tensors_stay_intact_while_output_memory_is_recycled(dtype):
+    # Each decode() fills one output block and recycles freed ones: tensors still held must
+    # never see a later decode's bytes, and each must own its bytes alone as far as torch can tell.
+    originals = {f"t{i}": _random((i + 1, 37), dtype, i) for i in range(4)}
+    payload = encode(originals)
+    kept = decode(payload)
+    del payload
+    for seed in range(6):
+        churn = decode(encode({f"t{i}": _random((i + 1, 37), dtype, 100 + seed) for i in range(4)}))
+        churn["t0"].fill_(7)
+        del churn
+    for name, t in originals.items():
+        assert torch.equal(_bits(kept[name]), _bits(t))
+        assert kept[name].untyped_storage().nbytes() == t.nbytes
+    only = kept.pop("t3")
+    del kept
+    decode(encode({"t3": torch.full((4, 37), 5.0, dtype=dtype)}))
+    assert torch.equal(_bits(only), _bits(originals["t3"]))
+
+
+def test_encode_reads_views_and_tensors_that_require_grad():
+    base = _random((5, 9), torch.float32, 3)
+    view = base[2:]  # contiguous, at an offset into its storage
+    weight = torch.nn.Parameter(_random((3, 4), torch.bfloat16, 4))
+    decoded = decode(encode({"view": view, "weight": weight}))
+    assert torch.equal(decoded["view"], view)
+    assert torch.equal(_bits(decoded["weight"]), _bits(weight.detach()))
+    assert not decoded["weight"].requires_grad
 
 
 def test_unicode_names_and_inspect_description():
@@ -359,6 +392,7 @@ RECORD_REJECTIONS = {
     "unknown encoding": (dict(encoding=4), 1, "unknown encoding"),
     "unknown index code": (dict(encoding=3, code=3), 1, "unknown index code"),
     "overflowing shape": (dict(shape=(2**32, 2**32), n_kept=0), 1, "overflows"),
+    "dimension past int64": (dict(shape=(0, 2**63), n_kept=0, body=b""), 1, "2\\^63"),
     "huge sparse shape": (dict(encoding=3, code=1, shape=(2**40,), n_kept=0, body=b""), 1, "max_output_bytes"),
     "values length": (dict(values_len=12), 1, "truncated|values length"),
     "count vs shape": (dict(n_kept=3, body=bytes(12)), 1, "count disagrees"),
