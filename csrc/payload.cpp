@@ -9,6 +9,7 @@
 
 #include "crc32c.h"
 #include "floatconv.h"
+#include "int8_blocks.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -57,8 +58,6 @@ void put_varint(uint8_t*& p, uint64_t v) {
 }
 
 uint64_t bitmap_size(uint64_t universe) { return universe / 8 + (universe % 8 != 0); }
-
-uint64_t quant_blocks(uint64_t n) { return n / kQuantBlock + (n % kQuantBlock != 0); }
 
 // Bytes of a value body holding n values; false on overflow.
 bool value_body_size(uint8_t format, uint64_t n, uint64_t& out) {
@@ -160,44 +159,6 @@ void shuffle_bytes(const uint8_t* src, uint8_t* dst, uint64_t n, size_t w) {
 void unshuffle_bytes(const uint8_t* src, uint8_t* dst, uint64_t n, size_t w) {
     for (size_t b = 0; b < w; ++b)
         for (uint64_t i = 0; i < n; ++i) dst[i * w + b] = src[b * n + i];
-}
-
-// int8 body: ceil(n/64) fp32 scales, then n int8 values; x ~= q * scale.
-void quantise(const float* x, uint64_t n, uint8_t* body) {
-    uint8_t* q_out = body + 4 * quant_blocks(n);
-    for (uint64_t start = 0, block = 0; start < n; start += kQuantBlock, ++block) {
-        const uint64_t end = std::min(n, start + kQuantBlock);
-        float amax = 0.0f;
-        bool has_nan = false;
-        for (uint64_t i = start; i < end; ++i) {
-            amax = std::max(amax, std::fabs(x[i]));
-            has_nan |= std::isnan(x[i]);
-        }
-        // A block holding inf or NaN has no usable scale: it decodes as all-NaN.
-        const bool usable = !has_nan && std::isfinite(amax);
-        const float scale = usable ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
-        std::memcpy(body + 4 * block, &scale, 4);
-        if (!usable || amax == 0.0f) {
-            std::memset(q_out + start, 0, end - start);
-            continue;
-        }
-        const float inv = 127.0f / amax;
-        // Adding and subtracting 1.5 * 2^23 rounds |r| <= 2^22 to nearest even, vectorisably.
-        constexpr float kRound = 12582912.0f;
-        for (uint64_t i = start; i < end; ++i) {
-            const float r = std::min(127.0f, std::max(-127.0f, x[i] * inv));
-            q_out[i] = static_cast<uint8_t>(static_cast<int8_t>(static_cast<int>((r + kRound) - kRound)));
-        }
-    }
-}
-
-void dequantise(const uint8_t* body, uint64_t n, float* out) {
-    const uint8_t* q = body + 4 * quant_blocks(n);
-    for (uint64_t i = 0; i < n; ++i) {
-        float scale;
-        std::memcpy(&scale, body + 4 * (i / kQuantBlock), 4);
-        out[i] = static_cast<float>(static_cast<int8_t>(q[i])) * scale;
-    }
 }
 
 bool is_finite_bits(uint8_t dtype, const uint8_t* p, uint64_t i) {
@@ -539,6 +500,10 @@ void write_index(const TensorIn& t, const TensorPlan& plan, uint8_t* out) {
 void write_values(const TensorIn& t, const TensorPlan& plan, bool shuffle, uint8_t* out) {
     const size_t src_width = dtype_size(t.dtype);
     if (plan.values == kInt8Block) {
+        if (plan.encoding == kDense && t.dtype == kF32 && !shuffle) {
+            quantise(reinterpret_cast<const float*>(t.data), plan.n_values, out);
+            return;
+        }
         std::vector<float> gathered(plan.n_values);
         const ConvFn to_f32 = converter(t.dtype, kF32);
         uint8_t* cursor = reinterpret_cast<uint8_t*>(gathered.data());
@@ -795,6 +760,10 @@ void fill_record(const Record& r, uint8_t* out, bool shuffled) {
             unshuffle_bytes(r.value_body, plain.data(), r.n_values, dtype_size(r.values));
         }
         stream = plain.data();
+    }
+    if (format == kInt8Block && r.encoding == kDense && r.dtype == kF32) {
+        dequantise(stream, r.n_values, reinterpret_cast<float*>(out));
+        return;
     }
     std::vector<float> dequantised;
     if (format == kInt8Block) {

@@ -34,7 +34,6 @@ constexpr uint16_t kFlagZstd = 1;  // section is zstd-compressed, value bodies b
 constexpr size_t kHeaderSize = 28;
 constexpr size_t kTrailerSize = 4;
 constexpr unsigned kMaxDims = 8;
-constexpr uint64_t kQuantBlock = 64;
 
 // One tensor to encode, read in place. `mask` is one byte per unit (nonzero = kept):
 // rows for kRows, columns for kCols, elements for kElements; unused for kAuto.

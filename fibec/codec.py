@@ -141,47 +141,52 @@ def inspect(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | 
 
 
 def _tensor_spec(name: object, tensor: object, mask: MaskSpec | None) -> tuple:
+    # Runs once per tensor on every encode: checks are ordered cheapest first and error
+    # messages are only built when raised.
     if not isinstance(name, str):
         raise TypeError(f"tensor names must be str, got {type(name).__name__}")
-    arg = f"tensors[{name!r}]"
-    check_tensor(arg, tensor, dtypes=FLOAT_DTYPES)
+    dtype_code = _DTYPE_CODES.get(tensor.dtype) if isinstance(tensor, torch.Tensor) else None
+    if dtype_code is None:
+        check_tensor(f"tensors[{name!r}]", tensor, dtypes=FLOAT_DTYPES)  # raises, naming the argument
     if not tensor.is_contiguous():
-        raise TypeError(f"{arg} must be contiguous (call .contiguous() first)")
+        raise TypeError(f"tensors[{name!r}] must be contiguous (call .contiguous() first)")
     if tensor.dim() > _MAX_DIMS:
-        raise ValueError(f"{arg} has {tensor.dim()} dimensions; at most {_MAX_DIMS} are supported")
+        raise ValueError(f"tensors[{name!r}] has {tensor.dim()} dimensions; at most {_MAX_DIMS} are supported")
     encoded_name = name.encode("utf-8")
     if len(encoded_name) > _MAX_NAME_BYTES:
         raise ValueError(f"tensor name {name[:40]!r}... is longer than {_MAX_NAME_BYTES} UTF-8 bytes")
     if not tensor.is_cpu:
         tensor = tensor.cpu()
-    mask_kind, mask = _mask_spec(name, tensor, mask)
-    mask_memory = (0, 0) if mask is None else (mask.data_ptr(), mask.numel())
+    mask_kind, kept = _MASK_AUTO, None
+    if mask is not None:
+        mask_kind, kept = _mask_spec(name, tensor, mask)
     # The C++ side reads the memory at these addresses; the last entry keeps it alive meanwhile.
-    return (encoded_name, _DTYPE_CODES[tensor.dtype], tensor.shape, tensor.data_ptr(), tensor.nbytes, mask_kind,
-            *mask_memory, (tensor, mask))
+    return (encoded_name, dtype_code, tensor.shape, tensor.data_ptr(), tensor.nbytes, mask_kind,
+            0 if kept is None else kept.data_ptr(), 0 if kept is None else kept.numel(), (tensor, kept))
 
 
-def _mask_spec(name: str, tensor: torch.Tensor, mask: MaskSpec | None) -> tuple[int, torch.Tensor | None]:
-    """(mask kind, contiguous CPU bool tensor of the kept units, or None)."""
-    arg = f"masks[{name!r}]"
-    if mask is None:
-        return _MASK_AUTO, None
+def _mask_spec(name: str, tensor: torch.Tensor, mask: MaskSpec) -> tuple[int, torch.Tensor]:
+    """(mask kind, contiguous CPU bool tensor of the kept units)."""
     if isinstance(mask, tuple):
         if len(mask) != 2:
-            raise ValueError(f"{arg} must be an element mask or a (neuron_mask, mask_dim) pair")
+            raise ValueError(f"masks[{name!r}] must be an element mask or a (neuron_mask, mask_dim) pair")
         mask, mask_dim = mask
         if mask_dim not in (0, 1) or isinstance(mask_dim, bool):
-            raise ValueError(f"{arg}: mask_dim must be 0 (rows) or 1 (columns), got {mask_dim!r}")
+            raise ValueError(f"masks[{name!r}]: mask_dim must be 0 (rows) or 1 (columns), got {mask_dim!r}")
         if tensor.dim() != 2:
-            raise ValueError(f"{arg}: a neuron mask needs a 2-D tensor, got shape {tuple(tensor.shape)}")
+            raise ValueError(f"masks[{name!r}]: a neuron mask needs a 2-D tensor, got shape {tuple(tensor.shape)}")
         expected, kind = (tensor.shape[mask_dim],), (_MASK_ROWS if mask_dim == 0 else _MASK_COLS)
     else:
-        expected, kind = tuple(tensor.shape), _MASK_ELEMENTS
-    check_tensor(arg, mask)
-    if tuple(mask.shape) != expected:
-        raise ValueError(f"{arg} must have shape {expected}, got {tuple(mask.shape)}")
-    kept = mask.detach().cpu()
-    return kind, (kept if kept.dtype == torch.bool else kept != 0).contiguous()
+        expected, kind = tensor.shape, _MASK_ELEMENTS
+    if not isinstance(mask, torch.Tensor):
+        check_tensor(f"masks[{name!r}]", mask)  # raises, naming the argument
+    if mask.shape != expected:
+        raise ValueError(f"masks[{name!r}] must have shape {tuple(expected)}, got {tuple(mask.shape)}")
+    if not mask.is_cpu:
+        mask = mask.cpu()
+    if mask.dtype != torch.bool:
+        mask = mask.detach() != 0
+    return kind, mask.contiguous()
 
 
 def _byte_view(payload: object) -> memoryview:

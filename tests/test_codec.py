@@ -475,3 +475,38 @@ def test_int8_rounds_half_to_even_and_zero_blocks_have_zero_scale():
     assert out[:7].tolist() == [127.0, 0.0, 2.0, 2.0, 0.0, -2.0, -126.0]
     assert not out[64:].any()
     assert inspect(encode({"t": t}, masks={"t": torch.ones(128)}, values="int8"))["tensors"][0]["values_bytes"] == 136
+
+
+def _int8_body_reference(x: torch.Tensor) -> bytes:
+    """The documented int8 body of a flat fp32 stream, computed with torch in fp32."""
+    n = x.numel()
+    blocks = torch.nn.functional.pad(x, (0, (-n) % 64)).reshape(-1, 64)
+    amax = blocks.abs().amax(dim=1)
+    usable = torch.isfinite(blocks).all(dim=1)
+    scale = torch.where(usable, amax / 127, torch.full_like(amax, float("nan")))
+    lift = torch.where(amax < 2.0**-100, torch.tensor(2.0**64), torch.tensor(1.0))
+    inv = torch.where(usable & (amax > 0), torch.tensor(127.0) / (amax * lift), torch.zeros_like(amax))
+    q = torch.round((blocks * lift[:, None] * inv[:, None]).clamp(-127, 127))
+    q = torch.where((usable & (amax > 0))[:, None], q, torch.zeros_like(q)).reshape(-1)[:n]
+    return scale.numpy().tobytes() + q.to(torch.int8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 200, 64 * 9 + 17])
+def test_int8_body_is_exactly_the_documented_quantisation(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.logspace(-3, 3, n)
+    x[::5] = torch.round(x[::5]) + 0.5  # ties on the int grid when amax = 127
+    x[: min(n, 64)] = x[: min(n, 64)].clamp(-127, 127)
+    if n > 64:
+        x[64] = float("inf")  # its block has no usable scale
+    if n > 128:
+        x[128:192] = torch.randn(64, generator=g) * 1e-40  # subnormal block
+        x[192:256] = 0.0
+    payload = encode({"x": x}, values="int8")
+    (record,) = inspect(payload)["tensors"]
+    body = payload[len(payload) - 4 - record["values_bytes"]:len(payload) - 4]
+    assert body == _int8_body_reference(x)
+    if n > 256:  # the subnormal and zero blocks decode within half a step
+        decoded = decode(payload)["x"][128:256]
+        step = x[128:192].abs().max() / 127
+        assert (decoded[:64] - x[128:192]).abs().max() <= step / 2 and not decoded[64:].any()

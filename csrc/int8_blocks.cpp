@@ -1,0 +1,158 @@
+#include "int8_blocks.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FIBEC_HAVE_X86_AVX2 1
+#endif
+
+namespace fibec {
+namespace {
+
+// 127 / amax overflows for amax below ~3.7e-37, so tiny blocks are first multiplied by
+// 2^64 (exactly: a power of two); every other block by 1.
+inline float lift_for(float amax) { return amax < 0x1p-100f ? 0x1p64f : 1.0f; }
+
+// Scale of one block, or NaN when it holds inf or NaN (then it has no usable scale).
+float block_scale(const float* x, uint64_t count, float& amax) {
+    amax = 0.0f;
+    bool has_nan = false;
+    for (uint64_t i = 0; i < count; ++i) {
+        amax = std::max(amax, std::fabs(x[i]));
+        has_nan |= std::isnan(x[i]);
+    }
+    return !has_nan && std::isfinite(amax) ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+}
+
+void quantise_block(const float* x, uint64_t count, uint8_t* scale_out, uint8_t* q_out) {
+    float amax;
+    const float scale = block_scale(x, count, amax);
+    std::memcpy(scale_out, &scale, 4);
+    if (std::isnan(scale) || amax == 0.0f) {
+        std::memset(q_out, 0, count);
+        return;
+    }
+    const float lift = lift_for(amax);
+    const float inv = 127.0f / (amax * lift);
+    // Adding and subtracting 1.5 * 2^23 rounds |r| <= 2^22 to nearest even.
+    constexpr float kRound = 12582912.0f;
+    for (uint64_t i = 0; i < count; ++i) {
+        const float r = std::min(127.0f, std::max(-127.0f, x[i] * lift * inv));
+        q_out[i] = static_cast<uint8_t>(static_cast<int8_t>(static_cast<int>((r + kRound) - kRound)));
+    }
+}
+
+void quantise_scalar(const float* x, uint64_t n, uint8_t* body) {
+    uint8_t* q = body + 4 * quant_blocks(n);
+    for (uint64_t start = 0, block = 0; start < n; start += kQuantBlock, ++block)
+        quantise_block(x + start, std::min(kQuantBlock, n - start), body + 4 * block, q + start);
+}
+
+void dequantise_scalar(const uint8_t* body, uint64_t n, float* out) {
+    const uint8_t* q = body + 4 * quant_blocks(n);
+    for (uint64_t start = 0, block = 0; start < n; start += kQuantBlock, ++block) {
+        float scale;
+        std::memcpy(&scale, body + 4 * block, 4);
+        const uint64_t end = std::min(n, start + kQuantBlock);
+        for (uint64_t i = start; i < end; ++i) out[i] = static_cast<float>(static_cast<int8_t>(q[i])) * scale;
+    }
+}
+
+#ifdef FIBEC_HAVE_X86_AVX2
+// The same arithmetic as quantise_block, eight lanes at a time, for whole blocks of 64.
+// _mm256_max_ps(v, c) returns c when v is NaN, as std::max(c, v) does.
+__attribute__((target("avx2"))) void quantise_avx2(const float* x, uint64_t n, uint8_t* body) {
+    uint8_t* q = body + 4 * quant_blocks(n);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const uint64_t whole = n / kQuantBlock;
+    for (uint64_t block = 0; block < whole; ++block) {
+        const float* xb = x + block * kQuantBlock;
+        __m256 v[8];
+        __m256 vmax = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+        for (int k = 0; k < 8; ++k) {
+            v[k] = _mm256_loadu_ps(xb + 8 * k);
+            vmax = _mm256_max_ps(vmax, _mm256_and_ps(v[k], abs_mask));
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v[k], v[k], _CMP_UNORD_Q));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        const float amax = _mm_cvtss_f32(m4);
+        const bool usable = !_mm256_movemask_ps(unordered) && std::isfinite(amax);
+        const float scale = usable ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+        std::memcpy(body + 4 * block, &scale, 4);
+        uint8_t* qb = q + block * kQuantBlock;
+        if (!usable || amax == 0.0f) {
+            std::memset(qb, 0, kQuantBlock);
+            continue;
+        }
+        const float lift = lift_for(amax);
+        const __m256 lifted = _mm256_set1_ps(lift), inv = _mm256_set1_ps(127.0f / (amax * lift));
+        __m256i r[8];
+        for (int k = 0; k < 8; ++k) {
+            const __m256 scaled = _mm256_mul_ps(_mm256_mul_ps(v[k], lifted), inv);
+            const __m256 clamped = _mm256_min_ps(_mm256_max_ps(scaled, lo), hi);
+            r[k] = _mm256_cvtps_epi32(_mm256_round_ps(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        for (int half = 0; half < 2; ++half) {
+            const __m256i* g = r + 4 * half;
+            const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(g[0], g[1]), _mm256_packs_epi32(g[2], g[3]));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + 32 * half),
+                                _mm256_permutevar8x32_epi32(bytes, lane_order));
+        }
+    }
+    const uint64_t done = whole * kQuantBlock;
+    if (done < n) quantise_block(x + done, n - done, body + 4 * whole, q + done);
+}
+
+__attribute__((target("avx2"))) void dequantise_avx2(const uint8_t* body, uint64_t n, float* out) {
+    const uint8_t* q = body + 4 * quant_blocks(n);
+    const uint64_t whole = n / kQuantBlock;
+    for (uint64_t block = 0; block < whole; ++block) {
+        float s;
+        std::memcpy(&s, body + 4 * block, 4);
+        const __m256 scale = _mm256_set1_ps(s);
+        const uint8_t* qb = q + block * kQuantBlock;
+        float* ob = out + block * kQuantBlock;
+        for (int k = 0; k < 8; ++k) {
+            const __m256i wide = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + 8 * k)));
+            _mm256_storeu_ps(ob + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(wide), scale));
+        }
+    }
+    const uint64_t done = whole * kQuantBlock;
+    if (done < n) {
+        float s;
+        std::memcpy(&s, body + 4 * whole, 4);
+        for (uint64_t i = done; i < n; ++i) out[i] = static_cast<float>(static_cast<int8_t>(q[i])) * s;
+    }
+}
+
+bool cpu_has_avx2() {
+    static const bool has = __builtin_cpu_supports("avx2");
+    return has;
+}
+#endif
+
+}  // namespace
+
+void quantise(const float* x, uint64_t n, uint8_t* body) {
+#ifdef FIBEC_HAVE_X86_AVX2
+    if (cpu_has_avx2()) return quantise_avx2(x, n, body);
+#endif
+    quantise_scalar(x, n, body);
+}
+
+void dequantise(const uint8_t* body, uint64_t n, float* out) {
+#ifdef FIBEC_HAVE_X86_AVX2
+    if (cpu_has_avx2()) return dequantise_avx2(body, n, out);
+#endif
+    dequantise_scalar(body, n, out);
+}
+
+}  // namespace fibec
