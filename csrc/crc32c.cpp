@@ -67,6 +67,7 @@ constexpr uint64_t fold_constant(unsigned exponent) {
 }
 
 constexpr unsigned kLanes = 4;
+constexpr size_t kStreamingCopyBytes = size_t{256} << 10;
 constexpr size_t kBlock = 16 * kLanes;
 
 __attribute__((target("sse4.2"))) uint32_t crc_sse42(const uint8_t* p, size_t n, uint32_t c) {
@@ -81,6 +82,14 @@ __attribute__((target("sse4.2"))) uint32_t crc_sse42(const uint8_t* p, size_t n,
     return c32;
 }
 
+template <bool kCopy, bool kStream>
+__attribute__((target("sse4.2"))) inline void store(uint8_t* dst, __m128i v) {
+    if (kStream)
+        _mm_stream_si128(reinterpret_cast<__m128i*>(dst), v);
+    else if (kCopy)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), v);
+}
+
 __attribute__((target("sse4.2,pclmul"))) inline __m128i fold(__m128i lane, __m128i constants, __m128i next) {
     const __m128i low = _mm_clmulepi64_si128(lane, constants, 0x00);
     const __m128i high = _mm_clmulepi64_si128(lane, constants, 0x11);
@@ -88,28 +97,43 @@ __attribute__((target("sse4.2,pclmul"))) inline __m128i fold(__m128i lane, __m12
 }
 
 // CRC state (not inverted) after p[0, n); with kCopy, also copies those bytes to dst.
-template <bool kCopy>
+// kStream writes the copy with streaming stores, for large copies: they are outputs read
+// later if at all, and a normal store first reads every line it writes, which costs as
+// much as the write when the destination is not cached (measured here: 6.4 vs 5.8 GB/s
+// at 32 MB, but 6.1 vs 8.9 GB/s for 48 KB into cache).
+template <bool kCopy, bool kStream>
 __attribute__((target("sse4.2,pclmul"))) uint32_t crc_pclmul(const uint8_t* p, uint8_t* dst, size_t n, uint32_t c) {
+    if (kStream && n >= 2 * kBlock + 64) {  // bring dst to a cache line boundary first
+        const size_t head = (64 - (reinterpret_cast<uintptr_t>(dst) & 63)) & 63;
+        std::memcpy(dst, p, head);
+        c = crc_sse42(p, head, c);
+        p += head;
+        dst += head;
+        n -= head;
+    }
     if (n >= 2 * kBlock) {
-        const __m128i far = _mm_set_epi64x(fold_constant(128 * kLanes - 32), fold_constant(128 * kLanes + 32));
-        const __m128i near = _mm_set_epi64x(fold_constant(128 - 32), fold_constant(128 + 32));
+        static constexpr uint64_t kFarHigh = fold_constant(128 * kLanes - 32), kFarLow = fold_constant(128 * kLanes + 32);
+        static constexpr uint64_t kNearHigh = fold_constant(128 - 32), kNearLow = fold_constant(128 + 32);
+        const __m128i far = _mm_set_epi64x(static_cast<long long>(kFarHigh), static_cast<long long>(kFarLow));
+        const __m128i near = _mm_set_epi64x(static_cast<long long>(kNearHigh), static_cast<long long>(kNearLow));
         __m128i lane[kLanes];
-        for (unsigned l = 0; l < kLanes; ++l) lane[l] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * l));
-        if (kCopy) {
-            for (unsigned l = 0; l < kLanes; ++l) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * l), lane[l]);
-            dst += kBlock;
+        for (unsigned l = 0; l < kLanes; ++l) {
+            lane[l] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * l));
+            store<kCopy, kStream>(dst + 16 * l, lane[l]);
         }
         lane[0] = _mm_xor_si128(lane[0], _mm_cvtsi32_si128(static_cast<int>(c)));  // the state enters as the first 4 bytes
         p += kBlock;
+        dst += kCopy ? kBlock : 0;
         n -= kBlock;
         for (; n >= kBlock; p += kBlock, n -= kBlock) {
-            for (unsigned l = 0; l < kLanes; ++l) {
-                const __m128i next = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * l));
-                if (kCopy) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * l), next);
-                lane[l] = fold(lane[l], far, next);
-            }
-            if (kCopy) dst += kBlock;
+            __m128i next[kLanes];
+            for (unsigned l = 0; l < kLanes; ++l) next[l] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * l));
+            // One whole cache line back to back, so that a write-combining buffer flushes it whole.
+            for (unsigned l = 0; l < kLanes; ++l) store<kCopy, kStream>(dst + 16 * l, next[l]);
+            for (unsigned l = 0; l < kLanes; ++l) lane[l] = fold(lane[l], far, next[l]);
+            dst += kCopy ? kBlock : 0;
         }
+        if (kStream) _mm_sfence();
         __m128i last = lane[0];
         for (unsigned l = 1; l < kLanes; ++l) last = fold(last, near, lane[l]);
         // What is left is the CRC of these 16 bytes from a zero state.
@@ -131,14 +155,16 @@ bool cpu_has_crc_instructions() {
 
 uint32_t crc32c(const uint8_t* data, size_t len, uint32_t crc) {
 #ifdef FIBEC_HAVE_X86_CRC
-    if (cpu_has_crc_instructions()) return ~crc_pclmul<false>(data, nullptr, len, ~crc);
+    if (cpu_has_crc_instructions()) return ~crc_pclmul<false, false>(data, nullptr, len, ~crc);
 #endif
     return ~crc_portable(data, len, ~crc);
 }
 
 uint32_t crc32c_copy(const uint8_t* src, uint8_t* dst, size_t len, uint32_t crc) {
 #ifdef FIBEC_HAVE_X86_CRC
-    if (cpu_has_crc_instructions()) return ~crc_pclmul<true>(src, dst, len, ~crc);
+    if (cpu_has_crc_instructions())
+        return len >= kStreamingCopyBytes ? ~crc_pclmul<true, true>(src, dst, len, ~crc)
+                                          : ~crc_pclmul<true, false>(src, dst, len, ~crc);
 #endif
     std::memcpy(dst, src, len);
     return ~crc_portable(src, len, ~crc);
