@@ -497,21 +497,43 @@ void write_index(const TensorIn& t, const TensorPlan& plan, uint8_t* out) {
     }
 }
 
+// Copies n values of `width` bytes: runs in sparse tensors are mostly a single value.
+inline void copy_values(const uint8_t* src, uint8_t* dst, uint64_t n, size_t width) {
+    if (n == 1 && width == 4)
+        std::memcpy(dst, src, 4);
+    else if (n == 1)
+        std::memcpy(dst, src, 2);
+    else
+        std::memcpy(dst, src, n * width);
+}
+
+// Writes the kept values, in stream order and in the tensor's own dtype, to dst.
+void gather_values(const TensorIn& t, const TensorPlan& plan, uint8_t* dst) {
+    const size_t width = dtype_size(t.dtype);
+    for_each_source_run(t, plan, [&](uint64_t offset, uint64_t n) {
+        copy_values(t.data + offset * width, dst, n, width);
+        dst += n * width;
+    });
+}
+
 void write_values(const TensorIn& t, const TensorPlan& plan, bool shuffle, uint8_t* out) {
-    const size_t src_width = dtype_size(t.dtype);
+    const bool convert = plan.values != t.dtype;
+    if (plan.encoding != kDense && !convert && !shuffle) {
+        gather_values(t, plan, out);
+        return;
+    }
+    // The value stream in the tensor's dtype (the tensor itself when dense), converted in one call.
+    const uint8_t* source = t.data;
+    std::vector<uint8_t> gathered;
+    if (plan.encoding != kDense) {
+        gathered.resize(plan.n_values * dtype_size(t.dtype));
+        gather_values(t, plan, gathered.data());
+        source = gathered.data();
+    }
     if (plan.values == kInt8Block) {
-        if (plan.encoding == kDense && t.dtype == kF32 && !shuffle) {
-            quantise(reinterpret_cast<const float*>(t.data), plan.n_values, out);
-            return;
-        }
-        std::vector<float> gathered(plan.n_values);
-        const ConvFn to_f32 = converter(t.dtype, kF32);
-        uint8_t* cursor = reinterpret_cast<uint8_t*>(gathered.data());
-        for_each_source_run(t, plan, [&](uint64_t offset, uint64_t n) {
-            to_f32(t.data + offset * src_width, cursor, n);
-            cursor += 4 * n;
-        });
-        quantise(gathered.data(), plan.n_values, out);
+        std::vector<float> widened(t.dtype == kF32 ? 0 : plan.n_values);
+        if (t.dtype != kF32) converter(t.dtype, kF32)(source, reinterpret_cast<uint8_t*>(widened.data()), plan.n_values);
+        quantise(t.dtype == kF32 ? reinterpret_cast<const float*>(source) : widened.data(), plan.n_values, out);
         if (shuffle) {
             const uint64_t blocks = quant_blocks(plan.n_values);
             std::vector<uint8_t> scales(out, out + 4 * blocks);
@@ -519,15 +541,9 @@ void write_values(const TensorIn& t, const TensorPlan& plan, bool shuffle, uint8
         }
         return;
     }
-    const size_t width = dtype_size(plan.values);
     std::vector<uint8_t> staging(shuffle ? plan.values_len : 0);
-    uint8_t* cursor = shuffle ? staging.data() : out;
-    const ConvFn conv = converter(t.dtype, plan.values);
-    for_each_source_run(t, plan, [&](uint64_t offset, uint64_t n) {
-        conv(t.data + offset * src_width, cursor, n);
-        cursor += width * n;
-    });
-    if (shuffle) shuffle_bytes(staging.data(), out, plan.n_values, width);
+    converter(t.dtype, plan.values)(source, shuffle ? staging.data() : out, plan.n_values);
+    if (shuffle) shuffle_bytes(staging.data(), out, plan.n_values, dtype_size(plan.values));
 }
 
 }  // namespace
@@ -745,10 +761,38 @@ std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_te
     return records;
 }
 
+namespace {
+
+// Writes a sparse record's dense tensor from its value stream, already in the tensor's
+// dtype (W bytes per value).
+template <size_t W>
+void scatter(const Record& r, const uint8_t* stream, uint8_t* out) {
+    std::memset(out, 0, r.out_bytes);
+    IndexReader reader(r.index_code, r.index, r.index_len, r.universe);
+    const uint64_t rows = r.shape.size() == 2 ? r.shape[0] : 1;
+    const uint64_t cols = r.shape.size() == 2 ? r.shape[1] : r.numel;
+    if (r.encoding == kRows) {
+        for (uint64_t k = 0; k < r.n_kept; ++k) std::memcpy(out + reader.next() * cols * W, stream + k * cols * W, cols * W);
+    } else if (r.encoding == kCols) {
+        std::vector<uint64_t> kept(r.n_kept);
+        for (auto& col : kept) col = reader.next();
+        for (uint64_t row = 0; row < rows; ++row) {
+            uint8_t* line = out + row * cols * W;
+            for (uint64_t col : kept) {
+                std::memcpy(line + col * W, stream, W);
+                stream += W;
+            }
+        }
+    } else {
+        for (uint64_t k = 0; k < r.n_kept; ++k) std::memcpy(out + reader.next() * W, stream + k * W, W);
+    }
+}
+
+}  // namespace
+
 void fill_record(const Record& r, uint8_t* out, bool shuffled) {
-    // Bring the value stream to plain layout (and int8 to fp32) before scattering.
+    // The value stream in plain layout...
     const uint8_t* stream = r.value_body;
-    uint8_t format = r.values;
     std::vector<uint8_t> plain;
     if (shuffled) {
         plain.resize(r.values_len);
@@ -761,37 +805,33 @@ void fill_record(const Record& r, uint8_t* out, bool shuffled) {
         }
         stream = plain.data();
     }
-    if (format == kInt8Block && r.encoding == kDense && r.dtype == kF32) {
-        dequantise(stream, r.n_values, reinterpret_cast<float*>(out));
-        return;
+    // ...then in the tensor's dtype, converted in one call (into out when dense)...
+    const bool dense = r.encoding == kDense;
+    std::vector<uint8_t> converted;
+    if (r.values != r.dtype) {
+        uint8_t* target = out;
+        if (!dense) {
+            converted.resize(r.n_values * dtype_size(r.dtype));
+            target = converted.data();
+        }
+        if (r.values != kInt8Block) {
+            converter(r.values, r.dtype)(stream, target, r.n_values);
+        } else if (r.dtype == kF32) {
+            dequantise(stream, r.n_values, reinterpret_cast<float*>(target));
+        } else {
+            std::vector<float> widened(r.n_values);
+            dequantise(stream, r.n_values, widened.data());
+            converter(kF32, r.dtype)(reinterpret_cast<const uint8_t*>(widened.data()), target, r.n_values);
+        }
+        stream = target;
     }
-    std::vector<float> dequantised;
-    if (format == kInt8Block) {
-        dequantised.resize(r.n_values);
-        dequantise(stream, r.n_values, dequantised.data());
-        stream = reinterpret_cast<const uint8_t*>(dequantised.data());
-        format = kF32;
-    }
-    const ConvFn conv = converter(format, r.dtype);
-    const size_t in_w = dtype_size(format), out_w = dtype_size(r.dtype);
-    if (r.encoding == kDense) {
-        conv(stream, out, r.numel);
-        return;
-    }
-    std::memset(out, 0, r.out_bytes);
-    IndexReader reader(r.index_code, r.index, r.index_len, r.universe);
-    const uint64_t rows = r.shape.size() == 2 ? r.shape[0] : 1;
-    const uint64_t cols = r.shape.size() == 2 ? r.shape[1] : r.numel;
-    if (r.encoding == kRows) {
-        for (uint64_t k = 0; k < r.n_kept; ++k) conv(stream + k * cols * in_w, out + reader.next() * cols * out_w, cols);
-    } else if (r.encoding == kCols) {
-        std::vector<uint64_t> kept(r.n_kept);
-        for (auto& col : kept) col = reader.next();
-        uint64_t j = 0;
-        for (uint64_t row = 0; row < rows; ++row)
-            for (uint64_t col : kept) conv(stream + (j++) * in_w, out + (row * cols + col) * out_w, 1);
+    // ...and placed.
+    if (dense) {
+        if (stream != out) std::memcpy(out, stream, r.out_bytes);
+    } else if (dtype_size(r.dtype) == 4) {
+        scatter<4>(r, stream, out);
     } else {
-        for (uint64_t k = 0; k < r.n_kept; ++k) conv(stream + k * in_w, out + reader.next() * out_w, 1);
+        scatter<2>(r, stream, out);
     }
 }
 
