@@ -124,7 +124,8 @@ py::bytes frame(const py::object& section, uint64_t raw_len, uint32_t n_tensors,
     py::bytes result = new_bytes(kHeaderSize + view.size() + kTrailerSize, out);
     py::gil_scoped_release release;
     write_header(out, n_tensors, flags, view.size(), raw_len);
-    const uint32_t crc = crc32c_copy(view.data(), out + kHeaderSize, view.size(), crc32c(out, kHeaderSize));
+    const uint32_t crc = crc32c_copy(view.data(), out + kHeaderSize, view.size(), crc32c(out, kHeaderSize),
+                                     view.size() >= kStreamingOutputBytes);
     std::memcpy(out + kHeaderSize + view.size(), &crc, 4);
     return result;
 }
@@ -230,7 +231,7 @@ class Section {
     }
 
     // Verifies the checksum (when asked at construction) without decoding.
-    void verify() const { run(nullptr, {}); }
+    void verify() const { run(nullptr, {}, false); }
 
     // ([name: str], [DLPack capsule]): the decoded tensors, in one shared output block.
     py::tuple decode() const {
@@ -243,7 +244,7 @@ class Section {
             total += (records_[k].out_bytes + kOutputAlignment - 1) / kOutputAlignment * kOutputAlignment;
         }
         const std::shared_ptr<OutputBlock> block = OutputBlock::acquire(total);
-        run(block->data(), offsets);
+        run(block->data(), offsets, total >= kStreamingOutputBytes);
         py::list capsules;
         for (size_t k = 0; k < records_.size(); ++k)
             capsules.append(export_tensor(records_[k], block, block->data() + offsets[k]));
@@ -251,13 +252,13 @@ class Section {
     }
 
   private:
-    void run(uint8_t* base, const std::vector<uint64_t>& offsets) const {
+    void run(uint8_t* base, const std::vector<uint64_t>& offsets, bool streaming) const {
         py::gil_scoped_release release;
         uint32_t crc = verify_crc_ ? crc32c(view_.data(), offset_) : 0;
         for (size_t k = 0; k < records_.size(); ++k) {
             uint8_t* out = base && records_[k].out_bytes ? base + offsets[k] : nullptr;
             if (verify_crc_)
-                crc = checksum_and_fill(records_[k], out, crc);
+                crc = checksum_and_fill(records_[k], out, crc, streaming);
             else if (out)
                 fill_record(records_[k], out, shuffled_);
         }

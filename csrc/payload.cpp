@@ -599,7 +599,8 @@ uint32_t Encoder::write_section(uint8_t* out, uint32_t crc) const {
         out += plan.index_len;
         crc = crc32c(record, static_cast<size_t>(out - record), crc);
         if (plan.encoding == kDense && plan.values == t.dtype && !options_.shuffle) {
-            crc = crc32c_copy(t.data, out, plan.values_len, crc);  // one pass over the tensor
+            // One pass over the tensor.
+            crc = crc32c_copy(t.data, out, plan.values_len, crc, section_size_ >= kStreamingOutputBytes);
         } else {
             write_values(t, plan, options_.shuffle, out);
             crc = crc32c(out, plan.values_len, crc);  // still in cache
@@ -835,9 +836,10 @@ void fill_record(const Record& r, uint8_t* out, bool shuffled) {
     }
 }
 
-uint32_t checksum_and_fill(const Record& r, uint8_t* out, uint32_t crc) {
+uint32_t checksum_and_fill(const Record& r, uint8_t* out, uint32_t crc, bool streaming) {
     crc = crc32c(r.begin, static_cast<size_t>(r.value_body - r.begin), crc);  // fields and index body
-    if (out && r.encoding == kDense && r.values == r.dtype) return crc32c_copy(r.value_body, out, r.values_len, crc);
+    if (out && r.encoding == kDense && r.values == r.dtype)
+        return crc32c_copy(r.value_body, out, r.values_len, crc, streaming);
     crc = crc32c(r.value_body, r.values_len, crc);
     if (out) fill_record(r, out, false);  // the body is still in cache
     return crc;

@@ -114,8 +114,9 @@ std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_te
 void fill_record(const Record& record, uint8_t* out, bool shuffled);
 
 // Returns crc32c(record bytes, crc) and, unless out is null, fills out as fill_record does for
-// an unshuffled record, reading a value body that needs no conversion only once.
-uint32_t checksum_and_fill(const Record& record, uint8_t* out, uint32_t crc);
+// an unshuffled record, reading a value body that needs no conversion only once (copied
+// with streaming stores if asked: see crc32c_copy).
+uint32_t checksum_and_fill(const Record& record, uint8_t* out, uint32_t crc, bool streaming);
 
 size_t dtype_size(uint8_t code);
 
