@@ -35,6 +35,9 @@ OUTPUT_BYTES_PER_PAYLOAD_BYTE = 256
 MIN_OUTPUT_BYTES = 64 << 20
 
 MaskSpec = torch.Tensor | tuple[torch.Tensor, int]
+# torch.from_dlpack's own converter: the public wrapper spends 3 us per call finding out
+# that a capsule is a capsule, as long as decoding a 48 KB tensor takes.
+_tensor_from_dlpack = getattr(torch._C, "_from_dlpack", torch.from_dlpack)
 
 
 def encode(
@@ -103,7 +106,7 @@ def decode(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | N
     of very sparse tensors whose dense size exceeds that.
     """
     names, capsules = _call(_parse(payload, max_output_bytes).decode)
-    return dict(zip(names, map(torch.from_dlpack, capsules)))
+    return dict(zip(names, map(_tensor_from_dlpack, capsules)))
 
 
 def inspect(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | None = None) -> dict:
