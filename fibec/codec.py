@@ -104,6 +104,9 @@ def decode(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | N
     max_output_bytes bounds the memory decode() may allocate (decompressed section, and the
     dense outputs); by default max(64 MiB, 256 x len(payload)). Raise it to accept payloads
     of very sparse tensors whose dense size exceeds that.
+
+    The tensors are separate storages over one shared block, freed with the last of them
+    (docs/PAYLOAD.md, "Memory of decoded tensors"); they are writable but not resizable.
     """
     names, capsules = _call(_parse(payload, max_output_bytes).decode)
     return dict(zip(names, map(_tensor_from_dlpack, capsules)))
