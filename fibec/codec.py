@@ -86,8 +86,7 @@ def encode(
     # The specs hold the tensors (and masks) whose memory the C++ side reads by address.
     specs = [_tensor_spec(name, tensor, masks.get(name)) for name, tensor in tensors.items()]
     compress = level is not None
-    section = _codec.encode([spec[:-1] for spec in specs], _VALUE_CODES[values], compress, bool(check_finite),
-                            not compress)
+    section = _codec.encode(specs, _VALUE_CODES[values], compress, bool(check_finite), not compress)
     if not compress:
         return section
     import zstandard
