@@ -34,6 +34,12 @@ size_t dtype_size(uint8_t code) {
 
 namespace {
 
+// memcpy, for ranges that may be empty: memcpy wants valid pointers even for 0 bytes, and an
+// empty std::vector has none.
+inline void copy_bytes(uint8_t* dst, const uint8_t* src, uint64_t n) {
+    if (n) std::memcpy(dst, src, n);
+}
+
 template <class T>
 void put(uint8_t*& p, T v) {
     std::memcpy(p, &v, sizeof(T));
@@ -105,7 +111,7 @@ using ConvFn = void (*)(const uint8_t*, uint8_t*, uint64_t);
 template <int From, int To>
 void convert(const uint8_t* src, uint8_t* dst, uint64_t n) {
     if constexpr (From == To) {
-        std::memcpy(dst, src, n * dtype_size(From));
+        copy_bytes(dst, src, n * dtype_size(From));
     } else {
         for (uint64_t i = 0; i < n; ++i) store<To>(dst, i, load<From>(src, i));
     }
@@ -504,7 +510,7 @@ inline void copy_values(const uint8_t* src, uint8_t* dst, uint64_t n, size_t wid
     else if (n == 1)
         std::memcpy(dst, src, 2);
     else
-        std::memcpy(dst, src, n * width);
+        copy_bytes(dst, src, n * width);
 }
 
 // Writes the kept values, in stream order and in the tensor's own dtype, to dst.
@@ -773,7 +779,7 @@ void scatter(const Record& r, const uint8_t* stream, uint8_t* out) {
     const uint64_t rows = r.shape.size() == 2 ? r.shape[0] : 1;
     const uint64_t cols = r.shape.size() == 2 ? r.shape[1] : r.numel;
     if (r.encoding == kRows) {
-        for (uint64_t k = 0; k < r.n_kept; ++k) std::memcpy(out + reader.next() * cols * W, stream + k * cols * W, cols * W);
+        for (uint64_t k = 0; k < r.n_kept; ++k) copy_bytes(out + reader.next() * cols * W, stream + k * cols * W, cols * W);
     } else if (r.encoding == kCols) {
         std::vector<uint64_t> kept(r.n_kept);
         for (auto& col : kept) col = reader.next();
@@ -800,7 +806,7 @@ void fill_record(const Record& r, uint8_t* out, bool shuffled) {
         if (r.values == kInt8Block) {
             const uint64_t blocks = quant_blocks(r.n_values);
             unshuffle_bytes(r.value_body, plain.data(), blocks, 4);
-            std::memcpy(plain.data() + 4 * blocks, r.value_body + 4 * blocks, r.n_values);
+            copy_bytes(plain.data() + 4 * blocks, r.value_body + 4 * blocks, r.n_values);
         } else {
             unshuffle_bytes(r.value_body, plain.data(), r.n_values, dtype_size(r.values));
         }
@@ -828,7 +834,7 @@ void fill_record(const Record& r, uint8_t* out, bool shuffled) {
     }
     // ...and placed.
     if (dense) {
-        if (stream != out) std::memcpy(out, stream, r.out_bytes);
+        if (stream != out) copy_bytes(out, stream, r.out_bytes);
     } else if (dtype_size(r.dtype) == 4) {
         scatter<4>(r, stream, out);
     } else {
