@@ -7,7 +7,7 @@ GPU    := $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))"
 INTERP := $(if $(filter 1,$(GPU)),,TRITON_INTERPRET=1)
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench sanitize clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,19 @@ bench: $(STAMP)
 	$(PY) -m pip install -c $(VENV)/torch-pin.txt -e ".[test,bench]"
 	$(PY) -m pip install --no-deps backpack-for-pytorch
 	HF_HUB_OFFLINE=1 $(PY) -m pytest bench -q --benchmark-columns=median,iqr,rounds
+
+# The codec's C++ under AddressSanitizer and UBSan (by hand, minutes): a copy of the package
+# and tests whose extension is built with both, then the codec tests and 20,000 fuzz cases.
+SANITIZED := build/sanitize
+sanitize: $(STAMP)
+	rm -rf $(SANITIZED) && mkdir -p $(SANITIZED) && cp -r fibec tests $(SANITIZED)/ && rm -f $(SANITIZED)/fibec/_codec*.so
+	g++ -std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+	    -shared -fPIC $$($(PY) -m pybind11 --includes) csrc/*.cpp \
+	    -o $(SANITIZED)/fibec/_codec$$($(PY) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+	cd $(SANITIZED) && LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
+	    ASAN_OPTIONS=detect_leaks=0 PYTHONPATH=. $(INTERP) sh -c '\
+	    $(abspath $(PY)) -c "import fibec._codec as c; assert \"$(SANITIZED)\" in c.__file__, c.__file__" && \
+	    $(abspath $(PY)) -m pytest -p no:cacheprovider tests/test_codec.py -q && $(abspath $(PY)) tests/fuzz_codec.py'
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,7 +12,8 @@ fp32 bytes per second, medians over rounds. Extra peak memory (peak RSS above th
 during one encode + decode, in a fresh process) is measured for payload (c) in script mode.
 
 pytest mode:  pytest bench/bench_codec.py   (pytest-benchmark; size ratio in extra_info)
-script mode:  python bench/bench_codec.py   (methods interleaved over rounds; table of medians)
+script mode:  python bench/bench_codec.py   (methods interleaved over rounds, in a shuffled order
+              each round; table of medians)
 FIBEC_BENCH_SMALL=1 shrinks (c) to d=1024; FIBEC_BENCH_ROUNDS sets the rounds (default 7);
 FIBEC_BENCH_MEMORY=0 skips the peak-memory processes; FIBEC_BENCH_CLOCK=cpu times script mode
 with the process CPU clock instead of the wall clock (for shared machines).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -167,7 +169,8 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def measure(payload: str, rounds: int = ROUNDS) -> list[dict]:
-    """Per method: size ratio and median encode/decode GB/s; methods interleaved per round."""
+    """Per method: size ratio and median encode/decode GB/s; methods interleaved per round,
+    in a shuffled order (seeded by the round)."""
     tensors, masks = PAYLOADS[payload]()
     raw = raw_bytes(tensors)
     methods = {name: make() for name, make in METHODS.items()}
@@ -177,8 +180,13 @@ def measure(payload: str, rounds: int = ROUNDS) -> list[dict]:
         data = enc(tensors, masks)
         _check(name, tensors, masks, dec(data, tensors))
         sizes[name] = len(data)
-    for _ in range(rounds):
-        for name, (enc, dec) in methods.items():
+    order = list(methods)
+    for round_ in range(rounds):
+        # A fixed order would give one method every round the slot right after the heaviest
+        # baseline has evicted the caches; a shuffled order spreads that slot over all.
+        random.Random(round_).shuffle(order)
+        for name in order:
+            enc, dec = methods[name]
             t_enc, data = _timed(lambda: enc(tensors, masks))
             t_dec, _ = _timed(lambda: dec(data, tensors))
             times[name][0].append(t_enc)
