@@ -137,6 +137,28 @@ __attribute__((target("avx,f16c"))) void f16_to_f32_f16c(const uint8_t* src, uin
     convert<kF16, kF32>(src + 2 * i, dst + 4 * i, n - i);
 }
 
+// Rounds to nearest even as f32_to_bf16 does (NaN to 0x7FC0).
+__attribute__((target("avx2"))) void f32_to_bf16_avx2(const uint8_t* src, uint8_t* dst, uint64_t n) {
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), infinity = _mm256_set1_epi32(0x7F800000);
+    const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1), nan = _mm256_set1_epi32(0x7FC0);
+    uint64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 4 * i));
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(x, 16), one);
+        const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, bias), odd), 16);
+        const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(x, magnitude), infinity);
+        const __m256i halves = _mm256_blendv_epi8(rounded, nan, is_nan);
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(halves, halves), 0xD8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i), _mm256_castsi256_si128(packed));
+    }
+    convert<kF32, kBF16>(src + 4 * i, dst + 2 * i, n - i);
+}
+
+bool cpu_has_avx2() {
+    static const bool has = __builtin_cpu_supports("avx2");
+    return has;
+}
+
 bool cpu_has_f16c() {
     static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
     return has;
@@ -147,6 +169,7 @@ ConvFn converter(uint8_t from, uint8_t to) {
 #ifdef FIBEC_HAVE_X86_F16C
     if (cpu_has_f16c() && from == kF32 && to == kF16) return f32_to_f16_f16c;
     if (cpu_has_f16c() && from == kF16 && to == kF32) return f16_to_f32_f16c;
+    if (cpu_has_avx2() && from == kF32 && to == kBF16) return f32_to_bf16_avx2;
 #endif
     static const ConvFn table[3][3] = {
         {convert<kF32, kF32>, convert<kF32, kF16>, convert<kF32, kBF16>},

@@ -481,6 +481,11 @@ def test_half_rounding_matches_torch_on_edge_and_random_bit_patterns(values):
         half = random.to(dtype)
         assert torch.equal(_bits(decode(encode({"t": half}, values=values))["t"]),
                            _bits(half.to(CAST[values]).to(dtype)))
+    specials = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 1.0, -0.0] * 3)
+    specials[12] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)  # a signalling NaN
+    decoded = decode(encode({"t": specials}, values=values))["t"]
+    assert torch.equal(decoded.isnan(), specials.isnan())
+    assert torch.equal(_bits(decoded[~specials.isnan()]), _bits(specials[~specials.isnan()]))
 
 
 def test_int8_rounds_half_to_even_and_zero_blocks_have_zero_scale():
