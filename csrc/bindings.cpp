@@ -260,7 +260,7 @@ class Section {
             if (verify_crc_)
                 crc = checksum_and_fill(records_[k], out, crc, streaming);
             else if (out)
-                fill_record(records_[k], out, shuffled_);
+                fill_record(records_[k], out, shuffled_, streaming);
         }
         if (verify_crc_ && crc != expected_crc_) throw PayloadError("checksum mismatch");
     }

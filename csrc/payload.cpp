@@ -128,13 +128,34 @@ __attribute__((target("avx,f16c"))) void f32_to_f16_f16c(const uint8_t* src, uin
     convert<kF32, kF16>(src + 4 * i, dst + 2 * i, n - i);
 }
 
+// Widening to fp32 can write its output with streaming stores (see crc32c_copy); dst must
+// then be 32-byte aligned.
+template <bool kStream>
+__attribute__((target("avx"))) inline void store_f32x8(uint8_t* dst, __m256 v) {
+    if (kStream)
+        _mm256_stream_ps(reinterpret_cast<float*>(dst), v);
+    else
+        _mm256_storeu_ps(reinterpret_cast<float*>(dst), v);
+}
+
+template <bool kStream>
 __attribute__((target("avx,f16c"))) void f16_to_f32_f16c(const uint8_t* src, uint8_t* dst, uint64_t n) {
     uint64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i));
-        _mm256_storeu_ps(reinterpret_cast<float*>(dst + 4 * i), _mm256_cvtph_ps(h));
-    }
+    for (; i + 8 <= n; i += 8)
+        store_f32x8<kStream>(dst + 4 * i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i))));
+    if (kStream) _mm_sfence();
     convert<kF16, kF32>(src + 2 * i, dst + 4 * i, n - i);
+}
+
+template <bool kStream>
+__attribute__((target("avx2"))) void bf16_to_f32_avx2(const uint8_t* src, uint8_t* dst, uint64_t n) {
+    uint64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i)));
+        store_f32x8<kStream>(dst + 4 * i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+    }
+    if (kStream) _mm_sfence();
+    convert<kBF16, kF32>(src + 2 * i, dst + 4 * i, n - i);
 }
 
 // Rounds to nearest even as f32_to_bf16 does (NaN to 0x7FC0).
@@ -165,11 +186,17 @@ bool cpu_has_f16c() {
 }
 #endif
 
-ConvFn converter(uint8_t from, uint8_t to) {
+// The conversion from one value format to another; `streaming_to` is the output address
+// when a widening to fp32 may write it with streaming stores, else null.
+ConvFn converter(uint8_t from, uint8_t to, const uint8_t* streaming_to = nullptr) {
 #ifdef FIBEC_HAVE_X86_F16C
+    const bool stream = streaming_to && reinterpret_cast<uintptr_t>(streaming_to) % 32 == 0;
     if (cpu_has_f16c() && from == kF32 && to == kF16) return f32_to_f16_f16c;
-    if (cpu_has_f16c() && from == kF16 && to == kF32) return f16_to_f32_f16c;
+    if (cpu_has_f16c() && from == kF16 && to == kF32) return stream ? f16_to_f32_f16c<true> : f16_to_f32_f16c<false>;
+    if (cpu_has_avx2() && from == kBF16 && to == kF32) return stream ? bf16_to_f32_avx2<true> : bf16_to_f32_avx2<false>;
     if (cpu_has_avx2() && from == kF32 && to == kBF16) return f32_to_bf16_avx2;
+#else
+    (void)streaming_to;
 #endif
     static const ConvFn table[3][3] = {
         {convert<kF32, kF32>, convert<kF32, kF16>, convert<kF32, kBF16>},
@@ -820,7 +847,7 @@ void scatter(const Record& r, const uint8_t* stream, uint8_t* out) {
 
 }  // namespace
 
-void fill_record(const Record& r, uint8_t* out, bool shuffled) {
+void fill_record(const Record& r, uint8_t* out, bool shuffled, bool streaming) {
     // The value stream in plain layout...
     const uint8_t* stream = r.value_body;
     std::vector<uint8_t> plain;
@@ -845,7 +872,7 @@ void fill_record(const Record& r, uint8_t* out, bool shuffled) {
             target = converted.data();
         }
         if (r.values != kInt8Block) {
-            converter(r.values, r.dtype)(stream, target, r.n_values);
+            converter(r.values, r.dtype, dense && streaming ? out : nullptr)(stream, target, r.n_values);
         } else if (r.dtype == kF32) {
             dequantise(stream, r.n_values, reinterpret_cast<float*>(target));
         } else {
@@ -870,7 +897,7 @@ uint32_t checksum_and_fill(const Record& r, uint8_t* out, uint32_t crc, bool str
     if (out && r.encoding == kDense && r.values == r.dtype)
         return crc32c_copy(r.value_body, out, r.values_len, crc, streaming);
     crc = crc32c(r.value_body, r.values_len, crc);
-    if (out) fill_record(r, out, false);  // the body is still in cache
+    if (out) fill_record(r, out, false, streaming);  // the body is still in cache
     return crc;
 }
 

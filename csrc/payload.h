@@ -110,8 +110,9 @@ struct Record {
 // outputs must fit max_output_bytes. (Names are checked as UTF-8 by the bindings.)
 std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_tensors, uint64_t max_output_bytes);
 
-// Writes a validated record's dense tensor (out_bytes bytes, dtype layout) into out.
-void fill_record(const Record& record, uint8_t* out, bool shuffled);
+// Writes a validated record's dense tensor (out_bytes bytes, dtype layout) into out, with
+// streaming stores where that helps if asked (for outputs not read back soon from cache).
+void fill_record(const Record& record, uint8_t* out, bool shuffled, bool streaming);
 
 // Returns crc32c(record bytes, crc) and, unless out is null, fills out as fill_record does for
 // an unshuffled record, reading a value body that needs no conversion only once (copied

@@ -294,18 +294,20 @@ def test_reference_decoder_agrees_on_random_payloads(seed):
         assert data == t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+@pytest.mark.parametrize("values", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dense_bodies_at_every_alignment_keep_their_bytes_and_checksum(dtype):
-    # Dense bodies are copied and checksummed in one pass (streaming, from a cache-line
-    # boundary, past 256 KiB): name lengths move the bodies across byte offsets, sizes
-    # straddle the 128-byte fold and the streaming threshold.
+def test_dense_bodies_at_every_alignment_keep_their_values_and_checksum(dtype, values):
+    # Dense bodies are copied (or widened) and checksummed with streaming stores once the
+    # output passes 1 MiB, from a cache-line boundary: name lengths move the bodies across
+    # byte offsets, sizes straddle the 128-byte fold and the 8-value vector width.
     tensors = {"n" * k: _random((k * 37 % 300 + 1,), dtype, k) for k in range(1, 33)}
     tensors |= {"m" * k: _random((2**18 // 2 + 61 * k,), dtype, k) for k in range(1, 4)}
-    payload = encode(tensors)
+    payload = encode(tensors, values=values)
     theirs = reference_decode(payload)
     for name, t in decode(payload).items():
-        assert torch.equal(_bits(t), _bits(tensors[name]))
-        assert theirs[name][2] == tensors[name].view(torch.uint8).numpy().tobytes()
+        expected = tensors[name] if values == "fp32" else tensors[name].to(CAST[values]).to(dtype)
+        assert torch.equal(_bits(t), _bits(expected))
+        assert theirs[name][2] == expected.view(torch.uint8).numpy().tobytes()
 
 
 # ------------------------------------------------------------------ argument errors
