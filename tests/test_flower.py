@@ -182,6 +182,55 @@ def test_fedavg_on_flower_matches_the_in_process_engine(tiny_bert, tmp_path, ser
     assert ("evaluate", "down") not in grid.payload_bytes  # the global model is evaluated on the server
 
 
+class FailingGrid(LoopbackGrid):
+    """A LoopbackGrid whose node `node_id` fails the messages of the given (message type, round)
+    pairs: with an error reply ("error") or by never answering ("silent")."""
+
+    def __init__(self, *args, node_id: int, failing: set[tuple[str, str]], how: str) -> None:
+        super().__init__(*args)
+        self.node_id, self.failing, self.how = node_id, failing, how
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error
+
+        replies = []
+        for message in messages:
+            meta = message.metadata
+            if meta.dst_node_id == self.node_id and (meta.message_type, meta.group_id) in self.failing:
+                if self.how == "error":
+                    replies.append(Message(Error(code=0, reason="injected failure"), reply_to=message))
+                continue
+            replies += super().send_and_receive([message])
+        return replies
+
+
+@pytest.mark.parametrize("how", ["error", "silent"])
+def test_a_failing_node_is_left_out_of_its_round_and_recorded(tiny_bert, tmp_path, server_task, how):
+    cfg = small_config(tiny_bert, tmp_path / "flower", clients=3, clients_per_round=3)
+    run_config = flower.run_config_of(cfg, "fibecfed")
+    grid = FailingGrid(flower.client_app, run_config, cfg.clients, node_id=101, how=how,
+                       failing={("train", "2"), ("evaluate", "2")})
+    flower.server_app(grid, server_context(run_config))
+    first, second = read_records(tmp_path / "flower" / "metrics_fibecfed.jsonl")
+    assert "failed" not in first
+    assert list(second["failed"]) == ["1"] and "node 101" in second["failed"]["1"]
+    assert ("injected failure" if how == "error" else "no reply") in second["failed"]["1"]
+    assert np.isfinite(second["test_accuracy"]) and np.isfinite(second["train_loss"])
+    # Round 2 aggregated the two other clients' updates, not a stale or empty one.
+    reference = run_methods(cfg, ["fibecfed"], *load_data(cfg), tiny_bert, progress=False)["fibecfed"]
+    assert without_times([first]) == without_times(reference[:1])
+    assert second["uploaded_bytes"] < reference[1]["uploaded_bytes"]
+
+
+def test_a_round_that_no_node_answers_stops_the_run_with_the_reasons(tiny_bert, tmp_path, server_task):
+    cfg = small_config(tiny_bert, tmp_path / "flower", clients=1, clients_per_round=1)
+    run_config = flower.run_config_of(cfg, "fibecfed")
+    grid = FailingGrid(flower.client_app, run_config, cfg.clients, node_id=100, how="error",
+                       failing={("train", "1")})
+    with pytest.raises(RuntimeError, match=r"round 1: no node answered train: .*node 100.*injected failure"):
+        flower.server_app(grid, server_context(run_config))
+
+
 def test_client_rejects_an_evaluation_payload_that_does_not_fit_its_model(tiny_bert, tmp_path, server_task):
     from flwr.app import ArrayRecord
 

@@ -17,6 +17,9 @@ Messages (all content is ArrayRecord / ConfigRecord / MetricRecord; nothing is p
   train            plan + global payload bytes                       reply: update bytes, metrics
   evaluate         GAL + head bytes (personalised methods)          reply: accuracy, loss on its share
 Payload bytes travel as one uint8 Array each, so Flower's message sizes count them as they are.
+A node that replies with an error or not within `round-timeout` is left out of that round, as
+Flower's strategies accept failures: its update is missing and the round's record lists it under
+"failed"; a round in which no node answers stops the run. (All nodes must answer the setup query.)
 A client's own state (its personalised LoRA weights, neuron importance, curriculum order) lives
 in the node's Context.state between messages, since Flower runs each message in a fresh process.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from dataclasses import asdict
@@ -55,6 +59,8 @@ _REPLY = "fibec.reply"  # ConfigRecord: partition-id
 _METRICS = "fibec.metrics"  # MetricRecord
 # Context.state records of a client between messages.
 _STATE, _IMPORTANCE, _ORDER, _META = "fibec.state", "fibec.importance", "fibec.order", "fibec.meta"
+
+log = logging.getLogger(__name__)
 
 
 # ---- run config ------------------------------------------------------------------------------
@@ -285,8 +291,12 @@ class _Nodes:
                                    f"within {timeout:.0f}s")
             time.sleep(0.5)
         self.by_partition: dict[int, int] = {}
+        self.failures: dict[int, str] = {}
         node_ids = list(grid.get_node_ids())
-        for node_id, reply in self._exchange({n: RecordDict() for n in node_ids}, "query.partition", "0").items():
+        replies, failed = self._exchange({n: RecordDict() for n in node_ids}, "query.partition", "0")
+        if failed:
+            raise RuntimeError("; ".join(f"node {n} {reason}" for n, reason in failed.items()))
+        for node_id, reply in replies.items():
             pid = int(reply.content[_REPLY][PARTITION_ID])
             if pid in self.by_partition:
                 raise ValueError(f"nodes {self.by_partition[pid]} and {node_id} both hold partition {pid}")
@@ -295,24 +305,43 @@ class _Nodes:
         if missing:
             raise ValueError(f"no connected node holds partitions {missing[:5]}")
 
-    def _exchange(self, contents: dict[int, RecordDict], message_type: str, group: str) -> dict[int, Message]:
+    def _exchange(self, contents: dict[int, RecordDict], message_type: str,
+                  group: str) -> tuple[dict[int, Message], dict[int, str]]:
+        """({node: reply}, {node: why it gave none}) for one message to each node in `contents`."""
         messages = [Message(content, node_id, message_type, group_id=group) for node_id, content in contents.items()]
-        replies = {}
+        replies, failed = {}, {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            node_id = reply.metadata.src_node_id
             if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed on {message_type}: "
-                                   f"{reply.error.reason}")
-            replies[reply.metadata.src_node_id] = reply
-        if len(replies) != len(contents):
-            raise TimeoutError(f"{message_type}: {len(contents) - len(replies)} of {len(contents)} nodes "
-                               f"did not answer within {self.timeout:.0f}s")
-        return replies
+                failed[node_id] = f"failed on {message_type}: {reply.error.reason}"
+            else:
+                replies[node_id] = reply
+        for node_id in contents:
+            if node_id not in replies and node_id not in failed:
+                failed[node_id] = f"no reply to {message_type} within {self.timeout:.0f}s"
+        return replies, failed
 
     def ask(self, partitions: list[int], content_of, message_type: str, round_idx: int) -> dict[int, Message]:
-        """{partition: reply} for `content_of(partition) -> RecordDict` sent to each partition's node."""
+        """{partition: reply} for `content_of(partition) -> RecordDict` sent to each partition's node.
+
+        A node that fails or does not answer in time leaves its partition out of this round (as
+        Flower's strategies accept failures), noted in `failures`; a round needs one reply at least.
+        """
         contents = {self.by_partition[p]: content_of(p) for p in partitions}
-        replies = self._exchange(contents, message_type, str(round_idx + 1))
+        replies, failed = self._exchange(contents, message_type, str(round_idx + 1))
+        partition_of = {node: p for p, node in self.by_partition.items()}
+        for node_id, reason in failed.items():
+            self.failures[partition_of[node_id]] = f"node {node_id} {reason}"
+            log.warning("round %d: partition %d (node %d) %s", round_idx + 1, partition_of[node_id], node_id, reason)
+        if not replies:
+            raise RuntimeError(f"round {round_idx + 1}: no node answered {message_type}: "
+                               + "; ".join(self.failures[partition_of[n]] for n in failed))
         return {int(r.content[_REPLY][PARTITION_ID]): r for r in replies.values()}
+
+    def take_failures(self) -> dict[int, str]:
+        """{partition: reason} of the nodes that failed since the last call."""
+        failures, self.failures = self.failures, {}
+        return failures
 
 
 class _FlowerTransport:
@@ -325,13 +354,13 @@ class _FlowerTransport:
     def initial_scores(self, chosen: list[int], round_idx: int) -> list[tuple[int, bytes, float]]:
         replies = self.nodes.ask(chosen, lambda p: RecordDict(), "train.scores", round_idx)
         return [(pid, array_bytes(replies[pid].content[_PAYLOAD]["scores"]),
-                 float(replies[pid].content[_METRICS]["num-examples"])) for pid in chosen]
+                 float(replies[pid].content[_METRICS]["num-examples"])) for pid in chosen if pid in replies]
 
     def fit(self, chosen: list[int], payload: bytes, plan: RoundPlan) -> list[ClientUpdate]:
         content = RecordDict({_PAYLOAD: ArrayRecord({"payload": bytes_array(payload)}), _PLAN: _plan_record(plan)})
         replies = self.nodes.ask(chosen, lambda p: content, "train", plan.round_idx)
         updates = []
-        for pid in chosen:
+        for pid in (p for p in chosen if p in replies):
             record, metrics = replies[pid].content[_PAYLOAD], dict(replies[pid].content[_METRICS])
             num_samples = metrics.pop("num-examples")
             updates.append(ClientUpdate(pid, array_bytes(record["payload"]), array_bytes(record["scores"]),
@@ -347,12 +376,18 @@ class _FlowerTransport:
         shared = codec.encode({n: sim.server.state[n] for n in shared_names})
         content = RecordDict({_PAYLOAD: ArrayRecord({"payload": bytes_array(shared)})})
         replies = self.nodes.ask(list(range(len(sim.clients))), lambda p: content, "evaluate", round_idx)
-        correct = loss = 0.0
-        for pid in sorted(replies):
+        correct = loss = count = 0.0
+        for pid in sorted(replies):  # over the test shares of the nodes that answered
             metrics = replies[pid].content[_METRICS]
             correct += metrics["accuracy"] * metrics["num-examples"]
             loss += metrics["loss"] * metrics["num-examples"]
-        return correct / len(sim.test), loss / len(sim.test)
+            count += metrics["num-examples"]
+        if not count:
+            return float("nan"), float("nan")
+        return correct / count, loss / count
+
+    def take_failures(self) -> dict[int, str]:
+        return self.nodes.take_failures()
 
 
 def run_rounds(sim: Simulation, nodes: _Nodes, metrics_path: Path | None = None) -> list[dict]:

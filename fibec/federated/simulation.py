@@ -214,7 +214,9 @@ class Simulation:
         """Run every round; returns (and appends to metrics_path as JSONL) one dict per round.
 
         `transport` carries the client calls (`initial_scores`, `fit`, `evaluate_round`, as on this
-        class, which is the default); the Flower engine passes one that sends messages instead.
+        class, which is the default); the Flower engine passes one that sends messages instead,
+        whose clients may fail: such a transport's `take_failures()` gives {client: reason} for
+        the round, recorded under "failed" (their updates are simply missing).
         """
         cfg = self.cfg
         transport = self if transport is None else transport
@@ -254,6 +256,9 @@ class Simulation:
                 if (round_idx + 1) % cfg.eval_every == 0 or round_idx + 1 == cfg.rounds:
                     record["test_accuracy"], record["test_loss"] = transport.evaluate_round(round_idx)
                     bar.set_postfix(acc=f"{record['test_accuracy']:.3f}", up=f"{cum_up / 1e6:.2f}MB")
+                failed = transport.take_failures() if hasattr(transport, "take_failures") else {}
+                if failed:
+                    record["failed"] = {str(cid): reason for cid, reason in sorted(failed.items())}
                 record["wall_time"] = time.perf_counter() - t0
                 record["elapsed"] = time.perf_counter() - start
                 records.append(record)
