@@ -531,3 +531,19 @@ def test_int8_body_is_exactly_the_documented_quantisation(n):
         decoded = decode(payload)["x"][128:256]
         step = x[128:192].abs().max() / 127
         assert (decoded[:64] - x[128:192]).abs().max() <= step / 2 and not decoded[64:].any()
+
+
+def test_threads_encoding_and_decoding_at_once_each_get_their_own_tensors():
+    # Coding runs without the GIL and decoded blocks are recycled through a shared cache.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(seed):
+        tensors = {f"t{k}": _random((50 + seed, 30 + k), torch.float32, seed * 10 + k) for k in range(3)}
+        for _ in range(15):
+            decoded = decode(encode(tensors))
+            decoded["t0"].fill_(seed)  # scribbling on one result must not reach another thread's
+            assert all(torch.equal(decoded[n], t) for n, t in tensors.items() if n != "t0")
+        return True
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(work, range(8)))
