@@ -8,10 +8,6 @@
 #include <memory>
 #include <utility>
 
-#if __has_include(<sys/mman.h>)
-#include <sys/mman.h>
-#endif
-
 #include "crc32c.h"
 #include "dlpack.h"
 #include "output_block.h"
@@ -46,21 +42,6 @@ py::bytes new_bytes(size_t n, uint8_t*& data) {
     if (!obj) throw py::error_already_set();
     data = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(obj));
     return py::reinterpret_steal<py::bytes>(obj);
-}
-
-// Tells the kernel to back the interior of a large, not yet touched output with huge
-// pages: a fresh 32 MB buffer otherwise takes ~8,000 page faults, each a 4 KiB zeroing.
-void advise_huge_pages(uint8_t* data, size_t n) {
-#ifdef MADV_HUGEPAGE
-    constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-    if (n < 4 * kHuge) return;
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + n) & ~(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only: errors are harmless
-#else
-    (void)data;
-    (void)n;
-#endif
 }
 
 // A memory range handed over as (address, bytes) by fibec/codec.py, which keeps its tensor

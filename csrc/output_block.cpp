@@ -18,12 +18,9 @@ constexpr size_t kHugePage = size_t{2} << 20;
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 uint8_t* allocate(size_t capacity) {
-    const size_t alignment = capacity >= 2 * kHugePage ? kHugePage : kOutputAlignment;
-    void* p = std::aligned_alloc(alignment, capacity);
+    void* p = std::aligned_alloc(capacity >= 2 * kHugePage ? kHugePage : kOutputAlignment, capacity);
     if (!p) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-    if (alignment == kHugePage) madvise(p, capacity, MADV_HUGEPAGE);  // advice: failure is harmless
-#endif
+    advise_huge_pages(static_cast<uint8_t*>(p), capacity);
     return static_cast<uint8_t*>(p);
 }
 
@@ -66,6 +63,18 @@ Cache& cache() {
 }
 
 }  // namespace
+
+void advise_huge_pages(uint8_t* data, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+    if (bytes < 2 * kHugePage) return;
+    const uintptr_t begin = round_up(reinterpret_cast<uintptr_t>(data), kHugePage);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) / kHugePage * kHugePage;
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // errors are harmless
+#else
+    (void)data;
+    (void)bytes;
+#endif
+}
 
 std::shared_ptr<OutputBlock> OutputBlock::acquire(size_t bytes) {
     const size_t wanted = round_up(bytes ? bytes : 1, bytes >= 2 * kHugePage ? kHugePage : kOutputAlignment);

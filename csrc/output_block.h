@@ -16,6 +16,10 @@ constexpr size_t kCachedBlocks = 2;
 constexpr size_t kMaxCachedBlockBytes = size_t{64} << 20;
 constexpr size_t kOutputAlignment = 64;
 
+// Asks the kernel to back the 2 MiB-aligned interior of a large output that is not yet
+// touched with transparent huge pages (advice only: a no-op where unsupported).
+void advise_huge_pages(uint8_t* data, size_t bytes);
+
 class OutputBlock {
   public:
     // At least `bytes` bytes (64-byte aligned), recycled when possible; throws std::bad_alloc.
