@@ -161,16 +161,6 @@ py::object export_tensor(const Record& r, const std::shared_ptr<OutputBlock>& bl
     return py::reinterpret_steal<py::object>(capsule);
 }
 
-py::str record_name(const Record& r) {
-    PyObject* name = PyUnicode_DecodeUTF8(r.name.data(), static_cast<Py_ssize_t>(r.name.size()), "strict");
-    if (!name) {
-        PyErr_Clear();
-        throw PayloadError("tensor name " + py::repr(py::bytes(r.name.substr(0, 40))).cast<std::string>() +
-                           " is not valid UTF-8");
-    }
-    return py::reinterpret_steal<py::str>(name);
-}
-
 // A validated section. The buffer stays exported (and so alive and unchanged) as long as
 // this object exists.
 class Section {
@@ -187,12 +177,26 @@ class Section {
             throw py::value_error("no checksum after the section");
         const uint8_t* data = view_.data();
         if (verify_crc) std::memcpy(&expected_crc_, data + offset + length, 4);
-        py::gil_scoped_release release;
-        try {
-            records_ = parse_section(data + offset, length, n_tensors, max_output_bytes);
-        } catch (const PayloadError&) {
-            if (verify_crc && crc32c(data, offset + length) != expected_crc_) throw PayloadError("checksum mismatch");
-            throw;
+        const auto checksum_fails = [&] { return verify_crc && crc32c(data, offset + length) != expected_crc_; };
+        {
+            py::gil_scoped_release release;
+            try {
+                records_ = parse_section(data + offset, length, n_tensors, max_output_bytes);
+            } catch (const PayloadError&) {
+                if (checksum_fails()) throw PayloadError("checksum mismatch");
+                throw;
+            }
+        }
+        names_.reserve(records_.size());
+        for (const Record& r : records_) {
+            PyObject* name = PyUnicode_DecodeUTF8(r.name.data(), static_cast<Py_ssize_t>(r.name.size()), "strict");
+            if (!name) {
+                PyErr_Clear();
+                if (checksum_fails()) throw PayloadError("checksum mismatch");
+                throw PayloadError("tensor name " + py::repr(py::bytes(r.name.substr(0, 40))).cast<std::string>() +
+                                   " is not valid UTF-8");
+            }
+            names_.push_back(py::reinterpret_steal<py::str>(name));
         }
     }
 
@@ -200,10 +204,11 @@ class Section {
     // (value format, encoding, index code, kept count, index bytes, values bytes).
     py::list tensors() const {
         py::list result;
-        for (const Record& r : records_) {
+        for (size_t k = 0; k < records_.size(); ++k) {
+            const Record& r = records_[k];
             py::tuple shape(r.shape.size());
             for (size_t d = 0; d < r.shape.size(); ++d) shape[d] = py::int_(r.shape[d]);
-            result.append(py::make_tuple(record_name(r), r.dtype, shape,
+            result.append(py::make_tuple(names_[k], r.dtype, shape,
                                          py::make_tuple(r.values, static_cast<int>(r.encoding),
                                                         static_cast<int>(r.index_code), r.n_kept, r.index_len,
                                                         r.values_len)));
@@ -217,7 +222,7 @@ class Section {
     // ([name: str], [DLPack capsule]): the decoded tensors, in one shared output block.
     py::tuple decode() const {
         py::list names;
-        for (const Record& r : records_) names.append(record_name(r));
+        for (const py::str& name : names_) names.append(name);
         std::vector<uint64_t> offsets(records_.size());
         uint64_t total = 0;
         for (size_t k = 0; k < records_.size(); ++k) {
@@ -251,6 +256,7 @@ class Section {
     bool shuffled_, verify_crc_;
     uint32_t expected_crc_ = 0;
     std::vector<Record> records_;
+    std::vector<py::str> names_;  // the records' names, checked as UTF-8
 };
 
 uint32_t crc32c_py(const py::object& data, uint32_t crc) {

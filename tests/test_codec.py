@@ -434,6 +434,22 @@ def test_decode_rejects_inconsistent_records(case):
         decode(_reframe(_record(**fields), n_tensors))
 
 
+@pytest.mark.parametrize("damage", ["name byte", "duplicate name", "shape"])
+def test_damage_that_breaks_a_record_is_reported_as_a_checksum_mismatch(damage):
+    payload = bytearray(encode({"ab": torch.randn(3, 4), "ac": torch.randn(5)}))
+    first_name = 28 + 2  # header, then the first record's name length
+    if damage == "name byte":
+        payload[first_name] = 0xFF  # not UTF-8
+    elif damage == "duplicate name":
+        payload[first_name + 1] = ord("c")  # both records named "ac"
+    else:
+        payload[first_name + 2 + 5] = 0xFF  # a dimension far past the bytes present
+    with pytest.raises(PayloadError, match="checksum mismatch"):
+        decode(bytes(payload))
+    with pytest.raises(PayloadError, match="checksum mismatch"):
+        inspect(bytes(payload))
+
+
 def test_decode_rejects_duplicate_names_and_bytes_after_last_record():
     with pytest.raises(PayloadError, match="duplicate"):
         decode(_reframe(_record() + _record(), 2))
