@@ -283,6 +283,8 @@ PYBIND11_MODULE(_codec, m) {
         .def("verify", &Section::verify)
         .def("decode", &Section::decode);
     m.def("crc32c", &crc32c_py, py::arg("data"), py::arg("crc") = 0);
+    m.def("release_cached_blocks", &OutputBlock::release_cached);
+    m.def("cached_block_bytes", &OutputBlock::cached_bytes);
     m.attr("FORMAT_VERSION") = kVersion;
     m.attr("HEADER_SIZE") = kHeaderSize;
 }

@@ -51,6 +51,27 @@ class Cache {
         std::free(evicted.first);
     }
 
+    size_t release() {
+        std::deque<std::pair<uint8_t*, size_t>> blocks;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            blocks.swap(blocks_);
+        }
+        size_t freed = 0;
+        for (const auto& [data, capacity] : blocks) {
+            std::free(data);
+            freed += capacity;
+        }
+        return freed;
+    }
+
+    size_t bytes() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        size_t total = 0;
+        for (const auto& block : blocks_) total += block.second;
+        return total;
+    }
+
   private:
     std::mutex mutex_;
     std::deque<std::pair<uint8_t*, size_t>> blocks_;  // most recently freed first
@@ -87,5 +108,9 @@ std::shared_ptr<OutputBlock> OutputBlock::acquire(size_t bytes) {
 }
 
 OutputBlock::~OutputBlock() { cache().give(data_, capacity_); }
+
+size_t OutputBlock::release_cached() { return cache().release(); }
+
+size_t OutputBlock::cached_bytes() { return cache().bytes(); }
 
 }  // namespace fibec

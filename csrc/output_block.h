@@ -29,6 +29,11 @@ class OutputBlock {
     OutputBlock& operator=(const OutputBlock&) = delete;
     uint8_t* data() const { return data_; }
 
+    // Frees the cached blocks (blocks in use are not affected); returns the bytes freed.
+    static size_t release_cached();
+    // Bytes held by cached blocks.
+    static size_t cached_bytes();
+
   private:
     OutputBlock(uint8_t* data, size_t capacity) : data_(data), capacity_(capacity) {}
     uint8_t* data_;

@@ -13,7 +13,7 @@ import torch
 from fibec import _codec
 from fibec._checks import FLOAT_DTYPES, check_tensor
 
-__all__ = ["PayloadError", "encode", "decode", "inspect", "VALUE_FORMATS"]
+__all__ = ["PayloadError", "encode", "decode", "inspect", "release_cached_memory", "VALUE_FORMATS"]
 
 
 class PayloadError(ValueError):
@@ -143,6 +143,13 @@ def inspect(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | 
         "n_tensors": n_tensors,
         "tensors": tensors,
     }
+
+
+def release_cached_memory() -> int:
+    """Free the output blocks decode() keeps for reuse (at most two of up to 64 MiB each, see
+    docs/PAYLOAD.md, "Memory of decoded tensors"); returns the bytes freed. Tensors already
+    decoded are not affected; the next decode() allocates afresh."""
+    return _codec.release_cached_blocks()
 
 
 def _tensor_spec(name: object, tensor: object, mask: MaskSpec | None) -> tuple:

@@ -10,7 +10,7 @@ import torch
 import zstandard
 
 from fibec import _codec
-from fibec.codec import PayloadError, decode, encode, inspect
+from fibec.codec import PayloadError, decode, encode, inspect, release_cached_memory
 from payload_reference_decoder import crc32c as reference_crc32c
 from payload_reference_decoder import decode as reference_decode
 
@@ -563,3 +563,16 @@ def test_threads_encoding_and_decoding_at_once_each_get_their_own_tensors():
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert all(pool.map(work, range(8)))
+
+
+def test_freed_output_blocks_are_cached_until_released():
+    release_cached_memory()
+    payload = encode({"t": torch.randn(1000, 100)})
+    kept = decode(payload)["t"]
+    del kept  # its block goes to the cache...
+    assert _codec.cached_block_bytes() >= 400_000
+    again = decode(payload)["t"]  # ...and serves the next decode
+    assert _codec.cached_block_bytes() == 0
+    del again
+    assert release_cached_memory() >= 400_000 and _codec.cached_block_bytes() == 0
+    assert torch.equal(decode(payload)["t"], decode(payload)["t"])  # decoding afresh still works
