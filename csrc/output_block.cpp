@@ -17,8 +17,11 @@ constexpr size_t kHugePage = size_t{2} << 20;
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
+// Blocks big enough for huge pages start on one.
+size_t alignment_for(size_t bytes) { return bytes >= 2 * kHugePage ? kHugePage : kOutputAlignment; }
+
 uint8_t* allocate(size_t capacity) {
-    void* p = std::aligned_alloc(capacity >= 2 * kHugePage ? kHugePage : kOutputAlignment, capacity);
+    void* p = std::aligned_alloc(alignment_for(capacity), capacity);
     if (!p) throw std::bad_alloc();
     advise_huge_pages(static_cast<uint8_t*>(p), capacity);
     return static_cast<uint8_t*>(p);
@@ -98,7 +101,7 @@ void advise_huge_pages(uint8_t* data, size_t bytes) {
 }
 
 std::shared_ptr<OutputBlock> OutputBlock::acquire(size_t bytes) {
-    const size_t wanted = round_up(bytes ? bytes : 1, bytes >= 2 * kHugePage ? kHugePage : kOutputAlignment);
+    const size_t wanted = round_up(bytes ? bytes : 1, alignment_for(bytes));
     auto [data, capacity] = cache().take(wanted);
     if (!data) {
         data = allocate(wanted);

@@ -322,7 +322,7 @@ struct TensorPlan {
     IndexCode index_code = kNoIndex;
     uint8_t values = kF32;
     uint64_t numel = 1, rows = 1, cols = 1, universe = 0, n_kept = 0, n_values = 0;
-    uint64_t index_len = 0, values_len = 0, record_len = 0;
+    uint64_t index_len = 0, values_len = 0;
     std::vector<uint8_t> own_flags;        // auto-detected kept rows or columns
     const uint8_t* flags = nullptr;        // kept flags over the universe; null: elements whose bits are nonzero
 };
@@ -627,8 +627,7 @@ Encoder::Encoder(std::vector<TensorIn> tensors, EncodeOptions options)
         else
             plan_masked(t, plan);
         plan.values_len = value_body_size(plan.values, plan.n_values);
-        plan.record_len = 2 + t.name.size() + 5 + 8 * t.shape.size() + 24 + plan.index_len + plan.values_len;
-        section_size_ += plan.record_len;
+        section_size_ += 2 + t.name.size() + 5 + 8 * t.shape.size() + 24 + plan.index_len + plan.values_len;
     }
 }
 
@@ -748,8 +747,7 @@ std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_te
     Cursor c(data, len);
     uint64_t total_out = 0;
     for (Record& r : records) {
-        const size_t record_start = len - c.remaining();
-        r.begin = data + record_start;
+        r.begin = data + (len - c.remaining());
         const uint16_t name_len = c.get<uint16_t>("name length");
         const uint8_t* name = c.take(name_len, "name");
         r.name.assign(reinterpret_cast<const char*>(name), name_len);
@@ -804,7 +802,6 @@ std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_te
         if (r.index_code == kNoIndex && r.index_len != 0) throw PayloadError("index bytes on a dense tensor");
         r.index = c.take(r.index_len, "index body");
         r.value_body = c.take(r.values_len, "values body");
-        r.size = len - c.remaining() - record_start;
         if (r.index_code != kNoIndex) {
             IndexReader reader(r.index_code, r.index, r.index_len, r.universe);
             for (uint64_t k = 0; k < r.n_kept; ++k) reader.next();

@@ -101,8 +101,7 @@ struct Record {
     const uint8_t* value_body;
     uint64_t values_len;
     uint64_t out_bytes;  // numel * dtype size
-    const uint8_t* begin;  // the record's bytes, for checksumming
-    uint64_t size;
+    const uint8_t* begin;  // the record's first byte, for checksumming
 };
 
 // Parses and fully validates a raw (decompressed) section, including every index set and
