@@ -126,6 +126,19 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def run_on_flower(cfg: FedConfig, method: str, grid_type=None, **grid_options):
+    """Run `method` through the ServerApp over a loopback grid: (grid, the run's metrics records)."""
+    run_config = flower.run_config_of(cfg, method)
+    grid = (grid_type or LoopbackGrid)(flower.client_app, run_config, cfg.clients, **grid_options)
+    flower.server_app(grid, server_context(run_config))
+    return grid, read_records(Path(cfg.out) / f"metrics_{method}.jsonl")
+
+
+def in_process(cfg: FedConfig, method: str, model: str) -> list[dict]:
+    """The in-process engine's records for the same run."""
+    return run_methods(cfg, [method], *load_data(cfg), model, progress=False)[method]
+
+
 def without_times(records):
     return [{k: v for k, v in r.items() if k not in ("wall_time", "elapsed")} for r in records]
 
@@ -147,13 +160,8 @@ def check_gal_only(cfg: FedConfig, method: str, state: dict, gal: list[str]) -> 
 def test_flower_run_reproduces_the_in_process_engine_and_aggregates_only_gal_layers(tiny_bert, tmp_path,
                                                                                      server_task):
     cfg = small_config(tiny_bert, tmp_path / "flower")
-    run_config = flower.run_config_of(cfg, "fibecfed")
-    grid = LoopbackGrid(flower.client_app, run_config, cfg.clients)
-    flower.server_app(grid, server_context(run_config))
-
-    records = read_records(tmp_path / "flower" / "metrics_fibecfed.jsonl")
-    reference = run_methods(cfg, ["fibecfed"], *load_data(cfg), tiny_bert, progress=False)["fibecfed"]
-    assert without_times(records) == without_times(reference)
+    grid, records = run_on_flower(cfg, "fibecfed")
+    assert without_times(records) == without_times(in_process(cfg, "fibecfed", tiny_bert))
     assert len(records) == cfg.rounds and all(np.isfinite(r["test_accuracy"]) for r in records)
 
     # Bytes in the records are exactly the uint8 payload arrays that crossed the wire.
@@ -172,12 +180,8 @@ def test_flower_run_reproduces_the_in_process_engine_and_aggregates_only_gal_lay
 
 def test_fedavg_on_flower_matches_the_in_process_engine(tiny_bert, tmp_path, server_task):
     cfg = small_config(tiny_bert, tmp_path / "flower", rounds=1, clients=3)
-    run_config = flower.run_config_of(cfg, "fedavg")
-    grid = LoopbackGrid(flower.client_app, run_config, cfg.clients)
-    flower.server_app(grid, server_context(run_config))
-    records = read_records(tmp_path / "flower" / "metrics_fedavg.jsonl")
-    reference = run_methods(cfg, ["fedavg"], *load_data(cfg), tiny_bert, progress=False)["fedavg"]
-    assert without_times(records) == without_times(reference)
+    grid, records = run_on_flower(cfg, "fedavg")
+    assert without_times(records) == without_times(in_process(cfg, "fedavg", tiny_bert))
     assert ("train.scores", "up") not in grid.payload_bytes  # fedavg ranks no layers
     assert ("evaluate", "down") not in grid.payload_bytes  # the global model is evaluated on the server
 
@@ -207,28 +211,22 @@ class FailingGrid(LoopbackGrid):
 @pytest.mark.parametrize("how", ["error", "silent"])
 def test_a_failing_node_is_left_out_of_its_round_and_recorded(tiny_bert, tmp_path, server_task, how):
     cfg = small_config(tiny_bert, tmp_path / "flower", clients=3, clients_per_round=3)
-    run_config = flower.run_config_of(cfg, "fibecfed")
-    grid = FailingGrid(flower.client_app, run_config, cfg.clients, node_id=101, how=how,
-                       failing={("train", "2"), ("evaluate", "2")})
-    flower.server_app(grid, server_context(run_config))
-    first, second = read_records(tmp_path / "flower" / "metrics_fibecfed.jsonl")
+    _, (first, second) = run_on_flower(cfg, "fibecfed", FailingGrid, node_id=101, how=how,
+                                       failing={("train", "2"), ("evaluate", "2")})
     assert "failed" not in first
     assert list(second["failed"]) == ["1"] and "node 101" in second["failed"]["1"]
     assert ("injected failure" if how == "error" else "no reply") in second["failed"]["1"]
     assert np.isfinite(second["test_accuracy"]) and np.isfinite(second["train_loss"])
     # Round 2 aggregated the two other clients' updates, not a stale or empty one.
-    reference = run_methods(cfg, ["fibecfed"], *load_data(cfg), tiny_bert, progress=False)["fibecfed"]
+    reference = in_process(cfg, "fibecfed", tiny_bert)
     assert without_times([first]) == without_times(reference[:1])
     assert second["uploaded_bytes"] < reference[1]["uploaded_bytes"]
 
 
 def test_a_round_that_no_node_answers_stops_the_run_with_the_reasons(tiny_bert, tmp_path, server_task):
     cfg = small_config(tiny_bert, tmp_path / "flower", clients=1, clients_per_round=1)
-    run_config = flower.run_config_of(cfg, "fibecfed")
-    grid = FailingGrid(flower.client_app, run_config, cfg.clients, node_id=100, how="error",
-                       failing={("train", "1")})
     with pytest.raises(RuntimeError, match=r"round 1: no node answered train: .*node 100.*injected failure"):
-        flower.server_app(grid, server_context(run_config))
+        run_on_flower(cfg, "fibecfed", FailingGrid, node_id=100, how="error", failing={("train", "1")})
 
 
 def test_client_rejects_an_evaluation_payload_that_does_not_fit_its_model(tiny_bert, tmp_path, server_task):
@@ -383,6 +381,5 @@ def test_superlink_and_two_supernodes_run_the_app(tiny_bert, tmp_path):
         for process in processes:
             stop(process)
     records = read_records(tmp_path / "out" / "metrics_fibecfed.jsonl")
-    reference = run_methods(cfg, ["fibecfed"], *load_data(cfg), tiny_bert, progress=False)["fibecfed"]
-    assert without_times(records) == without_times(reference)
+    assert without_times(records) == without_times(in_process(cfg, "fibecfed", tiny_bert))
     check_gal_only(cfg, "fibecfed", load_file(str(final_state)), records[-1]["gal"])
