@@ -1,7 +1,9 @@
 """What FibecFed updates and sends: neuron importance and masks, global aggregation layers."""
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -142,8 +144,9 @@ def select_neurons(importance_or_scores: NeuronImportance | dict[str, dict[str, 
 
 # ---- Global aggregation layers (GAL) ranking ---------------------------------------------
 # Only the top-L LoRA layers by importance are aggregated by the server and travel over the
-# network. Rankers: `layer_sensitivity` (the paper's: output movement under small input noise)
-# and `layer_fisher_traces` (the layer's empirical Fisher trace). Formulas: docs/ALGORITHM.md.
+# network. Rankers: `layer_sensitivity` (the paper's: how much each layer's output changes
+# between two nearby inputs to the model) and `layer_fisher_traces` (the layer's empirical
+# Fisher trace). Formulas: docs/ALGORITHM.md.
 
 
 def lora_layer_names(model: torch.nn.Module) -> list[str]:
@@ -154,31 +157,40 @@ def lora_layer_names(model: torch.nn.Module) -> list[str]:
 
 
 def _rms(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Root mean square of t [N, T, F] over the tokens where mask [N, T] is True and all features.
+
+    Over every entry when mask is None or t is not [N, T, .] for the mask's N and T. fp32 scalar.
+    """
     sq = t.float().square()
-    if mask is None:
+    if mask is None or sq.dim() != 3 or tuple(mask.shape) != tuple(sq.shape[:2]):
         return sq.mean().sqrt()
     keep = mask.to(device=sq.device, dtype=sq.dtype).unsqueeze(-1)
     return ((sq * keep).sum() / (keep.sum() * sq.shape[-1]).clamp_min(1.0)).sqrt()
 
 
-def layer_sensitivity(model: torch.nn.Module, data_batches, *, layers: list[str] | None = None,
-                      noise_scale: float = 1e-2, num_batches: int | None = 2, seed: int = 0) -> dict[str, float]:
-    """The paper's GAL ranker: how far each LoRA layer's output moves when its input is perturbed.
+def layer_sensitivity(model: torch.nn.Module, data_batches: Iterable[dict[str, torch.Tensor]], *,
+                      layers: list[str] | None = None, noise_scale: float = 1e-2, num_batches: int | None = 2,
+                      seed: int = 0) -> dict[str, float]:
+    """The paper's GAL ranker: how much each LoRA layer's output changes when the model's input moves a little.
 
-    For layer l with input x (its full output y = f_l(x) = W x + s B A x, LoRA dropout off) and
-    valid tokens given by the batch's attention_mask (all positions when x is not [N, T, .]):
-        delta = sigma * rms(x) * eps,   eps ~ N(0, I) drawn from a generator seeded by (seed, batch, l)
-        S_l(batch) = rms(f_l(x + delta) - f_l(x)) / (sigma * rms(x))
-    with rms over the valid tokens and features, sigma = noise_scale. S_l is the mean over the first
-    num_batches batches (None: all). Each batch costs one model forward in eval mode under
-    no_grad: a forward hook on every ranked layer re-evaluates that layer alone on x + delta, so
-    perturbations never propagate to later layers. The model's train/eval mode is restored.
+    Batch b (0-based) runs through the whole model twice, in eval mode under no_grad: as it is,
+    and with its input embeddings e [N, T, D] (the output of model.get_input_embeddings())
+    replaced by
+        e' = e + sigma * rms(e) * eps,   eps ~ N(0, I) [N, T, D] fp32, sigma = noise_scale,
+    eps drawn on e's device from a torch.Generator seeded with (seed * 1_000_003 + b) mod 2**63.
+    The perturbation reaches a layer through every layer before it, so the score depends on the
+    data and on all the LoRA weights upstream. With y_l the full output of LoRA layer l
+    (W x + b + s B A x) on the clean pass and y'_l on the perturbed pass,
+        S_l(b) = rms(y'_l - y_l) / rms(y_l),
+    rms over the valid tokens (the batch's attention_mask; every position when the batch has
+    none or the tensor is not [N, T, .]) and the features. S_l is the mean of S_l(b) over the
+    first num_batches batches (None: all).
 
     data_batches: dicts from fibec.data.make_batches ("index" is dropped before the forward).
-    layers: module names to rank (default: every peft LoRA layer). Returns {layer: S_l}.
+    layers: names (model.named_modules()) of the peft LoRA layers to rank, each running once
+    per forward; default every LoRA layer. Returns {layer: S_l} in the order of `layers`. The
+    train/eval mode of every module is restored and the hooks removed, also on error.
     """
-    import itertools
-
     from ._checks import check_finite_scalar
     from .data import model_inputs
 
@@ -186,51 +198,82 @@ def layer_sensitivity(model: torch.nn.Module, data_batches, *, layers: list[str]
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                     or num_batches < 1):
         raise ValueError(f"num_batches must be an int >= 1 or None, got {num_batches!r}")
-    modules = dict(model.named_modules())
-    names = lora_layer_names(model) if layers is None else list(layers)
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise ValueError(f"layers: no module named {missing[0]!r} in the model")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(embeddings, torch.nn.Module):
+        raise TypeError("model must have get_input_embeddings() returning its input embedding module")
+    lora_layers = lora_layer_names(model)
+    names = lora_layers if layers is None else list(dict.fromkeys(layers))
     if not names:
-        raise ValueError("layers: the model has no LoRA layers to rank")
-    totals = dict.fromkeys(names, 0.0)
-    state = {"batch": 0, "mask": None}
+        raise ValueError("layers: no LoRA layer to rank")
+    not_lora = [n for n in names if n not in lora_layers]
+    if not_lora:
+        raise ValueError(f"layers: {not_lora[0]!r} is not a peft LoRA layer of the model")
+    modules = dict(model.named_modules())
 
-    def make_hook(name: str, layer_id: int):
-        def hook(module, args, kwargs, output):
-            x = args[0]
-            mask = state["mask"]
-            if mask is not None and (x.dim() != 3 or tuple(mask.shape) != tuple(x.shape[:2])):
-                mask = None
-            gen = torch.Generator(device=x.device)
-            gen.manual_seed(((seed * 1_000_003 + state["batch"]) * 1_000_003 + layer_id) % 2**63)
-            eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
-            scale = sigma * _rms(x, mask)
-            if scale == 0:
-                return None
-            moved = module.forward((x.float() + scale * eps).to(x.dtype), *args[1:], **kwargs)
-            totals[name] += float(_rms(moved.float() - output.float(), mask) / scale)
+    # One batch's state, shared by the hooks. A clean output is copied because the model may
+    # change it in place after the hook; it is dropped as soon as its perturbed twin arrives.
+    run = {"perturbed": False, "mask": None, "batch": 0, "embedded": False}
+    clean: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    totals: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
+
+    def perturb_embeddings(module, args, output):
+        if not run["perturbed"]:
             return None
+        run["embedded"] = True
+        generator = torch.Generator(device=output.device).manual_seed((seed * 1_000_003 + run["batch"]) % 2**63)
+        eps = torch.randn(output.shape, generator=generator, device=output.device, dtype=torch.float32)
+        return (output.float() + sigma * _rms(output, run["mask"]) * eps).to(output.dtype)
+
+    def compare_outputs(name: str):
+        def hook(module, args, output):
+            # Stored on the clean pass, consumed on the perturbed one: any other order means a
+            # second call within one forward.
+            if (name in clean) != run["perturbed"]:
+                raise ValueError(f"layers: {name!r} runs more than once per forward; "
+                                 "layer_sensitivity ranks layers that run once")
+            if not run["perturbed"]:
+                scale = _rms(output, run["mask"])
+                if scale == 0:
+                    raise ValueError(f"layer {name!r} outputs zeros on the valid tokens of batch {run['batch']}: "
+                                     "its relative change is undefined")
+                clean[name] = (output.detach().clone(), scale)
+                return
+            reference, scale = clean.pop(name)
+            totals[name] = totals[name] + _rms(output.float() - reference.float(), run["mask"]) / scale
         return hook
 
-    was_training = model.training
-    handles = [modules[n].register_forward_hook(make_hook(n, i), with_kwargs=True) for i, n in enumerate(names)]
+    modes = {m: m.training for m in model.modules()}
+    handles = [embeddings.register_forward_hook(perturb_embeddings)]
+    handles += [modules[n].register_forward_hook(compare_outputs(n)) for n in names]
     try:
         model.eval()
         device = next(model.parameters()).device
         with torch.no_grad():
             for batch in itertools.islice(data_batches, num_batches):
                 mask = batch.get("attention_mask")
-                state["mask"] = None if mask is None else mask.to(device).bool()
-                model(**{k: v.to(device) for k, v in model_inputs(batch).items()})
-                state["batch"] += 1
+                run["mask"] = None if mask is None else mask.to(device).bool()
+                inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+                run["perturbed"] = False
+                model(**inputs)
+                missing = [n for n in names if n not in clean]
+                if missing:
+                    raise ValueError(f"layers: {missing[0]!r} did not run in the model's forward")
+                run["perturbed"], run["embedded"] = True, False
+                model(**inputs)
+                if not run["embedded"]:
+                    raise ValueError("model: its input embeddings (model.get_input_embeddings()) did not run "
+                                     "in the forward, so the input could not be perturbed")
+                run["batch"] += 1
     finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if state["batch"] == 0:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.train(training)
+    if run["batch"] == 0:
         raise ValueError("data_batches yielded no batch")
-    return {n: totals[n] / state["batch"] for n in names}
+    return {n: float(totals[n]) / run["batch"] for n in names}
 
 
 def layer_fisher_traces(fisher: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
