@@ -102,11 +102,17 @@ def select_neurons(importance_or_scores: NeuronImportance | dict[str, dict[str, 
                    per_layer: bool = True) -> NeuronMasks:
     """Keep the top-rho fraction of neurons: {layer: {"lora_A": (bool[I], 1), "lora_B": (bool[O], 0)}}.
 
-    Each tensor keeps ceil(rho * n) of its n neurons, at least one. per_layer=True ranks within
-    each layer's factor; per_layer=False ranks each factor kind (all lora_A scores, all lora_B
-    scores) across layers together, keeps ceil(rho * total) of them and adds each tensor's best
-    neuron where it got none. Ties go to the lower index (for the global ranking: the earlier
-    layer in dict order). The values are (neuron_mask, mask_dim) pairs for MaskedAdamW.set_masks.
+    scores: {layer: {factor: [n] float}} (NeuronImportance.scores). A factor whose scores are all
+    equal (e.g. all zero: no Fisher mass yet) keeps ALL its neurons, in both modes: peft starts
+    with B = 0, so A's gradient, and with it A's Fisher, is exactly 0 until B moves; no score can
+    tell A's columns apart then, freezing an arbitrary 1 - rho of them would throw away the
+    gradient they get once B moves, and a dense factor costs no upload in a layer that stays on
+    the device. Every other factor keeps ceil(rho * n) of its n neurons, at least one.
+    per_layer=True ranks within each layer's factor; per_layer=False ranks each factor kind (all
+    lora_A scores, all lora_B scores of the factors not kept whole) across layers together, keeps
+    ceil(rho * total) of them and adds each tensor's best neuron where it got none. Ties go to the
+    lower index (for the global ranking: the earlier layer in dict order). The values are
+    (neuron_mask, mask_dim) pairs for MaskedAdamW.set_masks.
     """
     scores = importance_or_scores.scores if isinstance(importance_or_scores, NeuronImportance) \
         else importance_or_scores
@@ -115,7 +121,8 @@ def select_neurons(importance_or_scores: NeuronImportance | dict[str, dict[str, 
                         f"got {type(scores).__name__}")
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho <= 1.0:
         raise ValueError(f"rho must be a number in (0, 1], got {rho!r}")
-    flat = []
+    masks: NeuronMasks = {}
+    ranked = []
     for layer, factors in scores.items():
         for name, score in factors.items():
             dim = _check_factor_name(layer, name)
@@ -123,24 +130,26 @@ def select_neurons(importance_or_scores: NeuronImportance | dict[str, dict[str, 
                 raise ValueError(f"scores[{layer!r}][{name!r}] must be a non-empty 1-D tensor")
             if torch.isnan(score).any():
                 raise ValueError(f"scores[{layer!r}][{name!r}] contains NaN")
-            flat.append((layer, name, dim, score))
-    masks: NeuronMasks = {}
+            if bool((score == score[0]).all()):  # nothing to rank by: the factor stays dense (docstring)
+                masks.setdefault(layer, {})[name] = (torch.ones_like(score, dtype=torch.bool), dim)
+            else:
+                ranked.append((layer, name, dim, score))
     if per_layer:
-        for layer, name, dim, score in flat:
+        for layer, name, dim, score in ranked:
             masks.setdefault(layer, {})[name] = (_top_mask(score, _top_count(rho, score.numel())), dim)
-        return masks
-    for kind in _NEURON_DIM:
-        group = [entry for entry in flat if entry[1] == kind]
-        if not group:
-            continue
-        joined = torch.cat([score.float().to(group[0][3].device) for *_, score in group])
-        chosen = _top_mask(joined, _top_count(rho, joined.numel()))
-        for (layer, name, dim, score), mask in zip(group, chosen.split([s.numel() for *_, s in group])):
-            mask = mask.to(score.device)
-            if not mask.any():
-                mask[torch.sort(score, descending=True, stable=True).indices[0]] = True
-            masks.setdefault(layer, {})[name] = (mask, dim)
-    return {layer: masks[layer] for layer in scores if layer in masks}
+    else:
+        for kind in _NEURON_DIM:
+            group = [entry for entry in ranked if entry[1] == kind]
+            if not group:
+                continue
+            joined = torch.cat([score.float().to(group[0][3].device) for *_, score in group])
+            chosen = _top_mask(joined, _top_count(rho, joined.numel()))
+            for (layer, name, dim, score), mask in zip(group, chosen.split([s.numel() for *_, s in group])):
+                mask = mask.to(score.device)
+                if not mask.any():
+                    mask[torch.sort(score, descending=True, stable=True).indices[0]] = True
+                masks.setdefault(layer, {})[name] = (mask, dim)
+    return {layer: {name: masks[layer][name] for name in factors} for layer, factors in scores.items() if factors}
 
 # ---- Global aggregation layers (GAL) ranking ---------------------------------------------
 # Only the top-L LoRA layers by importance are aggregated by the server and travel over the

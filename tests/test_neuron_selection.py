@@ -67,8 +67,51 @@ def test_ties_go_to_the_lower_index_and_selection_is_deterministic():
     assert masks["l"]["lora_B"][0].tolist() == [False, True, False, True, True, False, False]
     again = select_neurons({"l": {"lora_B": score.clone()}}, 0.4)
     assert torch.equal(again["l"]["lora_B"][0], masks["l"]["lora_B"][0])
-    flat = select_neurons({"l": {"lora_A": torch.zeros(9)}}, 0.3)
-    assert flat["l"]["lora_A"][0].tolist() == [True] * 3 + [False] * 6
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+@pytest.mark.parametrize("flat_value", [0.0, 2.5])
+def test_a_factor_with_all_equal_scores_keeps_every_neuron(per_layer, flat_value):
+    """No score tells its neurons apart (peft's B = 0 makes A's Fisher 0): it stays dense, the others do not."""
+    gen = torch.Generator().manual_seed(3)
+    scores = {"a": {"lora_A": torch.full((11,), flat_value), "lora_B": torch.rand(7, generator=gen)},
+              "b": {"lora_A": torch.rand(11, generator=gen), "lora_B": torch.full((7,), flat_value)}}
+    masks = select_neurons(scores, 0.3, per_layer=per_layer)
+    assert masks["a"]["lora_A"][0].all() and masks["a"]["lora_A"][1] == 1
+    assert masks["b"]["lora_B"][0].all() and masks["b"]["lora_B"][1] == 0
+    # The other factor of each layer is informative and keeps ceil(0.3 * n); globally it is the
+    # only one of its kind left to rank, so the count is the same.
+    assert int(masks["a"]["lora_B"][0].sum()) == math.ceil(0.3 * 7) == 3
+    assert int(masks["b"]["lora_A"][0].sum()) == math.ceil(0.3 * 11) == 4
+    assert [list(factors) for factors in masks.values()] == [list(factors) for factors in scores.values()]
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_a_factor_with_a_single_nonzero_score_is_ranked(per_layer):
+    score = torch.zeros(9)
+    score[5] = 1e-30
+    masks = select_neurons({"l": {"lora_A": score}, "m": {"lora_A": torch.zeros(4)}}, 0.3, per_layer=per_layer)
+    # ceil(0.3 * 9) = 3: the nonzero neuron, then the tie among zeros goes to the lowest indices.
+    assert masks["l"]["lora_A"][0].tolist() == [True, True, False, False, False, True, False, False, False]
+    assert masks["m"]["lora_A"][0].tolist() == [True] * 4
+
+
+def test_fresh_peft_lora_keeps_A_dense_until_B_moves(tiny_bert):
+    """peft's B = 0 gives A an all-zero Fisher: A keeps all its columns, B gets top-rho rows."""
+    from fibec.fisher import FisherCollector
+    from fibec.modeling import load_classifier
+
+    model, tokenizer = load_classifier(tiny_bert, 2)
+    batch = tokenizer(["a short one", "and a somewhat longer sentence"], padding=True, return_tensors="pt")
+    importance = NeuronImportance()
+    with FisherCollector(model, "lora", loss_reduction="mean") as collector:
+        collector.token_mask = batch["attention_mask"]
+        model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+    importance.update(collector.fisher)
+    masks = select_neurons(importance, 0.25)
+    assert masks and all(factors["lora_A"][0].all() for factors in masks.values())
+    assert all(int(factors["lora_B"][0].sum()) == math.ceil(0.25 * factors["lora_B"][0].numel())
+               for factors in masks.values())
 
 
 def test_global_ranking_pools_each_factor_across_layers_and_keeps_one_per_tensor():
@@ -87,7 +130,8 @@ def test_select_neurons_accepts_the_importance_object():
     gen = torch.Generator().manual_seed(1)
     importance = NeuronImportance()
     importance.update(_fisher(gen))
-    assert all(torch.equal(select_neurons(importance, 0.3)[layer][f][0], select_neurons(importance.scores, 0.3)[layer][f][0])
+    from_object, from_scores = select_neurons(importance, 0.3), select_neurons(importance.scores, 0.3)
+    assert all(torch.equal(from_object[layer][f][0], from_scores[layer][f][0])
                for layer in importance.fisher for f in ("lora_A", "lora_B"))
 
 
