@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fibec import _codec
+from fibec import _codec, _compat
 from fibec._checks import FLOAT_DTYPES, check_tensor
 
 __all__ = ["PayloadError", "encode", "decode", "inspect", "release_cached_memory", "VALUE_FORMATS"]
@@ -35,9 +35,6 @@ OUTPUT_BYTES_PER_PAYLOAD_BYTE = 256
 MIN_OUTPUT_BYTES = 64 << 20
 
 MaskSpec = torch.Tensor | tuple[torch.Tensor, int]
-# torch.from_dlpack's own converter: the public wrapper spends 3 us per call finding out
-# that a capsule is a capsule, as long as decoding a 48 KB tensor takes.
-_tensor_from_dlpack = getattr(torch._C, "_from_dlpack", torch.from_dlpack)
 
 
 def encode(
@@ -108,7 +105,7 @@ def decode(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | N
     (docs/PAYLOAD.md, "Memory of decoded tensors"); they are writable but not resizable.
     """
     names, capsules = _call(_parse(payload, max_output_bytes).decode)
-    return dict(zip(names, map(_tensor_from_dlpack, capsules)))
+    return dict(zip(names, map(_compat.dlpack_converter(), capsules)))
 
 
 def inspect(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | None = None) -> dict:

@@ -24,6 +24,13 @@ so several forward/backward pairs can run inside one context. Gradient checkpoin
 both modes: non-reentrant (the original forward's hooks fire) and reentrant (layers run again
 inside backward and their gradients arrive in nested backward calls, which count as one pass).
 
+That callback, and knowing whether a backward pass is running, are private torch APIs
+(fibec._compat). On a torch without them a pass ends once every hooked layer call made with
+gradients enabled has received its gradient, or when the results are read or the context exits.
+There gradient checkpointing, a hooked layer whose output does not reach the loss followed by
+another forward before the results are read, and hooked layers run under torch.no_grad() and
+not again with gradients before the next backward each raise a RuntimeError saying so.
+
 Limits, each reported with an error rather than a wrong number: LoRA variants (DoRA and
 others), merged adapters, several active adapters in one layer, peft's mixed-adapter batches
 (`adapter_names=`), and a hooked layer whose output enters one backward pass more than once
@@ -41,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fibec import ops
+from fibec import _compat, ops
 from fibec._checks import check_tensor
 
 _SELECTORS = ("lora", "linear", "all")
@@ -189,6 +196,9 @@ class FisherCollector:
         self._lora_inputs: dict[str, torch.Tensor] = {}
         self._active = False
         self._warned_late_backward = False
+        # Without torch's private graph-task API the collector finds the end of each pass itself.
+        self._counts_passes = _compat.backward_running() is None
+        self._generation = 0
         self.token_mask = token_mask
         self.reset()
 
@@ -199,6 +209,7 @@ class FisherCollector:
 
     @property
     def sample_scores(self) -> torch.Tensor | None:
+        self._end_counted_pass()
         return self._sample_scores
 
     @property
@@ -207,6 +218,7 @@ class FisherCollector:
 
     @property
     def num_samples(self) -> int:
+        self._end_counted_pass()
         return self._num_samples
 
     @property
@@ -259,12 +271,15 @@ class FisherCollector:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._lora_inputs.clear()
-        self._active = False
-        self._end_backward_state()
+        try:
+            self._end_counted_pass()
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._lora_inputs.clear()
+            self._active = False
+            self._end_backward_state()
 
     # ---- forward hooks: pair each layer call's input with its output's gradient -----------
     def _lora_input_hook(self, layer: _Layer) -> Callable:
@@ -306,19 +321,21 @@ class FisherCollector:
         layer's matmul result (nn.Linear on [N,T,I]), an in-place op on it would bypass the view's
         node, so the hook goes on the node of the viewed tensor.
         """
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.grad_fn is not None):
+        if not torch.is_grad_enabled():
+            if self._counts_passes:
+                self._gradless_layers.add(layer.name)
             return
-        producer = output
-        base = output._base
-        if (base is not None and base.grad_fn is not None and base.numel() == output.numel()
-                and base.is_contiguous() and output.is_contiguous()):
-            producer = base
-        if torch._C._current_graph_task_id() != -1:
+        if not (isinstance(output, torch.Tensor) and output.grad_fn is not None):
+            return
+        node, index = _compat.producing_edge(output)
+        if self._counts_passes:
+            self._count_call(layer)
+        elif _compat.backward_running():
             # A forward inside backward is a checkpoint recomputation. Reentrant checkpointing
             # runs a nested backward for its gradients: end the pass with the outer backward.
             self._queue_end_of_pass()
         saved = [X, self._layer_mask(layer, X)]
-        index, shape = producer.output_nr, output.shape
+        shape, generation = output.shape, self._generation
 
         def on_grad(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
             if not saved:
@@ -326,10 +343,25 @@ class FisherCollector:
                            "(retain_graph=True) is not supported; run the forward again")
             X, mask = saved
             saved.clear()  # the graph's nodes, and so this hook, may outlive the backward pass
-            if grad_outputs[index] is not None:
-                self._collect(layer, X, grad_outputs[index].reshape(shape), mask)
+            G = grad_outputs[index]
+            self._collect(layer, X, None if G is None else G.reshape(shape), mask, generation)
 
-        producer.grad_fn.register_prehook(on_grad)
+        node.register_prehook(on_grad)
+
+    def _count_call(self, layer: _Layer) -> None:
+        """Without the private end-of-backward callback: note a hooked call that awaits its gradient."""
+        if self._pass_scores is not None:
+            self._fail(f"layer {layer.name!r} ran while the backward pass before it still awaited the gradients "
+                       f"of hooked layer calls {sorted(self._pending_layers)}: they did not reach the loss, or "
+                       "this is a recomputation inside backward (gradient checkpointing). This torch lacks the "
+                       "private torch._C._current_graph_task_id, so fibec cannot tell which: read "
+                       "fc.sample_scores after each backward, and do not use gradient checkpointing")
+        if layer.name in self._pending_layers:
+            # Called again before any gradient arrived: the earlier forward had no backward.
+            self._generation += 1
+            self._pending_layers.clear()
+        self._pending_layers.add(layer.name)
+        self._gradless_layers.discard(layer.name)
 
     def _layer_mask(self, layer: _Layer, X: torch.Tensor) -> torch.Tensor | None:
         mask = self._token_mask
@@ -352,13 +384,33 @@ class FisherCollector:
         self._pass_scores: torch.Tensor | None = None
         self._pass_layers: set[str] = set()
         self._pass_end_queued = False
+        # Only without the private API: hooked calls awaiting their gradient, in this generation of
+        # calls (a gradient for an earlier generation means fibec misjudged where a pass ended),
+        # and layers last run without gradients (they might yet be recomputed inside backward).
+        self._pending_layers: set[str] = set()
+        self._gradless_layers: set[str] = set()
+        self._generation += 1
 
     def _queue_end_of_pass(self) -> None:
-        if not self._pass_end_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
-            self._pass_end_queued = True
+        if self._counts_passes or self._pass_end_queued:
+            return
+        if not _compat.queue_at_end_of_backward(self._finish_backward):
+            self._fail("this torch reports running backward passes but cannot queue a callback at their end "
+                       "(torch.autograd.Variable._execution_engine.queue_callback is missing)")
+        self._pass_end_queued = True
+
+    def _end_counted_pass(self) -> None:
+        """Without the private API, a pass whose gradients stopped arriving ends when read or left."""
+        if self._counts_passes and self._pass_scores is not None:
+            self._finish_backward()
 
     def _finish_backward(self) -> None:
+        if self._gradless_layers and self._pass_scores is not None:
+            self._fail(f"layers {sorted(self._gradless_layers)} ran without gradients (torch.no_grad() or "
+                       "reentrant gradient checkpointing) and not again with gradients before this backward "
+                       "pass. This torch lacks the private torch._C._current_graph_task_id, so fibec cannot "
+                       "tell whether they are still to be recomputed inside the pass: run no-grad forwards "
+                       "outside the FisherCollector context, and do not use gradient checkpointing")
         if self._pass_scores is not None:
             self._sample_scores = self._pass_scores
             self._num_samples += self._pass_scores.shape[0]
@@ -368,13 +420,28 @@ class FisherCollector:
         self._end_backward_state()
         raise RuntimeError(message)
 
-    def _collect(self, layer: _Layer, X: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _collect(self, layer: _Layer, X: torch.Tensor, G: torch.Tensor | None, mask: torch.Tensor | None,
+                 generation: int) -> None:
         if not self._active:
             if not self._warned_late_backward:
                 warnings.warn("backward ran after the FisherCollector context exited; "
                               "its gradients were not collected", RuntimeWarning, stacklevel=2)
                 self._warned_late_backward = True
             return
+        if self._counts_passes:
+            if generation != self._generation:
+                self._fail(f"layer {layer.name!r} got a gradient for a call that fibec took to have no backward: "
+                           "the layer ran again before any gradient arrived (called twice in one forward, two "
+                           "forwards before one backward, or recomputed by gradient checkpointing). This torch "
+                           "lacks the private torch._C._current_graph_task_id, so fibec cannot tell these apart: "
+                           "run one backward after each forward, with each hooked layer called once")
+            self._pending_layers.discard(layer.name)
+        if G is not None:
+            self._accumulate(layer, X, G, mask)
+        if self._counts_passes and not self._pending_layers:
+            self._finish_backward()
+
+    def _accumulate(self, layer: _Layer, X: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None) -> None:
         X3 = _as_ntd(X.detach())
         G3 = _as_ntd(G.detach()).to(X3.dtype)
         N = X3.shape[0]
