@@ -415,12 +415,29 @@ def _hard(rng: random.Random, label: int) -> str:
 _GROUPS = (("easy", _easy), ("medium", _medium), ("hard", _hard))
 
 
-def _generate(n: int, rng: random.Random) -> TextClassificationData:
+# Redraws allowed per sample before the templates are taken as exhausted by the excluded sentences.
+_MAX_DRAWS = 1000
+
+
+def _sentence_key(text: str) -> str:
+    """What makes two sentences the same: equal after collapsing whitespace and ignoring case."""
+    return " ".join(text.split()).casefold()
+
+
+def _generate(n: int, rng: random.Random, exclude: frozenset[str] = frozenset()) -> TextClassificationData:
+    """n samples, none of whose _sentence_key is in `exclude` (such draws are redrawn)."""
     texts, labels, groups = [], [], []
     for i in range(n):
         label = i % 2  # balanced: exactly half positive (odd n: one more negative)
         group, make = _GROUPS[(i // 2) % 3]  # each group equally often and label-balanced
-        texts.append(make(rng, label))
+        for _ in range(_MAX_DRAWS):
+            text = make(rng, label)
+            if _sentence_key(text) not in exclude:
+                break
+        else:
+            raise ValueError(f"the {group} {['negative', 'positive'][label]} templates gave only sentences of the "
+                             f"training set in {_MAX_DRAWS} draws; lower n_train or n_test")
+        texts.append(text)
         labels.append(label)
         groups.append(group)
     order = list(range(n))
@@ -439,13 +456,18 @@ def default_task(seed: int = 0, n_train: int = 1200, n_test: int = 400) -> tuple
     - hard: negation of a cue ("the movie is not bad, ..." is positive), contrast where the clause
       after "but" decides, or a weak opposite cue followed by a strong deciding one ("yet overall").
     Labels are always correct (no label noise); both labels are equally frequent in every group
-    and in total. Each sample's group is in `.groups`. Train and test use independent streams of
-    random.Random(seed); the result is identical for equal arguments.
+    and in total. Each sample's group is in `.groups`. Train and test are drawn from separate
+    streams of random.Random(seed), and no test sentence is a training sentence (compared with
+    whitespace collapsed and case ignored: a test draw that is one is drawn again), so the short
+    easy templates that train uses up appear less often in test. The result is identical for
+    equal arguments.
     """
     for arg, value in (("n_train", n_train), ("n_test", n_test)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise ValueError(f"{arg} must be an int >= 2, got {value!r}")
-    return _generate(n_train, random.Random(f"{seed}/train")), _generate(n_test, random.Random(f"{seed}/test"))
+    train = _generate(n_train, random.Random(f"{seed}/train"))
+    seen = frozenset(map(_sentence_key, train.texts))
+    return train, _generate(n_test, random.Random(f"{seed}/test"), exclude=seen)
 
 
 # ---- Splits and partitions ---------------------------------------------------------------------

@@ -162,6 +162,32 @@ def test_default_task_is_deterministic_balanced_and_has_all_groups():
     assert mean_words["easy"] < 5 < mean_words["medium"]
 
 
+def _balanced_in_every_group(data: TextClassificationData) -> bool:
+    counts = Counter(zip(data.groups, data.labels))
+    return (data.label_counts()[0] == data.label_counts()[1]
+            and all(counts[group, 0] == counts[group, 1] > 0 for group in ("easy", "medium", "hard")))
+
+
+@pytest.mark.parametrize(("n_train", "n_test"), [(360, 200), (1200, 400)])
+@pytest.mark.parametrize("seed", range(10))
+def test_default_task_test_sentences_are_never_training_sentences(seed, n_train, n_test):
+    train, test = default_task(seed, n_train=n_train, n_test=n_test)
+
+    def key(text: str) -> str:
+        return " ".join(text.split()).lower()
+
+    assert not {key(t) for t in test.texts} & {key(t) for t in train.texts}
+    assert (len(train), len(test)) == (n_train, n_test)
+    assert _balanced_in_every_group(train) and _balanced_in_every_group(test)
+    again = default_task(seed, n_train=n_train, n_test=n_test)[1]
+    assert (again.texts, again.labels, again.groups) == (test.texts, test.labels, test.groups)
+
+
+def test_default_task_larger_than_its_templates_is_an_error():
+    with pytest.raises(ValueError, match="easy .* templates .* lower n_train or n_test"):
+        default_task(0, n_train=30000, n_test=400)
+
+
 def test_default_task_labels_follow_the_deciding_cue():
     from fibec import data as d
     train, _ = default_task(seed=0, n_train=600, n_test=2)
