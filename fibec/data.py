@@ -15,6 +15,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from ._checks import check_finite_scalar
 __all__ = [
     "TextClassificationData",
     "load_table",
+    "load_hf_dataset",
     "load_shared",
     "SHARED_DATASETS",
     "default_task",
@@ -184,6 +186,107 @@ def load_table(
     pairs = None if text_pair_column is None else [text_of(r, text_pair_column, i + 1) for i, r in enumerate(rows)]
     labels, names = _labels_to_ids([r.get(label_column) for r in rows], str(path))
     return TextClassificationData(texts, labels, names, pairs, name=path.stem)
+
+
+# ---- Hugging Face datasets --------------------------------------------------------------------------
+
+def load_hf_dataset(
+    source: str | os.PathLike,
+    *,
+    text_column: str,
+    label_column: str,
+    text_pair_column: str | None = None,
+    split: str | None = None,
+) -> tuple[TextClassificationData, TextClassificationData | None]:
+    """(train, test) from a Hugging Face dataset; test is None where the source has no test split.
+
+    source: a folder written by `datasets.Dataset.save_to_disk` or `DatasetDict.save_to_disk`,
+        else a dataset name on the Hugging Face Hub (`datasets.load_dataset`: needs network, or
+        the dataset in the local HF cache; with HF_HUB_OFFLINE=1 anything else fails at once).
+    split: None takes the "train" and "test" splits of a DatasetDict (test None if it has no
+        "test"), or the one dataset a Dataset folder holds (test None). A split name (hub names
+        may slice, e.g. "train[:1000]") takes that split alone as train, test None.
+    Labels of a ClassLabel column keep their ids and names; any other labels go through the
+    rules of `load_table` (non-negative integers keep their value, others sort), over train and
+    test together so that both get the same ids. Callers split a train without test themselves
+    (e.g. `train_test_split`). Needs the optional `datasets` package (`pip install fibec[datasets]`).
+    """
+    datasets = _import_datasets()
+    loaded = _load_hf_source(source, split)
+    name = Path(source).name if Path(source).is_dir() else str(source)
+    if isinstance(loaded, datasets.Dataset):
+        parts = {"train": loaded}
+    elif split is None:
+        if "train" not in loaded:
+            raise ValueError(f"split: {name} has no 'train' split (splits: {list(loaded)}); name the one to load")
+        parts = {key: loaded[key] for key in ("train", "test") if key in loaded}
+    elif split in loaded:
+        parts = {"train": loaded[split]}
+    else:
+        raise ValueError(f"split: {name} has no split {split!r}; available splits: {list(loaded)}")
+    for part in parts.values():
+        for arg, column in (("text_column", text_column), ("label_column", label_column),
+                            ("text_pair_column", text_pair_column)):
+            if column is not None and column not in part.column_names:
+                raise ValueError(f"{arg}: column {column!r} not in {name}; available columns: {part.column_names}")
+
+    label_feature = parts["train"].features[label_column]
+    raw_labels = {key: list(part[label_column]) for key, part in parts.items()}
+    if isinstance(label_feature, datasets.ClassLabel):
+        label_names = list(label_feature.names)
+        for key, labels in raw_labels.items():
+            if any(y < 0 for y in labels):
+                raise ValueError(f"label_column: the {key} split of {name} has unlabelled samples (label -1, as "
+                                 "in hidden test sets); pass split= to load a labelled split")
+        ids = raw_labels
+    else:
+        all_ids, label_names = _labels_to_ids(raw_labels["train"] + raw_labels.get("test", []), name)
+        ids = {"train": all_ids[:len(raw_labels["train"])], "test": all_ids[len(raw_labels["train"]):]}
+
+    def texts(part, column: str) -> list[str]:
+        values = list(part[column])
+        missing = [i for i, v in enumerate(values) if v is None]
+        if missing:
+            raise ValueError(f"{name}: row {missing[0]} has no value in column {column!r}")
+        return [str(v) for v in values]
+
+    data = {key: TextClassificationData(texts(part, text_column), ids[key], label_names,
+                                        None if text_pair_column is None else texts(part, text_pair_column),
+                                        name=name)
+            for key, part in parts.items()}
+    return data["train"], data.get("test")
+
+
+def _import_datasets() -> ModuleType:
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("load_hf_dataset needs the datasets package: pip install fibec[datasets]") from err
+    return datasets
+
+
+def _load_hf_source(source: str | os.PathLike, split: str | None):
+    """The datasets.Dataset or DatasetDict at `source`: a save_to_disk folder, else a hub dataset."""
+    datasets = _import_datasets()
+    folder = Path(source)
+    if folder.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(folder))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"source: {folder} was not written by Dataset.save_to_disk or "
+                                    f"DatasetDict.save_to_disk ({err})") from None
+        if split is not None and isinstance(loaded, datasets.Dataset):
+            raise ValueError(f"split: {folder} holds a single Dataset, not named splits; pass split=None")
+        return loaded
+    try:
+        return datasets.load_dataset(str(source), split=split)
+    except ConnectionError as err:
+        raise ConnectionError(f"source: {str(source)!r} is not a folder here and the Hugging Face Hub cannot be "
+                              f"reached for it ({err}); offline, only save_to_disk folders and datasets "
+                              "already in the local HF cache load") from None
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"source: {str(source)!r} is neither a folder here nor a dataset on the "
+                                f"Hugging Face Hub ({err})") from None
 
 
 # ---- The shared corpora in ../shared/data --------------------------------------------------------

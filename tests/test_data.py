@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from fibec.data import (
     TextClassificationData,
     default_task,
     dirichlet_partition,
+    load_hf_dataset,
     load_shared,
     load_table,
     make_batches,
@@ -82,6 +84,115 @@ def test_load_table_rejects_unknown_extension(tmp_path):
     path.write_text("x")
     with pytest.raises(ValueError, match="format"):
         load_table(path, text_column="t", label_column="l")
+
+
+# ---- Hugging Face datasets ----------------------------------------------------------------------
+@pytest.fixture
+def hf():
+    return pytest.importorskip("datasets")
+
+
+def hf_split(hf, rows: dict[str, list], label_names: list[str] | None = None):
+    """A datasets.Dataset of `rows`; the "label" column is a ClassLabel when label_names are given."""
+    features = {k: hf.Value("string") for k in rows}
+    if label_names is not None:
+        features["label"] = hf.ClassLabel(names=label_names)
+    return hf.Dataset.from_dict(rows, features=hf.Features(features))
+
+
+def saved(dataset, path: Path) -> Path:
+    dataset.save_to_disk(str(path))
+    return path
+
+
+def test_hf_dataset_folder_without_class_label_maps_labels_like_tables(hf, tmp_path):
+    rows = {"text": ["great", "awful", "fine"], "label": ["pos", "neg", "pos"]}
+    train, test = load_hf_dataset(saved(hf_split(hf, rows), tmp_path / "reviews"), text_column="text",
+                                  label_column="label")
+    assert test is None
+    assert (train.texts, train.labels, train.label_names, train.text_pairs) == (rows["text"], [1, 0, 1],
+                                                                                ["neg", "pos"], None)
+    assert train.name == "reviews"
+
+
+def test_hf_dataset_class_label_gives_ids_and_names(hf, tmp_path):
+    rows = {"text": ["great", "awful", "meh"], "label": [0, 1, 2]}
+    train, _ = load_hf_dataset(saved(hf_split(hf, rows, ["pos", "neg", "mixed"]), tmp_path / "d"),
+                               text_column="text", label_column="label")
+    assert (train.labels, train.label_names) == ([0, 1, 2], ["pos", "neg", "mixed"])
+
+
+@pytest.mark.parametrize("class_label", [True, False], ids=["class-label", "string-labels"])
+def test_hf_dataset_dict_gives_train_and_test_with_the_same_label_ids(hf, tmp_path, class_label):
+    names = ["neg", "pos"]
+    train_labels, test_labels = ["pos", "neg", "pos"], ["pos"]  # test alone would map "pos" to 0
+
+    def split(texts, labels):
+        label_values = [names.index(y) for y in labels] if class_label else labels
+        return hf_split(hf, {"text": texts, "label": label_values}, names if class_label else None)
+
+    folder = saved(hf.DatasetDict(train=split(["a", "b", "c"], train_labels), test=split(["d"], test_labels),
+                                  validation=split(["e"], ["neg"])), tmp_path / "dd")
+    train, test = load_hf_dataset(folder, text_column="text", label_column="label")
+    assert (train.texts, train.labels, train.label_names) == (["a", "b", "c"], [1, 0, 1], names)
+    assert (test.texts, test.labels, test.label_names) == (["d"], [1], names)
+
+
+def test_hf_sentence_pairs_and_a_named_split(hf, tmp_path):
+    rows = {"premise": ["a cat sleeps", "it rains"], "hypothesis": ["an animal rests", "it is dry"],
+            "label": [0, 1]}
+    pairs = hf_split(hf, rows, ["entailment", "contradiction"])
+    folder = saved(hf.DatasetDict(validation=pairs), tmp_path / "nli")
+    train, test = load_hf_dataset(folder, text_column="premise", text_pair_column="hypothesis",
+                                  label_column="label", split="validation")
+    assert test is None
+    assert (train.texts, train.text_pairs, train.labels) == (rows["premise"], rows["hypothesis"], [0, 1])
+    assert train.label_names == ["entailment", "contradiction"]
+
+
+@pytest.mark.parametrize("arg", ["text_column", "label_column", "text_pair_column"])
+def test_hf_dataset_missing_column_names_the_argument_and_lists_columns(hf, tmp_path, arg):
+    folder = saved(hf_split(hf, {"text": ["a"], "other": ["b"], "label": ["x"]}), tmp_path / "d")
+    kwargs = {"text_column": "text", "label_column": "label", "text_pair_column": "other", arg: "nope"}
+    with pytest.raises(ValueError, match=rf"{arg}: column 'nope' not in d; available columns: \['text', 'other', 'label'\]"):
+        load_hf_dataset(folder, **kwargs)
+
+
+@pytest.mark.parametrize(("layout", "split", "message"), [
+    ("dict-without-train", None, r"split: .* no 'train' split \(splits: \['validation'\]\)"),
+    ("dict-without-train", "test", r"split: .* no split 'test'; available splits: \['validation'\]"),
+    ("single-dataset", "train", "split: .* single Dataset"),
+])
+def test_hf_dataset_split_that_is_not_there_is_named(hf, tmp_path, layout, split, message):
+    data = hf_split(hf, {"text": ["a"], "label": ["x"]})
+    folder = saved(hf.DatasetDict(validation=data) if layout == "dict-without-train" else data, tmp_path / "d")
+    with pytest.raises(ValueError, match=message):
+        load_hf_dataset(folder, text_column="text", label_column="label", split=split)
+
+
+def test_hf_dataset_unlabelled_test_split_is_refused(hf, tmp_path):
+    labelled = hf_split(hf, {"text": ["a", "b"], "label": [0, 1]}, ["neg", "pos"])
+    hidden = hf_split(hf, {"text": ["c"], "label": [-1]}, ["neg", "pos"])
+    folder = saved(hf.DatasetDict(train=labelled, test=hidden), tmp_path / "glue")
+    with pytest.raises(ValueError, match="label_column: the test split of glue has unlabelled samples"):
+        load_hf_dataset(folder, text_column="text", label_column="label")
+
+
+def test_hf_folder_not_written_by_save_to_disk_is_refused(hf, tmp_path):
+    with pytest.raises(FileNotFoundError, match="source: .* not written by Dataset.save_to_disk"):
+        load_hf_dataset(tmp_path, text_column="text", label_column="label")
+
+
+@pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="needs HF_HUB_OFFLINE=1 (else it goes online)")
+def test_hf_hub_name_offline_fails_at_once_with_the_reason(hf):
+    with pytest.raises(ConnectionError, match="source: 'fibec-tests/no-such-dataset' is not a folder here .* offline"):
+        load_hf_dataset("fibec-tests/no-such-dataset", text_column="text", label_column="label")
+
+
+def test_hf_loader_without_datasets_installed_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install fibec\[datasets\]"):
+        load_hf_dataset(tmp_path, text_column="text", label_column="label")
 
 
 def test_subset_keeps_order_and_all_fields():
