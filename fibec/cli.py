@@ -60,8 +60,7 @@ def build_config(args: argparse.Namespace) -> FedConfig:
     return cfg
 
 
-def run(cfg: FedConfig, *, resume: bool = False, overwrite: bool = False,
-        progress: bool = True) -> dict[str, list[dict]]:
+def run(cfg: FedConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, list[dict]]:
     """Run every method of cfg (in process or on Flower), then print the table and write the plots."""
     from . import report
 
@@ -69,7 +68,7 @@ def run(cfg: FedConfig, *, resume: bool = False, overwrite: bool = False,
         from .federated.flower_local import run_methods
     else:
         from .federated.runner import run_methods
-    results = run_methods(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    results = run_methods(cfg, overwrite=overwrite, progress=progress)
     out_dir = Path(cfg.out)
     rows = report.summarise(results)
     report.write_summary(rows, out_dir)
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         cfg = build_config(args)
-        run(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
+        run(cfg, overwrite=args.overwrite, progress=not args.quiet)
     except (ConfigError, CheckpointError) as err:
         print(f"fibec {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

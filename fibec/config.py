@@ -32,9 +32,12 @@ class ConfigError(ValueError):
 
 
 def setting(default, help: str, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, high_open: bool = False, choices: tuple[str, ...] | None = None):
-    """A FedConfig field: its default plus the help text, bounds and choices everything is generated from."""
-    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices}
+            low_open: bool = False, high_open: bool = False, choices: tuple[str, ...] | None = None,
+            flag: bool = True):
+    """A FedConfig field: its default plus the help text, bounds and choices everything is generated
+    from; `flag` False keeps it out of the CLI flags (the CLI sets it its own way)."""
+    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices,
+            "flag": flag}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -98,6 +101,7 @@ class FedConfig:
                                        "SuperNodes on this machine)", choices=ENGINES)
     round_timeout: float = setting(600.0, "Flower: seconds to wait for nodes and replies", low=0.0, low_open=True)
     out: str = setting("runs/fibec", "output directory")
+    resume: bool = setting(False, "continue the run saved under out (the CLI: --resume OUT)", flag=False)
 
     # ---- building and checking -----------------------------------------------------------------
 
@@ -177,6 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, f in _fields().items():
         kind = _kind(f)
         meta = f.metadata
+        if not meta["flag"]:
+            continue
         help_text = meta["help"]
         if meta["choices"]:
             help_text += f" ({' | '.join(meta['choices'])})"

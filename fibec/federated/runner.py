@@ -31,7 +31,7 @@ from .transport import InProcessTransport
 
 CONFIG_FILE = "config.json"
 # Settings that say how a run is executed, not what it computes: a resumed run may differ in them.
-RUN_MODE_SETTINGS = ("out", "engine", "threads", "round_timeout")
+RUN_MODE_SETTINGS = ("out", "engine", "threads", "round_timeout", "resume")
 
 
 @dataclass
@@ -167,7 +167,8 @@ def prepare_out_dir(cfg: FedConfig, *, overwrite: bool) -> Path:
         for stale in out.glob("metrics_*.jsonl"):
             stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write(out / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "resume"}
+    checkpoint.atomic_write(out / CONFIG_FILE, (json.dumps(settings, indent=2) + "\n").encode())
     return out
 
 
@@ -180,7 +181,7 @@ def saved_config(out: str | Path) -> FedConfig:
         raise ConfigError(f"--resume: {path} does not exist: {out} holds no run to resume") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"--resume: {path} is not valid JSON ({err})") from None
-    return FedConfig.from_mapping({**settings, "out": str(out)}, source=str(path))
+    return FedConfig.from_mapping({**settings, "out": str(out), "resume": True}, source=str(path))
 
 
 def _same_run(saved: dict, cfg: FedConfig) -> list[str]:
@@ -230,12 +231,17 @@ def build_federation(cfg: FedConfig, method: str, data: RunData) -> Federation:
                       build_evaluator(cfg, data, tokenizer))
 
 
-def run_method(cfg: FedConfig, method: str, data: RunData, *, resume: bool = False,
+def saved_state(cfg: FedConfig, method: str) -> dict | None:
+    """The checkpoint a resumed run of `method` continues from (None: none written yet)."""
+    directory = checkpoint_dir(Path(cfg.out), method)
+    return read_checkpoint(directory, cfg, method) if cfg.resume and checkpoint.exists(directory) else None
+
+
+def run_method(cfg: FedConfig, method: str, data: RunData, *, saved: dict | None = None,
                progress: bool = True) -> list[dict]:
-    """One method's rounds in process, under cfg.out; with `resume`, from its checkpoint if it has one."""
+    """One method's rounds in process, under cfg.out; from `saved` (its checkpoint's state) if given."""
     out = Path(cfg.out)
     directory = checkpoint_dir(out, method)
-    saved = read_checkpoint(directory, cfg, method) if resume and checkpoint.exists(directory) else None
     fed = build_federation(cfg, method, data)
 
     def save(coordinator: Coordinator) -> None:
@@ -272,16 +278,16 @@ def save_server_state(out: Path, method: str, state: dict[str, torch.Tensor]) ->
     return path
 
 
-def run_methods(cfg: FedConfig, *, resume: bool = False, overwrite: bool = False,
-                progress: bool = True) -> dict[str, list[dict]]:
+def run_methods(cfg: FedConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, list[dict]]:
     """Every method of cfg on the same data, partition and seed; returns {method: records}.
 
-    Fresh (`resume` False): cfg.out must not hold a run (unless `overwrite`). Resumed: each
+    Fresh (cfg.resume False): cfg.out must not hold a run (unless `overwrite`). Resumed: each
     method continues from its checkpoint; one that has none starts at round 1 (it had not
     finished a round).
     """
+    saved = {method: saved_state(cfg, method) for method in cfg.methods}
     data = load_run_data(cfg)
     build_model(cfg, data.train.num_labels)  # a bad --model or --gal-size fails before anything is written
-    if not resume:
+    if not cfg.resume:
         prepare_out_dir(cfg, overwrite=overwrite)
-    return {method: run_method(cfg, method, data, resume=resume, progress=progress) for method in cfg.methods}
+    return {method: run_method(cfg, method, data, saved=saved[method], progress=progress) for method in cfg.methods}
