@@ -7,7 +7,10 @@ classification head, as plain tensors keyed by parameter name.
 """
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +78,8 @@ def load_classifier(
         config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
     # A folder's own head (if any) may have another number of labels: it is then re-initialised.
-    base = AutoModelForSequenceClassification.from_pretrained(folder, config=config, ignore_mismatched_sizes=True)
+    with _quiet_load_report():
+        base = AutoModelForSequenceClassification.from_pretrained(folder, config=config, ignore_mismatched_sizes=True)
     targets = targets or DEFAULT_TARGETS.get(config.model_type, FALLBACK_TARGETS)
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, target_modules=list(targets))
@@ -84,6 +88,20 @@ def load_classifier(
     except ValueError as err:
         raise ValueError(f"LoRA targets {list(targets)} match no layer of {config.model_type}: {err}") from None
     return model, tokenizer
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """Hide the warnings transformers logs on every checkpoint load (its load report: the head we
+    re-initialise on purpose shows as missing or mismatched), keeping its errors; the level of the
+    "transformers" logger is restored afterwards."""
+    transformers_logger = logging.getLogger("transformers")
+    level = transformers_logger.level
+    transformers_logger.setLevel(max(transformers_logger.getEffectiveLevel(), logging.ERROR))
+    try:
+        yield
+    finally:
+        transformers_logger.setLevel(level)
 
 
 @dataclass(frozen=True)
