@@ -87,7 +87,9 @@ class FedConfig:
     batch_size: int = setting(16, "batch size", low=1)
     max_length: int = setting(48, "max tokens per sample", low=2)
     lr: float = setting(5e-3, "AdamW learning rate", low=0.0, low_open=True)
-    values: str = setting("fp32", "payload value format", choices=VALUE_FORMATS)
+    values: str = setting("fp32", "payload value format, both directions", choices=VALUE_FORMATS)
+    error_feedback: bool = setting(True, "a client adds what its earlier uploads lost (quantisation error, "
+                                         "masked-off entries) to its next delta (true|false)")
     min_updates: int = setting(1, "fewest accepted updates a round aggregates; with fewer the round's "
                                   "aggregation is skipped and recorded", low=1)
     max_norm_ratio: float = setting(10.0, "reject an update whose delta norm exceeds this multiple of the "

@@ -283,3 +283,51 @@ def test_adapter_layout_names_every_lora_factor_and_the_head(tiny_bert):
     trainable = {n for n, p in params.items() if p.requires_grad}
     assert trainable == set(layout.all_names)
     assert any("classifier" in n for n in layout.head)
+
+
+def test_ffa_lora_freezes_and_keeps_every_lora_a_and_sends_only_b(tiny_bert, task, tmp_path):
+    cfg, fed = federation(tiny_bert, task, tmp_path, method="ffa-lora")
+    initial = {n: t.clone() for n, t in fed.server.state.items()}
+    plan, payload = fed.server.plan(0), fed.server.payload(fed.server.plan(0))
+    assert all("lora_A" not in n for n in codec.decode(payload))
+    update = fed.clients[0].fit(fed.model, payload, plan)
+    sent = codec.decode(update.payload)
+    assert sent and all("lora_A" not in n for n in sent) and any("lora_B" in n for n in sent)
+    run_rounds(coordinator(cfg, fed, "ffa-lora"), fed.transport)
+    a_names = [fed.layout.factors[l]["lora_A"] for l in fed.layout.layers]
+    assert all(torch.equal(c.state[n], initial[n]) for c in fed.clients for n in a_names)
+    assert all(torch.equal(fed.server.state[n], initial[n]) for n in a_names)
+    assert any(not torch.equal(fed.server.state[fed.layout.factors[l]["lora_B"]], initial[fed.layout.factors[l]["lora_B"]])
+               for l in fed.layout.layers)
+
+
+def test_fedsa_lora_aggregates_a_and_keeps_each_clients_b(tiny_bert, task, tmp_path):
+    cfg, fed = federation(tiny_bert, task, tmp_path, method="fedsa-lora")
+    initial = {n: t.clone() for n, t in fed.server.state.items()}
+    records = run_rounds(coordinator(cfg, fed, "fedsa-lora"), fed.transport)
+    b_names = [fed.layout.factors[l]["lora_B"] for l in fed.layout.layers]
+    a_names = [fed.layout.factors[l]["lora_A"] for l in fed.layout.layers]
+    assert all(torch.equal(fed.server.state[n], initial[n]) for n in b_names)
+    assert all(not torch.equal(fed.server.state[n], initial[n]) for n in a_names)
+    trained = [c for c in fed.clients if c.rounds_trained]
+    assert any(not torch.equal(c.state[n], initial[n]) for c in trained for n in b_names)
+    assert math.isfinite(records[-1]["personal_accuracy"]) and math.isfinite(records[-1]["global_accuracy"])
+
+
+@pytest.mark.parametrize("feedback", [True, False])
+def test_error_feedback_delivers_over_rounds_what_int8_quantisation_loses(tiny_bert, task, tmp_path, feedback):
+    cfg, fed = federation(tiny_bert, task, tmp_path, values="int8", error_feedback=feedback)
+    client = fed.clients[0]
+    torch.manual_seed(3)
+    shapes = {n: fed.server.state[n].shape for n in fed.layout.head}
+    deltas = [{n: torch.randn(s) * 10 ** -k for n, s in shapes.items()} for k in range(4)]
+    arrived = [codec.decode(client._encode_with_error_feedback(d, {})) for d in deltas]
+    for name in shapes:
+        sent = sum(d[name] for d in deltas)
+        got = sum(a[name] for a in arrived)
+        if feedback:
+            # Everything the uploads lost is in the residual, to be sent next round.
+            torch.testing.assert_close(got + client.residual[name], sent, rtol=0, atol=1e-6)
+            assert (got + client.residual[name] - sent).abs().max() < (got - sent).abs().max()
+        else:
+            assert not client.residual and (got - sent).abs().max() > 1e-4

@@ -83,6 +83,7 @@ class Client:
         self.tracker = DifficultyTracker(self._lengths(), data.labels if cfg.class_balanced else None)
         self.rounds_trained = 0
         self.pending_compute_s = 0.0  # work since the last update reported it (the first GAL ranking)
+        self.residual: dict[str, torch.Tensor] = {}  # error feedback: what the uploads have not delivered yet
         self.sampler = CurriculumSampler(np.zeros(len(data)), batch_size=cfg.batch_size, pacing=cfg.pacing,
                                          lambda0=cfg.lambda0 if method.curriculum else 1.0,
                                          full_at=cfg.full_at, seed=self._seed(0))
@@ -97,7 +98,8 @@ class Client:
         """Everything that changes as the client trains: tensors and plain values, nested dicts."""
         return {"state": {n: t.clone() for n, t in self.state.items()},
                 "importance": self.importance.state_dict(), "tracker": self.tracker.state_dict(),
-                "rounds_trained": self.rounds_trained, "pending_compute_s": self.pending_compute_s}
+                "rounds_trained": self.rounds_trained, "pending_compute_s": self.pending_compute_s,
+                "residual": {n: r.clone() for n, r in self.residual.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()`; ValueError when it does not fit this client's model or data."""
@@ -117,6 +119,10 @@ class Client:
         self.tracker.load_state_dict(state["tracker"])
         self.rounds_trained = int(state["rounds_trained"])
         self.pending_compute_s = float(state["pending_compute_s"])
+        unknown = [n for n in state["residual"] if n not in self.state]
+        if unknown:
+            raise ValueError(f"client {self.cid}: saved residual of unknown tensors {unknown[:3]}")
+        self.residual = {n: r.to(torch.float32, copy=True) for n, r in state["residual"].items()}
         self._reorder()
 
     # ---- the protocol --------------------------------------------------------------------------
@@ -143,7 +149,8 @@ class Client:
         start = time.perf_counter()
         cfg = self.cfg
         received = codec.decode(payload)
-        expected = set(self.layout.param_names(plan.sent)) | set(self.layout.head)
+        sent_names = self._sent_names(plan)
+        expected = set(sent_names)
         if set(received) != expected:
             raise codec.PayloadError(f"server payload has tensors {sorted(set(received) ^ expected)[:4]} "
                                      f"that the plan does not name")
@@ -156,7 +163,11 @@ class Client:
         torch.manual_seed(self._seed(plan.round_idx))
         masks = self._neuron_masks(plan) if self.method.sparse else {}
         params = dict(model.named_parameters())
-        optimizer = MaskedAdamW([params[n] for n in self.layout.all_names], lr=cfg.lr)
+        trained_names = set(self.method.trained_names(self.layout, self.layout.layers)) | set(self.layout.head)
+        frozen_factors = [params[n] for n in self.layout.all_names if n not in trained_names]
+        for p in frozen_factors:  # no gradient is computed for what the method does not train
+            p.requires_grad_(False)
+        optimizer = MaskedAdamW([params[n] for n in self.layout.all_names if n in trained_names], lr=cfg.lr)
         optimizer.set_masks({params[self.layout.factors[layer][k]]: pair
                              for layer, factors in masks.items() for k, pair in factors.items()})
         batches = self.sampler.batches(plan.round_idx, cfg.local_steps)
@@ -176,13 +187,14 @@ class Client:
         else:
             losses = self._train(model, optimizer, batches, None)
         model.eval()
+        for p in frozen_factors:
+            p.requires_grad_(True)
 
         trained = get_state(model, self.layout.all_names)
-        sent_names = self.layout.param_names(plan.sent) + list(self.layout.head)
         delta = {n: trained[n] - received[n] for n in sent_names}
         sparse_masks = {self.layout.factors[layer][k]: pair for layer, factors in masks.items()
                         for k, pair in factors.items() if self.layout.factors[layer][k] in delta}
-        upload = codec.encode(delta, masks=sparse_masks or None, values=cfg.values)
+        upload = self._encode_with_error_feedback(delta, sparse_masks)
         self.state = trained
         self.rounds_trained += 1
         scores = b""
@@ -210,9 +222,31 @@ class Client:
         what a layer entering the GAL starts from on the server."""
         if self.rounds_trained == 0:
             raise RuntimeError(f"client {self.cid} has not trained yet; its layers hold the initial values")
-        return codec.encode({n: self.state[n] for n in self.layout.param_names(layers)}, values=self.cfg.values)
+        names = self.method.sent_names(self.layout, layers)
+        return codec.encode({n: self.state[n] for n in names}, values=self.cfg.values)
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def _sent_names(self, plan: RoundPlan) -> list[str]:
+        return self.method.sent_names(self.layout, plan.sent) + list(self.layout.head)
+
+    def _encode_with_error_feedback(self, delta: dict[str, torch.Tensor],
+                                    masks: dict[str, tuple[torch.Tensor, int]]) -> bytes:
+        """The upload of `delta`; with error feedback, what the last uploads lost (quantisation error,
+        masked-off entries) is added first and what this one loses is kept for the next.
+
+        Residuals of tensors that do not travel this round are dropped: they belong to a delta the
+        server will not see again.
+        """
+        feedback = self.cfg.error_feedback and self.cfg.values != "fp32"  # fp32 loses nothing
+        if feedback:
+            self.residual = {n: r for n, r in self.residual.items() if n in delta}
+            delta = {n: d + self.residual[n] if n in self.residual else d for n, d in delta.items()}
+        upload = codec.encode(delta, masks=masks or None, values=self.cfg.values)
+        if feedback:
+            arrived = codec.decode(upload)
+            self.residual = {n: d - arrived[n].to(torch.float32) for n, d in delta.items()}
+        return upload
 
     def _seed(self, round_idx: int) -> int:
         return (self.cfg.seed * 1_000_003 + self.cid * 10_007 + round_idx) % (2**31)

@@ -139,8 +139,9 @@ class Coordinator:
         return n % self.cfg.eval_every == 0 or n == self.cfg.rounds
 
     def shared_payload(self) -> bytes:
-        """What every client holds from the server now (for the personalised evaluation)."""
-        return codec.encode({n: self.server.state[n] for n in self.server.shared_names()})
+        """What every client holds from the server now, in the run's value format (for the
+        personalised evaluation)."""
+        return codec.encode({n: self.server.state[n] for n in self.server.shared_names()}, values=self.cfg.values)
 
     def finish(self, personal: Score | None, failures: dict[int, str]) -> dict:
         """Close the round: evaluate (global protocol here, personalised from `personal`), write the

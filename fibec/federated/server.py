@@ -56,6 +56,7 @@ class Server:
         self.aggregate_all = not method.gal
         self.dense_all = not method.sparse
         self.cfg = cfg
+        self.method = method
         # Ranking matters only when the GAL decides what travels or what trains densely.
         self.needs_ranking = gal_size < n_layers and not (self.aggregate_all and self.dense_all)
         self.gal: tuple[str, ...] = () if self.needs_ranking else tuple(layout.layers)
@@ -132,12 +133,13 @@ class Server:
                          everything if self.dense_all else self.gal, want)
 
     def sent_names(self, plan: RoundPlan) -> list[str]:
-        return self.layout.param_names(plan.sent) + list(self.layout.head)
+        return self.method.sent_names(self.layout, plan.sent) + list(self.layout.head)
 
     def shared_names(self) -> list[str]:
-        """What every client holds from the server after a round: the aggregated layers and the head."""
+        """What every client holds from the server after a round: the aggregated layers' travelling
+        factors and the head."""
         layers = self.layout.layers if self.aggregate_all else self.gal
-        return self.layout.param_names(layers) + list(self.layout.head)
+        return self.method.sent_names(self.layout, layers) + list(self.layout.head)
 
     def payload(self, plan: RoundPlan) -> bytes:
         """The weights the clients load this round: the sent LoRA layers and the head."""
@@ -225,7 +227,7 @@ class Server:
         if self._proposed is None:
             raise RuntimeError("no re-selection is waiting for layer values")
         proposed, self._proposed = self._proposed, None
-        names = self.layout.param_names(tuple(l for l in proposed if l not in self.gal))
+        names = self.method.sent_names(self.layout, tuple(l for l in proposed if l not in self.gal))
         usable, weights, used = [], [], []
         for cid, payload, weight in values:
             try:

@@ -1,0 +1,266 @@
+"""Experiment grids on real data: data set x alpha x seed x method (x variant), resumable, with a report.
+
+    python experiments/grid.py run experiments/<grid>.toml       # runs what is missing, one run at a time
+    python experiments/grid.py report experiments/<grid>.toml    # the Markdown report and its plots
+
+A grid file (TOML) names the runs:
+
+    name = "results"                       # records: experiments/records/<name>.jsonl
+    report = "docs/RESULTS.md"             # where `report` writes (plots beside it, in <stem>_plots/)
+    cells = [{data = "trec", alpha = 0.5}, {data = "sst2", alpha = 0.5}]   # or: datasets = [...], alphas = [...]
+    seeds = [0, 1, 2]
+    methods = ["fibecfed", "fedavg"]
+    baseline = "fedavg"                    # the reference of the time-to-accuracy columns
+    [settings]                             # FedConfig settings of every run
+    clients = 10
+    [variants.fisher]                      # optional: named overrides, each run for every method
+    gal_ranker = "fisher"                  # but those in `shared_methods` (run once, variant "-")
+
+Every run is a `fibec` run in this process under runs/experiments/<name>/<key>/ with a checkpoint
+per round: a killed grid resumes inside the run it was in, and a finished run (one line in the
+records file, with its config and every round's metrics) is never repeated.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+# The link model of the time columns: per client, 20 Mbit/s up and 100 Mbit/s down; the clients of a
+# round work in parallel, so a round takes its slowest client's download + compute + upload.
+UPLINK_BYTES_PER_S = 20e6 / 8
+DOWNLINK_BYTES_PER_S = 100e6 / 8
+TARGET_OF_BASELINE = 0.95
+
+
+@dataclass(frozen=True)
+class Run:
+    data: str
+    alpha: float
+    seed: int
+    method: str
+    variant: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.data}-a{self.alpha:g}-s{self.seed}-{self.method}-{self.variant}"
+
+
+def load_grid(path: Path) -> dict:
+    grid = tomllib.loads(path.read_text())
+    for key in ("name", "seeds", "methods"):
+        if key not in grid:
+            raise SystemExit(f"{path}: the grid needs '{key}'")
+    if "cells" not in grid:
+        grid["cells"] = [{"data": d, "alpha": a} for d, a in itertools.product(grid["datasets"], grid["alphas"])]
+    return grid
+
+
+def runs_of(grid: dict) -> list[Run]:
+    variants = list(grid.get("variants", {})) or ["-"]
+    shared = set(grid.get("shared_methods", []))
+    runs = []
+    for cell, seed, method in itertools.product(grid["cells"], grid["seeds"], grid["methods"]):
+        for variant in (["-"] if method in shared else variants):
+            runs.append(Run(cell["data"], float(cell["alpha"]), int(seed), method, variant))
+    return runs
+
+
+def records_path(grid: dict) -> Path:
+    return ROOT / "experiments" / "records" / f"{grid['name']}.jsonl"
+
+
+def read_records(grid: dict) -> dict[str, dict]:
+    path = records_path(grid)
+    if not path.exists():
+        return {}
+    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def config_of(grid: dict, run: Run):
+    from fibec.config import FedConfig
+
+    settings = {**grid.get("settings", {}), **grid.get("variants", {}).get(run.variant, {})}
+    settings.update(data=run.data, alpha=run.alpha, seed=run.seed, method=run.method,
+                    out=str(ROOT / "runs" / "experiments" / grid["name"] / run.key))
+    return FedConfig.from_mapping(settings, source=f"grid {grid['name']}")
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "python": platform.python_version()}
+
+
+def run_grid(grid: dict, only: str | None) -> None:
+    from fibec.federated import checkpoint, runner
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    done = read_records(grid)
+    todo = [r for r in runs_of(grid) if r.key not in done and (only is None or only in r.key)]
+    print(f"{grid['name']}: {len(done)} runs recorded, {len(todo)} to run", flush=True)
+    path = records_path(grid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for i, run in enumerate(todo, 1):
+        cfg = config_of(grid, run)
+        resume = checkpoint.exists(runner.checkpoint_dir(Path(cfg.out), run.method))
+        cfg = cfg.replace(resume=resume)
+        print(f"[{i}/{len(todo)}] {run.key}{' (resumed)' if resume else ''}", flush=True)
+        start = time.perf_counter()
+        records = runner.run_methods(cfg, overwrite=True, progress=sys.stderr.isatty())[run.method]
+        line = {"key": run.key, "data": run.data, "alpha": run.alpha, "seed": run.seed, "method": run.method,
+                "variant": run.variant, "config": cfg.to_dict(), "rounds": records, "machine": machine(),
+                "wall_s_this_process": time.perf_counter() - start,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        with path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# ---- summaries ------------------------------------------------------------------------------------
+
+def link_seconds(record: dict) -> float:
+    """One round under the link model: the slowest client's download + compute + upload."""
+    clients = record["clients"]
+    down = record["downloaded_bytes"] / max(1, len(clients)) / DOWNLINK_BYTES_PER_S
+    return max(down + record["client_compute_s"].get(str(c), 0.0)
+               + record["client_uploaded_bytes"].get(str(c), 0) / UPLINK_BYTES_PER_S for c in clients)
+
+
+def time_to(records: list[dict], target: float) -> dict[str, float]:
+    """Rounds, client compute seconds and link-model seconds until the global accuracy first
+    reaches `target` (nan when it never does)."""
+    compute = link = 0.0
+    for r in records:
+        compute += r["compute_s"]
+        link += link_seconds(r)
+        if r.get("global_accuracy", -1.0) >= target:
+            return {"rounds": float(r["round"]), "compute_s": compute, "link_s": link}
+    return {"rounds": math.nan, "compute_s": math.nan, "link_s": math.nan}
+
+
+def summary(record: dict, target: float | None) -> dict[str, float]:
+    rounds = record["rounds"]
+    last = rounds[-1]
+    evaluated = [r for r in rounds if "global_accuracy" in r]
+    row = {"global": evaluated[-1]["global_accuracy"], "personal": evaluated[-1]["personal_accuracy"],
+           "majority": evaluated[-1]["majority_accuracy"], "best_global": max(r["global_accuracy"] for r in evaluated),
+           "up_mb": last["cum_uploaded_bytes"] / 1e6, "down_mb": last["cum_downloaded_bytes"] / 1e6,
+           "up_mb_round": last["cum_uploaded_bytes"] / 1e6 / len(rounds),
+           "down_mb_round": last["cum_downloaded_bytes"] / 1e6 / len(rounds),
+           "compute_s": last["cum_compute_s"], "link_s": sum(link_seconds(r) for r in rounds)}
+    if target is not None:
+        row.update({f"to95_{k}": v for k, v in time_to(rounds, target).items()})
+    return row
+
+
+def mean_std(values: list[float]) -> str:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "never"
+    text = f"{np.mean(finite):.3f} ± {np.std(finite):.3f}" if len(finite) > 1 else f"{finite[0]:.3f}"
+    return text + (f" ({len(finite)}/{len(values)})" if len(finite) < len(values) else "")
+
+
+COLUMNS = (("global", "global acc"), ("personal", "personal acc"), ("majority", "majority"),
+           ("up_mb", "up MB"), ("up_mb_round", "up MB/round"), ("down_mb", "down MB"),
+           ("down_mb_round", "down MB/round"), ("compute_s", "compute s"), ("to95_rounds", "rounds to 95%"),
+           ("to95_compute_s", "compute s to 95%"), ("to95_link_s", "link s to 95%"))
+
+
+def report(grid: dict) -> Path:
+    done = read_records(grid)
+    baseline = grid.get("baseline", "fedavg")
+    out = ROOT / grid.get("report", f"experiments/{grid['name']}.md")
+    plots = out.parent / f"{out.stem}_plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {grid.get('title', grid['name'])}", "",
+             f"Generated by `python experiments/grid.py report experiments/{grid['name']}.toml` from "
+             f"experiments/records/{grid['name']}.jsonl ({len(done)} of {len(runs_of(grid))} runs).", "",
+             "Accuracy columns: mean ± std over seeds, final round. *global*: the shared model on the pooled "
+             "evaluation set; *personal*: each client's model on its own share; *majority*: each client "
+             "predicting its majority training label on its share (the trivial personalised baseline). "
+             f"Time to 95%: until the global accuracy first reaches {TARGET_OF_BASELINE:.0%} of {baseline}'s final "
+             "global accuracy on the same seed; link model: 20 Mbit/s up, 100 Mbit/s down per client, the "
+             "clients of a round in parallel, compute as measured.", ""]
+    for cell in grid["cells"]:
+        cell_runs = [r for r in runs_of(grid) if r.data == cell["data"] and r.alpha == float(cell["alpha"])]
+        targets = {r.seed: TARGET_OF_BASELINE * summary(done[r.key], None)["global"]
+                   for r in cell_runs if r.method == baseline and r.key in done}
+        lines += [f"## {cell['data']}, Dirichlet alpha {cell['alpha']:g}", "",
+                  "| method | variant | " + " | ".join(label for _, label in COLUMNS) + " |",
+                  "|---|---|" + "---|" * len(COLUMNS)]
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for r in cell_runs:
+            if r.key in done:
+                groups.setdefault((r.method, r.variant), []).append(summary(done[r.key], targets.get(r.seed)))
+        for (method, variant), rows in groups.items():
+            cells = [mean_std([row.get(k, math.nan) for row in rows]) for k, _ in COLUMNS]
+            lines.append(f"| {method} | {variant} | " + " | ".join(cells) + " |")
+        lines.append("")
+        plot_cell(grid, cell, cell_runs, done, plots)
+        lines += [f"![accuracy vs round]({plots.name}/{cell['data']}-a{cell['alpha']:g}-round.png) "
+                  f"![accuracy vs uploaded MB]({plots.name}/{cell['data']}-a{cell['alpha']:g}-upload.png)", ""]
+    machines = {json.dumps(r["machine"], sort_keys=True) for r in done.values()}
+    wall = sum(r["rounds"][-1]["elapsed"] for r in done.values())
+    lines += ["## How these figures were made", "",
+              f"- Command: `python experiments/grid.py run experiments/{grid['name']}.toml` then `report`.",
+              f"- Machine(s): {'; '.join(machines)}.",
+              f"- Wall time of the recorded runs: {wall / 3600:.2f} h.", ""]
+    out.write_text("\n".join(lines))
+    return out
+
+
+def plot_cell(grid: dict, cell: dict, runs: list[Run], done: dict, plots: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = f"{cell['data']}-a{cell['alpha']:g}"
+    for x_key, label, scale, suffix in (("round", "round", 1.0, "round"),
+                                        ("cum_uploaded_bytes", "cumulative uploaded MB", 1e-6, "upload")):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        groups: dict[str, list[list[dict]]] = {}
+        for r in runs:
+            if r.key in done:
+                groups.setdefault(f"{r.method} {r.variant}".replace(" -", ""), []).append(done[r.key]["rounds"])
+        for group, seeds in groups.items():
+            xs = np.mean([[rec[x_key] * scale for rec in s if "global_accuracy" in rec] for s in seeds], axis=0)
+            ys = np.mean([[rec["global_accuracy"] for rec in s if "global_accuracy" in rec] for s in seeds], axis=0)
+            ax.plot(xs, ys, marker="o", markersize=2, label=group)
+        ax.set_xlabel(label)
+        ax.set_ylabel("global accuracy (mean over seeds)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plots / f"{name}-{suffix}.png", dpi=100)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("grid", type=Path)
+    parser.add_argument("--only", help="run only the runs whose key contains this")
+    args = parser.parse_args(argv)
+    grid = load_grid(args.grid)
+    if args.command == "run":
+        run_grid(grid, args.only)
+    print(f"report: {report(grid)}")
+
+
+if __name__ == "__main__":
+    main()
