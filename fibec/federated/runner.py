@@ -237,35 +237,46 @@ def saved_state(cfg: FedConfig, method: str) -> dict | None:
     return read_checkpoint(directory, cfg, method) if cfg.resume and checkpoint.exists(directory) else None
 
 
-def run_method(cfg: FedConfig, method: str, data: RunData, *, saved: dict | None = None,
-               progress: bool = True) -> list[dict]:
-    """One method's rounds in process, under cfg.out; from `saved` (its checkpoint's state) if given."""
+def open_coordinator(cfg: FedConfig, method: str, server: Server, evaluator: Evaluator, model: torch.nn.Module, *,
+                     clients: list[Client], saved: dict | None = None, progress: bool = True) -> Coordinator:
+    """`method`'s Coordinator under cfg.out: records in metrics_<method>.jsonl and, after every round,
+    a checkpoint of the coordinator and of `clients` (all of them in process; none on a Flower
+    server, whose clients keep their state on their nodes). Restored from `saved` (its checkpoint's
+    state) if given. The caller closes `coordinator.recorder`."""
     out = Path(cfg.out)
     directory = checkpoint_dir(out, method)
-    fed = build_federation(cfg, method, data)
 
     def save(coordinator: Coordinator) -> None:
         checkpoint.save(directory, coordinator.rounds_done, {
             "method": method, "config": cfg.to_dict(), "coordinator": coordinator.state_dict(),
-            "clients": {str(c.cid): c.state_dict() for c in fed.clients}})
+            "clients": {str(c.cid): c.state_dict() for c in clients}})
 
     records = saved["coordinator"]["records"] if saved else []
     recorder = Recorder(out / f"metrics_{method}.jsonl", method, cfg.rounds, progress=progress, records=records)
-    coordinator = Coordinator(cfg, method, fed.server, fed.evaluator, fed.model, recorder, on_round_end=save)
+    coordinator = Coordinator(cfg, method, server, evaluator, model, recorder, on_round_end=save)
     if saved:
         try:
             coordinator.load_state_dict(saved["coordinator"])
-            for client in fed.clients:
+            for client in clients:
                 client.load_state_dict(saved["clients"][str(client.cid)])
         except (KeyError, ValueError, TypeError) as err:
             raise checkpoint.CheckpointError(f"mismatched checkpoint: {directory / checkpoint.STATE_FILE} does "
                                              f"not fit this run ({err})") from None
+    return coordinator
+
+
+def run_method(cfg: FedConfig, method: str, data: RunData, *, saved: dict | None = None,
+               progress: bool = True) -> list[dict]:
+    """One method's rounds in process, under cfg.out; from `saved` (its checkpoint's state) if given."""
+    fed = build_federation(cfg, method, data)
+    coordinator = open_coordinator(cfg, method, fed.server, fed.evaluator, fed.model, clients=fed.clients,
+                                   saved=saved, progress=progress)
     try:
         with torch_settings(cfg):
             run_rounds(coordinator, fed.transport)
     finally:
-        recorder.close()
-    save_server_state(out, method, fed.server.state)
+        coordinator.recorder.close()
+    save_server_state(Path(cfg.out), method, fed.server.state)
     return coordinator.records
 
 
@@ -278,8 +289,10 @@ def save_server_state(out: Path, method: str, state: dict[str, torch.Tensor]) ->
     return path
 
 
-def run_methods(cfg: FedConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, list[dict]]:
-    """Every method of cfg on the same data, partition and seed; returns {method: records}.
+def prepare_run(cfg: FedConfig, *, overwrite: bool = False) -> tuple[RunData, dict[str, dict | None]]:
+    """Check what cfg's run needs before anything is written (each method's checkpoint when resuming,
+    the data, the model), then create cfg.out for a fresh run. Returns the run's data and each
+    method's saved state (None: start at round 1).
 
     Fresh (cfg.resume False): cfg.out must not hold a run (unless `overwrite`). Resumed: each
     method continues from its checkpoint; one that has none starts at round 1 (it had not
@@ -290,4 +303,11 @@ def run_methods(cfg: FedConfig, *, overwrite: bool = False, progress: bool = Tru
     build_model(cfg, data.train.num_labels)  # a bad --model or --gal-size fails before anything is written
     if not cfg.resume:
         prepare_out_dir(cfg, overwrite=overwrite)
+    return data, saved
+
+
+def run_methods(cfg: FedConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, list[dict]]:
+    """Every method of cfg on the same data, partition and seed, in process; returns {method: records}
+    (see `prepare_run` for fresh and resumed runs)."""
+    data, saved = prepare_run(cfg, overwrite=overwrite)
     return {method: run_method(cfg, method, data, saved=saved[method], progress=progress) for method in cfg.methods}
