@@ -29,8 +29,9 @@ def producing_edge(output: torch.Tensor) -> tuple[torch.autograd.graph.Node, int
     Private: Tensor._base (the viewed tensor, used when both it and the view are contiguous and
     of the same size). Fallback: walk back through reshape-only view nodes with the public
     torch.autograd.graph.Node API. The two agree on the views layers produce (tests/test_compat.py);
-    on a chain of views whose first step is not a reshape (a transpose, then a reshape) they may
-    pick different nodes, each of which receives the gradient that reshapes to output's.
+    on a chain of views with a step that is no reshape (as_strided over the whole tensor, then a
+    reshape) they pick different nodes, each of which receives the gradient that reshapes to
+    output's.
     """
     try:
         base = output._base
