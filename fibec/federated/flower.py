@@ -1,39 +1,37 @@
-"""FibecFed on Flower (flwr 1.41, Message API): the same Client and Server, over a SuperLink.
+"""FibecFed on Flower 1.41 (Message API): the same Coordinator, Server and Client, over a SuperLink.
 
-`server_app` (ServerApp) and `client_app` (ClientApp) wrap fibec.federated.server.Server and
-fibec.federated.client.Client; every party builds the run's `Simulation` from the run config
-(same data split, Dirichlet partition, model initialisation and client sampling, all drawn from
-the seed), so a Flower run reproduces the in-process engine's rounds, bytes and weights.
+`server_app` builds the server side of one method's run from the run config as the in-process
+engine does (`runner.open_coordinator`: records, a checkpoint every round, resume) and runs
+`FibecFedStrategy`, a flwr Strategy whose hooks drive the engine-neutral `Coordinator`, through
+`Strategy.start`. `client_app` builds only its own node's `Client` and restores it through
+`Client.load_state_dict` before every message. Every party draws everything from the run config
+and its seed, so a Flower run reproduces the in-process engine's records and weights.
 
-Run config: the FedConfig fields with dashes (`clients-per-round`, `gal-size`, ...; `method` is
-one method name; `model` "" means the default MiniLM; `lora-targets` a comma list;
-`text-pair-column` "" means none), checked like `fibec run` flags, plus `round-timeout`
-(seconds to wait for nodes and replies). Node config: `partition-id` (0..clients-1) and
-optionally `num-partitions` (must equal `clients`).
+Run config: `FedConfig.to_run_config()` of a config naming one method (checked by
+`FedConfig.from_mapping`; ConfigError names a bad key); `resume=true` continues the run saved
+under `out`. Node config: `partition-id` (0..clients-1), optionally `num-partitions` (must equal
+`clients`) and `state-dir` (where the node keeps its client's state for a resumed run; default
+`<out>/checkpoints`, so that on one machine it lies beside the server's checkpoint).
 
-Messages (all content is ArrayRecord / ConfigRecord / MetricRecord; nothing is pickled):
-  query.partition  server -> node: which partition do you hold?      reply: partition-id
-  train.scores     initial layer scores for the first GAL ranking    reply: scores bytes
-  train            plan + global payload bytes                       reply: update bytes, metrics
-  evaluate         GAL + head bytes (personalised methods)          reply: accuracy, loss on its share
-Payload bytes travel as one uint8 Array each, so Flower's message sizes count them as they are.
-A node that replies with an error or not within `round-timeout` is left out of that round, as
-Flower's strategies accept failures: its update is missing and the round's record lists it under
-"failed"; a round in which no node answers stops the run. (All nodes must answer the setup query.)
-A client's own state (its personalised LoRA weights, neuron importance, curriculum order) lives
-in the node's Context.state between messages, since Flower runs each message in a fresh process.
-
-The ServerApp writes config.json, metrics_<method>.jsonl (the in-process engine's record format)
-and server_state_<method>.safetensors (the final global trainable state) to the run's `out`.
+Messages (ArrayRecord / ConfigRecord / MetricRecord only, nothing pickled; bytes travel as one
+1-D uint8 Array each, so Flower's sizes count them as they are):
+  query.partition     which partition does the node hold?          reply: partition-id
+  train.scores        layer scores on the initial weights          reply: scores bytes, num-examples
+  train               the plan and the server's payload bytes      reply: update bytes, scores bytes, metrics
+  query.layer_values  values of the layers entering the GAL        reply: values bytes, num-examples
+  evaluate            what every client holds from the server      reply: correct, loss-sum, count on its share
+A node that replies with an error, or not within `round-timeout`, is left out of that exchange
+and recorded under the round's "failed"; the round goes on with the others, and `min_updates`
+decides whether it still aggregates.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
+import shutil
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,86 +39,75 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from .. import codec
-from ..curriculum import CurriculumSampler
-from ..modeling import set_state
+from ..config import ConfigError, FedConfig
+from . import checkpoint, runner
 from .client import Client, ClientUpdate, RoundPlan
-from .simulation import PERSONALISED, FedConfig, Simulation, evaluate, partition_for, torch_settings
+from .evaluation import Evaluator, Score
+from .methods import METHODS
+from .rounds import Coordinator
+from .server import AggregateResult, Server
+from .transport import personal_score
 
-ROUND_TIMEOUT = "round-timeout"
-DEFAULT_ROUND_TIMEOUT = 600.0
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+STATE_DIR = "state-dir"
 
-_PAYLOAD = "fibec.payload"  # ArrayRecord: {"payload": uint8 Array[, "scores": uint8 Array]}
-_PLAN = "fibec.plan"  # ConfigRecord
+PARTITION_QUERY = "query.partition"
+SCORES = "train.scores"
+TRAIN = "train"
+LAYER_VALUES = "query.layer_values"
+EVALUATE = "evaluate"
+
+_BYTES = "fibec.bytes"  # ArrayRecord of uint8 Arrays: "payload", "scores", "values"
+_TASK = "fibec.task"  # ConfigRecord: "round" (the server's 0-based round) and the plan or layers
 _REPLY = "fibec.reply"  # ConfigRecord: partition-id
 _METRICS = "fibec.metrics"  # MetricRecord
-# Context.state records of a client between messages.
-_STATE, _IMPORTANCE, _ORDER, _META = "fibec.state", "fibec.importance", "fibec.order", "fibec.meta"
+# Context.state between messages: the client's state_dict() as tensors plus its JSON skeleton.
+_CLIENT_TENSORS = "fibec.client.tensors"
+_CLIENT_STATE = "fibec.client.state"  # ConfigRecord: "skeleton" (JSON), "round" (1-based round that wrote it)
+# A node keeps its client's last two states on disk, one folder per round that wrote it.
+_SAVED_ROUND = "after-round-"
+_KEPT_ON_DISK = 2
 
 log = logging.getLogger(__name__)
 
 
-# ---- run config ------------------------------------------------------------------------------
+# ---- settings ------------------------------------------------------------------------------------
 
-def run_config_of(cfg: FedConfig, method: str) -> dict[str, bool | int | float | str]:
-    """Flower run config (flat, scalar values) for one method of `cfg`."""
-    config = {}
-    for name, value in asdict(cfg).items():
-        if name == "method":
-            value = method
-        elif name == "lora_targets":
-            value = ",".join(value)
-        elif value is None:
-            value = ""
-        config[name.replace("_", "-")] = value
-    return config
+def fed_config(run_config: Mapping[str, object]) -> FedConfig:
+    """The run's FedConfig from Flower's run config; ConfigError naming a bad key or value."""
+    cfg = FedConfig.from_mapping(dict(run_config), source="run config")
+    if len(cfg.methods) != 1:
+        raise ConfigError(f"run config: method must name one method per Flower run, got {cfg.method!r}")
+    return cfg
 
 
-def fed_config(run_config) -> tuple[FedConfig, str]:
-    """(FedConfig, method) from a Flower run config; ConfigError (a ValueError) names a bad key."""
-    from ..cli import _FIELDS, ConfigError, build_config
-
-    settings = {}
-    for key, value in dict(run_config).items():
-        name = key.replace("-", "_")
-        if key == ROUND_TIMEOUT:
-            continue
-        if name not in _FIELDS:
-            raise ConfigError(f"run config: unknown key {key!r}")
-        if name == "lora_targets":
-            value = [t.strip() for t in str(value).split(",") if t.strip()]
-        elif name in ("model", "text_pair_column") and value == "":
-            value = None
-        settings[name] = value
-    args = argparse.Namespace(command="run", config=None, fraction=None, **settings)
-    cfg, methods = build_config(args)
-    if len(methods) != 1:
-        raise ConfigError(f"--method: a Flower run runs one method, got {methods}")
-    return cfg, methods[0]
+def partition_id(node_config: Mapping[str, object], clients: int) -> int:
+    """The partition a node holds, from its node config; ValueError naming the setting."""
+    if PARTITION_ID not in node_config:
+        raise ValueError(f"node config has no {PARTITION_ID!r} (start the SuperNode with "
+                         f"--node-config 'partition-id=0 num-partitions={clients}')")
+    pid = node_config[PARTITION_ID]
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < clients:
+        raise ValueError(f"node config: {PARTITION_ID} must be an int in [0, {clients}), got {pid!r}")
+    if NUM_PARTITIONS in node_config and node_config[NUM_PARTITIONS] != clients:
+        raise ValueError(f"node config: {NUM_PARTITIONS}={node_config[NUM_PARTITIONS]!r} differs from the "
+                         f"run's clients={clients}")
+    return pid
 
 
-def _round_timeout(run_config) -> float:
-    value = float(dict(run_config).get(ROUND_TIMEOUT, DEFAULT_ROUND_TIMEOUT))
-    if not value > 0:
-        raise ValueError(f"run config: {ROUND_TIMEOUT} must be > 0, got {value}")
-    return value
+def node_state_dir(node_config: Mapping[str, object], cfg: FedConfig, pid: int) -> Path:
+    """Where a node keeps its client's state: <state-dir or out/checkpoints>/<method>/clients/<pid>."""
+    root = node_config.get(STATE_DIR, "")
+    if not isinstance(root, str):
+        raise ValueError(f"node config: {STATE_DIR} must be a path string, got {root!r}")
+    return Path(root or Path(cfg.out) / "checkpoints") / cfg.method / "clients" / str(pid)
 
 
-def _build(cfg: FedConfig, method: str) -> Simulation:
-    """The run's Simulation (data, partition, model, server and clients), built from the seed alone."""
-    from ..cli import load_data
-    from ..modeling import check_model_folder, default_model_path
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    train, test = load_data(cfg)
-    model_path = str(check_model_folder(cfg.model) if cfg.model else default_model_path())
-    return Simulation(cfg, method, train, test, partition_for(cfg, train), model_path)
-
-
-# ---- bytes in records ------------------------------------------------------------------------
+# ---- bytes and plans in records ------------------------------------------------------------------
 
 def bytes_array(payload: bytes) -> Array:
     """`payload` as a 1-D uint8 Array (numpy serialisation, never pickled)."""
@@ -138,276 +125,418 @@ def array_bytes(array: Array) -> bytes:
     return values.tobytes()
 
 
-def _plan_record(plan: RoundPlan) -> ConfigRecord:
+def _plan_task(plan: RoundPlan) -> ConfigRecord:
     return ConfigRecord({"round": plan.round_idx, "sent": list(plan.sent), "dense": list(plan.dense),
                          "want-scores": plan.want_scores})
 
 
-def _plan_of(record: ConfigRecord) -> RoundPlan:
-    return RoundPlan(int(record["round"]), tuple(record["sent"]), tuple(record["dense"]), bool(record["want-scores"]))
+def _plan_of(task: ConfigRecord) -> RoundPlan:
+    return RoundPlan(int(task["round"]), tuple(task["sent"]), tuple(task["dense"]), bool(task["want-scores"]))
 
 
-# ---- client state across messages ------------------------------------------------------------
+# ---- client state in records and on disk ---------------------------------------------------------
 
-def _save_client(client: Client, state: RecordDict) -> None:
-    state[_STATE] = ArrayRecord({n: Array(t.numpy()) for n, t in client.state.items()})
-    state[_IMPORTANCE] = ArrayRecord({f"{layer}/{factor}": Array(F.numpy())
-                                      for layer, factors in client.importance.fisher.items()
-                                      for factor, F in factors.items()})
-    meta = {"prepared-at": -1 if client.prepared_at is None else client.prepared_at}
-    sampler = client.sampler
-    if sampler is not None:
-        order = np.asarray(sampler.pool(sampler.full_at), dtype=np.int64)  # the whole set, easiest first
-        ranks = np.empty_like(order)
-        ranks[order] = np.arange(order.size)
-        state[_ORDER] = ArrayRecord({"ranks": Array(ranks)})
-        meta.update({"batch-size": sampler.batch_size, "pacing": sampler.pacing, "lambda0": sampler.lambda0,
-                     "full-at": sampler.full_at, "steps": sampler.steps, "seed": sampler.seed})
-    state[_META] = ConfigRecord(meta)
+def _copied(state: dict) -> dict:
+    """A deep copy of a client state_dict (loading one may keep references to its arrays)."""
+    skeleton, tensors = checkpoint.flatten(state)
+    return checkpoint.unflatten(skeleton, {path: t.clone() for path, t in tensors.items()})
 
 
-def _load_client(client: Client, state: RecordDict) -> None:
-    """Restore what `_save_client` kept; a node without saved state keeps the fresh client."""
-    if _META not in state:
-        return
-    client.state = {n: torch.from_numpy(a.numpy().copy()) for n, a in state[_STATE].items()}
-    fisher: dict[str, dict[str, torch.Tensor]] = {}
-    for key, array in state[_IMPORTANCE].items():
-        layer, factor = key.rsplit("/", 1)
-        fisher.setdefault(layer, {})[factor] = torch.from_numpy(array.numpy().copy())
-    client.importance.load_state_dict({"momentum": client.importance.momentum, "fisher": fisher})
-    meta = state[_META]
-    client.prepared_at = None if meta["prepared-at"] < 0 else int(meta["prepared-at"])
-    if _ORDER in state:
-        # Distinct integer ranks sort back into exactly the saved order.
-        client.sampler = CurriculumSampler(state[_ORDER]["ranks"].numpy(), batch_size=int(meta["batch-size"]),
-                                           pacing=str(meta["pacing"]), lambda0=float(meta["lambda0"]),
-                                           full_at=int(meta["full-at"]), steps=int(meta["steps"]),
-                                           seed=int(meta["seed"]))
+def store_client_state(records: RecordDict, round_done: int, state: dict) -> None:
+    """Put a client's state_dict (written in 1-based round `round_done`) into `records`."""
+    skeleton, tensors = checkpoint.flatten(state)
+    records[_CLIENT_TENSORS] = ArrayRecord({path: Array(t.numpy()) for path, t in tensors.items()})
+    records[_CLIENT_STATE] = ConfigRecord({"skeleton": json.dumps(skeleton), "round": round_done})
 
 
-# ---- ClientApp -------------------------------------------------------------------------------
+def stored_client_state(records: RecordDict) -> tuple[int, dict] | None:
+    """(round that wrote it, state_dict) kept by `store_client_state`; None if there is none."""
+    if _CLIENT_STATE not in records:
+        return None
+    tensors = {path: torch.from_numpy(array.numpy().copy()) for path, array in records[_CLIENT_TENSORS].items()}
+    meta = records[_CLIENT_STATE]
+    return int(meta["round"]), checkpoint.unflatten(json.loads(meta["skeleton"]), tensors)
+
+
+def _rounds_on_disk(folder: Path) -> list[int]:
+    return sorted(int(p.name[len(_SAVED_ROUND):]) for p in folder.glob(f"{_SAVED_ROUND}*")
+                  if p.name[len(_SAVED_ROUND):].isdigit())
+
+
+def save_on_disk(folder: Path, round_done: int, state: dict) -> None:
+    """Keep a client's state written in round `round_done` under `folder`, with the one before it.
+
+    Two are kept because the server may be one round behind: it checkpoints after a round ends, so
+    a node that trained in the round a crash interrupted has already saved that round's state.
+    """
+    checkpoint.save(folder / f"{_SAVED_ROUND}{round_done:04d}", round_done, state)
+    for old in _rounds_on_disk(folder)[:-_KEPT_ON_DISK]:
+        shutil.rmtree(folder / f"{_SAVED_ROUND}{old:04d}")
+
+
+def saved_on_disk(folder: Path, rounds_done: int) -> tuple[int, dict] | None:
+    """The latest state under `folder` written in a round the server has finished (<= rounds_done)."""
+    finished = [r for r in _rounds_on_disk(folder) if r <= rounds_done]
+    if not finished:
+        return None
+    return checkpoint.load(folder / f"{_SAVED_ROUND}{finished[-1]:04d}")
+
+
+# ---- ClientApp -----------------------------------------------------------------------------------
+
+@dataclass
+class _Party:
+    """What one node builds for its partition: the model, its client, the evaluation shares."""
+
+    model: torch.nn.Module
+    client: Client
+    evaluator: Evaluator
+    initial: dict  # the client's state_dict before any round
+
+
+def _build_party(cfg: FedConfig, pid: int) -> _Party:
+    data = runner.load_run_data(cfg)
+    model, tokenizer, layout, initial = runner.build_model(cfg, data.train.num_labels)
+    client = Client(pid, data.client_data(pid), tokenizer, layout, initial, cfg, METHODS[cfg.method])
+    return _Party(model, client, runner.build_evaluator(cfg, data, tokenizer), client.state_dict())
+
+
+# Parties built in this process, by (run, run config, partition). A SuperNode may run every message
+# in a fresh process, where this stays empty; where messages share a process (loopback grids,
+# Flower's in-process modes) it saves rebuilding the model for each. The client's state is restored
+# before every message either way, so the cache changes no result.
+BUILT_PARTIES: dict[tuple[int, str, int], _Party] = {}
+
+
+def _party(context: Context, cfg: FedConfig, pid: int) -> _Party:
+    key = (context.run_id, json.dumps(dict(context.run_config), sort_keys=True), pid)
+    if key not in BUILT_PARTIES:
+        for stale in [k for k in BUILT_PARTIES if k[:2] != key[:2]]:  # another run's: never asked again
+            del BUILT_PARTIES[stale]
+        BUILT_PARTIES[key] = _build_party(cfg, pid)
+    return BUILT_PARTIES[key]
+
+
+def _client_state(context: Context, cfg: FedConfig, pid: int, rounds_done: int,
+                  party: _Party) -> tuple[int, dict]:
+    """(round that wrote it, state) this node's client continues from.
+
+    Within a run, the node's Context.state. A run's first message to the node: the state saved on
+    disk after the server's last finished round when resuming; else the initial state (and what an
+    earlier run left on disk is dropped, so that a later resume cannot pick it up).
+    """
+    stored = stored_client_state(context.state)
+    if stored is not None:
+        return stored
+    folder = node_state_dir(context.node_config, cfg, pid)
+    if cfg.resume:
+        saved = saved_on_disk(folder, rounds_done)
+        if saved is not None:
+            return saved
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0, _copied(party.initial)
+
+
+def _serve(msg: Message, context: Context, work: Callable[[_Party, ConfigRecord], RecordDict], *,
+           trains: bool) -> Message:
+    """Restore this node's client, run `work(party, task) -> reply content`, keep the client's state
+    (in Context.state, and on disk when `trains`: the message changed it)."""
+    cfg = fed_config(context.run_config)
+    pid = partition_id(context.node_config, cfg.clients)
+    task = msg.content[_TASK]
+    rounds_done = int(task["round"])
+    party = _party(context, cfg, pid)
+    with runner.torch_settings(cfg):
+        written_in, state = _client_state(context, cfg, pid, rounds_done, party)
+        party.client.load_state_dict(state)
+        content = work(party, task)
+        if trains:
+            written_in, state = rounds_done + 1, party.client.state_dict()
+            save_on_disk(node_state_dir(context.node_config, cfg, pid), written_in, state)
+    if trains or _CLIENT_STATE not in context.state:
+        store_client_state(context.state, written_in, state)
+    return Message(content, reply_to=msg)
+
 
 client_app = ClientApp()
 
 
-def _partition_id(context: Context, clients: int) -> int:
-    config = dict(context.node_config)
-    if PARTITION_ID not in config:
-        raise ValueError(f"node config has no {PARTITION_ID!r} (start the SuperNode with "
-                         f"--node-config 'partition-id=0 num-partitions={clients}')")
-    pid = config[PARTITION_ID]
-    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < clients:
-        raise ValueError(f"node config: {PARTITION_ID} must be an int in [0, {clients}), got {pid!r}")
-    if NUM_PARTITIONS in config and config[NUM_PARTITIONS] != clients:
-        raise ValueError(f"node config: {NUM_PARTITIONS}={config[NUM_PARTITIONS]!r} differs from the run's "
-                         f"clients={clients}")
-    return pid
-
-
-def _client_reply(msg: Message, context: Context, work) -> Message:
-    """Build the run, restore this node's client, run `work(sim, client) -> RecordDict`, save the client."""
-    cfg, method = fed_config(context.run_config)
-    pid = _partition_id(context, cfg.clients)
-    with torch_settings(cfg):
-        sim = _build(cfg, method)
-        client = sim.clients[pid]
-        _load_client(client, context.state)
-        content = work(sim, client)
-        _save_client(client, context.state)
-    content[_REPLY] = ConfigRecord({PARTITION_ID: pid})
-    return Message(content, reply_to=msg)
-
-
 @client_app.query("partition")
-def client_partition(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (read from the node config only)."""
-    cfg, _ = fed_config(context.run_config)
-    return Message(RecordDict({_REPLY: ConfigRecord({PARTITION_ID: _partition_id(context, cfg.clients)})}),
+def answer_partition(msg: Message, context: Context) -> Message:
+    """The partition this node holds (from its node config alone)."""
+    cfg = fed_config(context.run_config)
+    return Message(RecordDict({_REPLY: ConfigRecord({PARTITION_ID: partition_id(context.node_config, cfg.clients)})}),
                    reply_to=msg)
 
 
-@client_app.train("scores")
-def client_scores(msg: Message, context: Context) -> Message:
-    """Layer scores on the initial weights (Client.initial_scores) for the first GAL ranking."""
-    def work(sim: Simulation, client: Client) -> RecordDict:
-        scores = client.initial_scores(sim.model)
-        return RecordDict({_PAYLOAD: ArrayRecord({"scores": bytes_array(scores)}),
-                           _METRICS: MetricRecord({"num-examples": len(client)})})
+def _weighted_reply(name: str, payload: bytes, client: Client) -> RecordDict:
+    """One payload named `name` and the client's sample count, its weight (read by `_weighted_bytes`)."""
+    return RecordDict({_BYTES: ArrayRecord({name: bytes_array(payload)}),
+                       _METRICS: MetricRecord({"num-examples": len(client)})})
 
-    return _client_reply(msg, context, work)
+
+@client_app.train("scores")
+def answer_scores(msg: Message, context: Context) -> Message:
+    """Layer scores on the initial weights, for the first GAL (Client.initial_scores)."""
+    def work(party: _Party, task: ConfigRecord) -> RecordDict:
+        return _weighted_reply("scores", party.client.initial_scores(party.model), party.client)
+
+    return _serve(msg, context, work, trains=True)
 
 
 @client_app.train()
-def client_train(msg: Message, context: Context) -> Message:
-    """Client.fit on the server's payload and plan; answers with the update bytes and metrics."""
-    def work(sim: Simulation, client: Client) -> RecordDict:
-        update = client.fit(sim.model, array_bytes(msg.content[_PAYLOAD]["payload"]), _plan_of(msg.content[_PLAN]))
-        metrics = {"num-examples": update.num_samples, **{k: float(v) for k, v in update.metrics.items()}}
-        return RecordDict({_PAYLOAD: ArrayRecord({"payload": bytes_array(update.payload),
-                                                  "scores": bytes_array(update.scores)}),
-                           _METRICS: MetricRecord(metrics)})
+def answer_train(msg: Message, context: Context) -> Message:
+    """Client.fit on the server's payload and plan: the update bytes and metrics."""
+    def work(party: _Party, task: ConfigRecord) -> RecordDict:
+        update = party.client.fit(party.model, array_bytes(msg.content[_BYTES]["payload"]), _plan_of(task))
+        return RecordDict({_BYTES: ArrayRecord({"payload": bytes_array(update.payload),
+                                                "scores": bytes_array(update.scores)}),
+                           _METRICS: MetricRecord({"num-examples": update.num_samples, **update.metrics})})
 
-    return _client_reply(msg, context, work)
+    return _serve(msg, context, work, trains=True)
+
+
+@client_app.query("layer_values")
+def answer_layer_values(msg: Message, context: Context) -> Message:
+    """The current values of the layers entering the GAL (Client.layer_values)."""
+    def work(party: _Party, task: ConfigRecord) -> RecordDict:
+        return _weighted_reply("values", party.client.layer_values(tuple(task["layers"])), party.client)
+
+    return _serve(msg, context, work, trains=False)
 
 
 @client_app.evaluate()
-def client_evaluate(msg: Message, context: Context) -> Message:
-    """Accuracy and loss of this client's personalised model (its layers + the received GAL and
-    head) on its share of the fixed test subset (the in-process engine's `Simulation.shares`)."""
-    def work(sim: Simulation, client: Client) -> RecordDict:
-        shared = codec.decode(array_bytes(msg.content[_PAYLOAD]["payload"]))
-        bad = sorted(n for n, t in shared.items()
-                     if n not in client.state or tuple(t.shape) != tuple(client.state[n].shape))
-        if bad:
-            raise codec.PayloadError(f"evaluation payload has unknown or misshapen tensors {bad[:3]}")
-        share = sim.shares[client.cid]
-        accuracy = loss = 0.0
-        if share is not None:
-            set_state(sim.model, client.state)
-            set_state(sim.model, shared)
-            accuracy, loss = evaluate(sim.model, share, sim.tokenizer, batch_size=sim.cfg.batch_size * 4,
-                                      max_length=sim.cfg.max_length)
-        return RecordDict({_METRICS: MetricRecord({"accuracy": accuracy, "loss": loss,
-                                                   "num-examples": 0 if share is None else len(share)})})
+def answer_evaluate(msg: Message, context: Context) -> Message:
+    """This client's model (its own layers + what every client holds from the server) on its share."""
+    def work(party: _Party, task: ConfigRecord) -> RecordDict:
+        shared = codec.decode(array_bytes(msg.content[_BYTES]["payload"]))
+        score = personal_score(party.model, party.client, shared, party.evaluator)
+        return RecordDict({_METRICS: MetricRecord({"correct": score.correct, "loss-sum": score.loss_sum,
+                                                   "count": score.count})})
 
-    return _client_reply(msg, context, work)
+    return _serve(msg, context, work, trains=False)
 
 
-# ---- ServerApp -------------------------------------------------------------------------------
+# ---- the strategy --------------------------------------------------------------------------------
+
+def _examples_and_metrics(content: RecordDict) -> tuple[int, dict[str, float]]:
+    """(num-examples, the other metrics) of a reply."""
+    metrics = dict(content[_METRICS])
+    return int(metrics.pop("num-examples")), metrics
+
+
+def _weighted_bytes(name: str) -> Callable[[RecordDict], tuple[bytes, float]]:
+    """Reads (the bytes named `name`, weight = num-examples) from a reply."""
+    def read(content: RecordDict) -> tuple[bytes, float]:
+        return array_bytes(content[_BYTES][name]), float(_examples_and_metrics(content)[0])
+
+    return read
+
+
+def _read_update(content: RecordDict) -> tuple[bytes, bytes, int, dict[str, float]]:
+    num_samples, metrics = _examples_and_metrics(content)
+    return array_bytes(content[_BYTES]["payload"]), array_bytes(content[_BYTES]["scores"]), num_samples, metrics
+
+
+def _read_score(content: RecordDict) -> Score:
+    metrics = content[_METRICS]
+    return Score(float(metrics["correct"]), float(metrics["loss-sum"]), int(metrics["count"]))
+
+
+class FibecFedStrategy(Strategy):
+    """FibecFed's rounds as a flwr Strategy: each hook is a step of the run's `Coordinator`.
+
+    configure_train opens the round (and, in the first, asks the chosen nodes for layer scores to
+    select the GAL) and sends the plan and payload; aggregate_train folds the updates in through
+    Server.aggregate (rejections, min_updates); configure_evaluate gives layers entering the GAL
+    their clients' values and asks every node for its personalised score when the round evaluates;
+    aggregate_evaluate sums the scores; `finish_round`, Strategy.start's evaluate_fn, evaluates the
+    global model and writes the round's record and checkpoint. Flower's round n is the coordinator's
+    round `rounds_done + 1` (a resumed run starts Strategy.start with the rounds left).
+
+    `nodes` maps each partition to the node holding it. A node that fails or does not reply within
+    `timeout` is left out of the exchange and of the rest of its round, and recorded under the
+    round's "failed".
+    """
+
+    def __init__(self, coordinator: Coordinator, nodes: Mapping[int, int], timeout: float) -> None:
+        self.coordinator = coordinator
+        self.nodes = dict(nodes)
+        self.timeout = timeout
+        self._asked: dict[int, int] = {}  # node id -> partition of the messages in flight
+        self._failures: dict[int, str] = {}
+        self._result: AggregateResult | None = None
+        self._personal: Score | None = None
+
+    def summary(self) -> None:
+        cfg = self.coordinator.cfg
+        log.info("FibecFed strategy: %s, %d of %d clients per round, %d rounds (%d done)", self.coordinator.method,
+                 cfg.clients_per_round, cfg.clients, cfg.rounds, self.coordinator.rounds_done)
+
+    def global_arrays(self) -> ArrayRecord:
+        """The server's global trainable state (LoRA factors and head)."""
+        return ArrayRecord(torch_state_dict=self.coordinator.server.state)
+
+    # ---- exchanges -----------------------------------------------------------------------------
+
+    def _messages(self, partitions: Iterable[int], message_type: str, content: RecordDict) -> list[Message]:
+        partitions = list(partitions)
+        self._asked = {self.nodes[p]: p for p in partitions}
+        group = str(self.coordinator.rounds_done + 1)
+        return [Message(content, self.nodes[p], message_type, group_id=group) for p in partitions]
+
+    def _fail(self, pid: int, reason: str) -> None:
+        log.warning("round %d: partition %d %s", self.coordinator.rounds_done + 1, pid, reason)
+        self._failures.setdefault(pid, reason)  # the first failure of a round is its cause
+
+    def _collect(self, replies: Iterable[Message], message_type: str, read: Callable[[RecordDict], object]) -> dict:
+        """{partition: read(reply content)} in partition order, for the messages just sent; every
+        error reply, unreadable reply and missing reply is recorded as that partition's failure."""
+        asked, self._asked = self._asked, {}
+        received = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            pid = asked.get(node)
+            if pid is None:
+                log.warning("ignoring a %s reply from node %d, which was not asked", message_type, node)
+            elif reply.has_error():
+                self._fail(pid, f"(node {node}) failed {message_type}: {reply.error.reason}")
+            else:
+                try:
+                    received[pid] = read(reply.content)
+                except (KeyError, TypeError, ValueError) as err:  # PayloadError is a ValueError
+                    self._fail(pid, f"(node {node}) sent an unreadable {message_type} reply: {err!r}")
+        for node, pid in asked.items():
+            if pid not in received and pid not in self._failures:
+                self._fail(pid, f"(node {node}) did not reply to {message_type} within {self.timeout:g}s")
+        return dict(sorted(received.items()))
+
+    def _exchange(self, grid: Grid, partitions: Iterable[int], message_type: str, content: RecordDict,
+                  read: Callable[[RecordDict], object]) -> dict:
+        """One message to each partition's node, outside Strategy.start's own exchanges."""
+        replies = grid.send_and_receive(self._messages(partitions, message_type, content), timeout=self.timeout)
+        return self._collect(replies, message_type, read)
+
+    def _task(self) -> ConfigRecord:
+        return ConfigRecord({"round": self.coordinator.rounds_done})
+
+    # ---- Strategy hooks ------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        start = self.coordinator.begin()
+        if start.needs_initial_scores:
+            scores = self._exchange(grid, start.chosen, SCORES, RecordDict({_TASK: self._task()}),
+                                    _weighted_bytes("scores"))
+            self.coordinator.select_initial([(pid, payload, weight) for pid, (payload, weight) in scores.items()])
+        plan, payload = self.coordinator.plan()
+        content = RecordDict({_BYTES: ArrayRecord({"payload": bytes_array(payload)}), _TASK: _plan_task(plan)})
+        return self._messages(start.chosen, TRAIN, content)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates = [ClientUpdate(pid, payload, scores, num_samples, metrics) for pid, (payload, scores, num_samples,
+                   metrics) in self._collect(replies, TRAIN, _read_update).items()]
+        self._result = result = self.coordinator.aggregate(updates)
+        return self.global_arrays(), MetricRecord({"accepted": len(result.accepted), "rejected": len(result.rejected),
+                                                   "skipped": int(result.skipped is not None)})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> list[Message]:
+        coordinator, result = self.coordinator, self._result
+        if result.entering:
+            task = ConfigRecord({"round": coordinator.rounds_done, "layers": list(result.entering)})
+            values = self._exchange(grid, result.accepted, LAYER_VALUES, RecordDict({_TASK: task}),
+                                    _weighted_bytes("values"))
+            coordinator.enter([(pid, payload, weight) for pid, (payload, weight) in values.items()])
+        self._personal = None
+        if not (coordinator.evaluates and coordinator.personalised):
+            return []
+        self._personal = Score()
+        content = RecordDict({_BYTES: ArrayRecord({"payload": bytes_array(coordinator.shared_payload())}),
+                              _TASK: self._task()})
+        # A node that failed this round is asked nothing more in it (a dead node would cost another timeout).
+        asked = [pid for pid, share in enumerate(coordinator.evaluator.shares)
+                 if share is not None and pid not in self._failures]
+        return self._messages(asked, EVALUATE, content)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if self._personal is None:
+            return None
+        for score in self._collect(replies, EVALUATE, _read_score).values():
+            self._personal += score
+        return MetricRecord({"correct": self._personal.correct, "loss-sum": self._personal.loss_sum,
+                             "count": self._personal.count})
+
+    def finish_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Strategy.start's evaluate_fn: close the coordinator's round (global evaluation, record,
+        checkpoint) and return the record's numbers. Round 0 (before any training) records nothing."""
+        if server_round == 0:
+            return None
+        failures, self._failures = self._failures, {}
+        record = self.coordinator.finish(self._personal, failures)
+        return MetricRecord({key: value for key, value in record.items() if type(value) in (int, float)})
+
+
+def connect_nodes(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
+    """{partition: node id}: waits up to `timeout` for `clients` nodes, then asks each its partition."""
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < clients:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(grid.get_node_ids()))} of {clients} nodes connected within "
+                               f"round-timeout={timeout:g}s")
+        time.sleep(0.5)
+    node_ids = list(grid.get_node_ids())
+    messages = [Message(RecordDict(), node, PARTITION_QUERY, group_id="0") for node in node_ids]
+    nodes: dict[int, int] = {}
+    answered = set()
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        if reply.has_error():
+            raise RuntimeError(f"node {node} failed {PARTITION_QUERY}: {reply.error.reason}")
+        pid = int(reply.content[_REPLY][PARTITION_ID])
+        if pid in nodes:
+            raise ValueError(f"nodes {nodes[pid]} and {node} both hold partition {pid}")
+        nodes[pid] = node
+    silent = sorted(set(node_ids) - answered)
+    if silent:
+        raise TimeoutError(f"nodes {silent[:5]} did not say which partition they hold within {timeout:g}s")
+    missing = sorted(set(range(clients)) - set(nodes))
+    if missing:
+        raise ValueError(f"no connected node holds partitions {missing[:5]}")
+    return nodes
+
+
+# ---- ServerApp -----------------------------------------------------------------------------------
 
 server_app = ServerApp()
 
 
-class _Nodes:
-    """The grid's nodes by the partition they hold, and round trips to chosen partitions."""
-
-    def __init__(self, grid: Grid, clients: int, timeout: float) -> None:
-        self.grid, self.timeout = grid, timeout
-        deadline = time.monotonic() + timeout
-        while len(list(grid.get_node_ids())) < clients:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(list(grid.get_node_ids()))} of {clients} nodes connected "
-                                   f"within {timeout:.0f}s")
-            time.sleep(0.5)
-        self.by_partition: dict[int, int] = {}
-        self.failures: dict[int, str] = {}
-        node_ids = list(grid.get_node_ids())
-        replies, failed = self._exchange({n: RecordDict() for n in node_ids}, "query.partition", "0")
-        if failed:
-            raise RuntimeError("; ".join(f"node {n} {reason}" for n, reason in failed.items()))
-        for node_id, reply in replies.items():
-            pid = int(reply.content[_REPLY][PARTITION_ID])
-            if pid in self.by_partition:
-                raise ValueError(f"nodes {self.by_partition[pid]} and {node_id} both hold partition {pid}")
-            self.by_partition[pid] = node_id
-        missing = sorted(set(range(clients)) - set(self.by_partition))
-        if missing:
-            raise ValueError(f"no connected node holds partitions {missing[:5]}")
-
-    def _exchange(self, contents: dict[int, RecordDict], message_type: str,
-                  group: str) -> tuple[dict[int, Message], dict[int, str]]:
-        """({node: reply}, {node: why it gave none}) for one message to each node in `contents`."""
-        messages = [Message(content, node_id, message_type, group_id=group) for node_id, content in contents.items()]
-        replies, failed = {}, {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            node_id = reply.metadata.src_node_id
-            if reply.has_error():
-                failed[node_id] = f"failed on {message_type}: {reply.error.reason}"
-            else:
-                replies[node_id] = reply
-        for node_id in contents:
-            if node_id not in replies and node_id not in failed:
-                failed[node_id] = f"no reply to {message_type} within {self.timeout:.0f}s"
-        return replies, failed
-
-    def ask(self, partitions: list[int], content_of, message_type: str, round_idx: int) -> dict[int, Message]:
-        """{partition: reply} for `content_of(partition) -> RecordDict` sent to each partition's node.
-
-        A node that fails or does not answer in time leaves its partition out of this round (as
-        Flower's strategies accept failures), noted in `failures`; a round needs one reply at least.
-        """
-        contents = {self.by_partition[p]: content_of(p) for p in partitions}
-        replies, failed = self._exchange(contents, message_type, str(round_idx + 1))
-        partition_of = {node: p for p, node in self.by_partition.items()}
-        for node_id, reason in failed.items():
-            self.failures[partition_of[node_id]] = f"node {node_id} {reason}"
-            log.warning("round %d: partition %d (node %d) %s", round_idx + 1, partition_of[node_id], node_id, reason)
-        if not replies:
-            raise RuntimeError(f"round {round_idx + 1}: no node answered {message_type}: "
-                               + "; ".join(self.failures[partition_of[n]] for n in failed))
-        return {int(r.content[_REPLY][PARTITION_ID]): r for r in replies.values()}
-
-    def take_failures(self) -> dict[int, str]:
-        """{partition: reason} of the nodes that failed since the last call."""
-        failures, self.failures = self.failures, {}
-        return failures
-
-
-class _FlowerTransport:
-    """Simulation.run's client calls (see Simulation.initial_scores / fit / evaluate_round), each a
-    Flower message round trip; bytes in the records are the lengths of the arrays that travel."""
-
-    def __init__(self, sim: Simulation, nodes: _Nodes) -> None:
-        self.sim, self.nodes = sim, nodes
-
-    def initial_scores(self, chosen: list[int], round_idx: int) -> list[tuple[int, bytes, float]]:
-        replies = self.nodes.ask(chosen, lambda p: RecordDict(), "train.scores", round_idx)
-        return [(pid, array_bytes(replies[pid].content[_PAYLOAD]["scores"]),
-                 float(replies[pid].content[_METRICS]["num-examples"])) for pid in chosen if pid in replies]
-
-    def fit(self, chosen: list[int], payload: bytes, plan: RoundPlan) -> list[ClientUpdate]:
-        content = RecordDict({_PAYLOAD: ArrayRecord({"payload": bytes_array(payload)}), _PLAN: _plan_record(plan)})
-        replies = self.nodes.ask(chosen, lambda p: content, "train", plan.round_idx)
-        updates = []
-        for pid in (p for p in chosen if p in replies):
-            record, metrics = replies[pid].content[_PAYLOAD], dict(replies[pid].content[_METRICS])
-            num_samples = metrics.pop("num-examples")
-            updates.append(ClientUpdate(pid, array_bytes(record["payload"]), array_bytes(record["scores"]),
-                                        int(num_samples), metrics))
-        return updates
-
-    def evaluate_round(self, round_idx: int) -> tuple[float, float]:
-        """Simulation.evaluate with each personalised client evaluated on its own node."""
-        sim = self.sim
-        if sim.method_name not in PERSONALISED:
-            return sim.evaluate()
-        shared_names = sim.layout.param_names(sim.server.gal) + list(sim.layout.head)
-        shared = codec.encode({n: sim.server.state[n] for n in shared_names})
-        content = RecordDict({_PAYLOAD: ArrayRecord({"payload": bytes_array(shared)})})
-        replies = self.nodes.ask(list(range(len(sim.clients))), lambda p: content, "evaluate", round_idx)
-        correct = loss = count = 0.0
-        for pid in sorted(replies):  # over the test shares of the nodes that answered
-            metrics = replies[pid].content[_METRICS]
-            correct += metrics["accuracy"] * metrics["num-examples"]
-            loss += metrics["loss"] * metrics["num-examples"]
-            count += metrics["num-examples"]
-        if not count:
-            return float("nan"), float("nan")
-        return correct / count, loss / count
-
-    def take_failures(self) -> dict[int, str]:
-        return self.nodes.take_failures()
-
-
-def run_rounds(sim: Simulation, nodes: _Nodes, metrics_path: Path | None = None) -> list[dict]:
-    """The in-process engine's rounds and records, every client call a Flower message round trip."""
-    return sim.run(metrics_path, progress=False, transport=_FlowerTransport(sim, nodes))
-
-
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
-    """The whole FibecFed run: wait for the nodes, run every round, write the results to cfg.out."""
-    from safetensors.torch import save_file
-
-    cfg, method = fed_config(context.run_config)
-    timeout = _round_timeout(context.run_config)
-    out_dir = Path(cfg.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    with torch_settings(cfg):
-        sim = _build(cfg, method)
-        nodes = _Nodes(grid, cfg.clients, timeout)
-        run_rounds(sim, nodes, out_dir / f"metrics_{method}.jsonl")
-    save_file({n: t.contiguous() for n, t in sim.server.state.items()},
-              str(out_dir / f"server_state_{method}.safetensors"))
+    """One method's run on the grid's nodes: the server side built as the in-process engine builds
+    it, its remaining rounds run by FibecFedStrategy through Strategy.start, the final global state
+    saved as server_state_<method>.safetensors under `out`."""
+    cfg = fed_config(context.run_config)
+    method = cfg.method
+    directory = runner.checkpoint_dir(Path(cfg.out), method)
+    if not cfg.resume and checkpoint.exists(directory):
+        raise ConfigError(f"run config: out={cfg.out!r} already holds a run of {method} ({directory}); "
+                          f"set resume=true to continue it, or choose another out")
+    saved = runner.saved_state(cfg, method)
+    data = runner.load_run_data(cfg)
+    model, tokenizer, layout, initial = runner.build_model(cfg, data.train.num_labels)
+    server = Server(layout, initial, cfg, METHODS[method])
+    coordinator = runner.open_coordinator(cfg, method, server, runner.build_evaluator(cfg, data, tokenizer), model,
+                                          clients=[], saved=saved, progress=False)
+    try:
+        with runner.torch_settings(cfg):
+            strategy = FibecFedStrategy(coordinator, connect_nodes(grid, cfg.clients, cfg.round_timeout),
+                                        cfg.round_timeout)
+            strategy.start(grid, strategy.global_arrays(), num_rounds=cfg.rounds - coordinator.rounds_done,
+                           timeout=cfg.round_timeout, evaluate_fn=strategy.finish_round)
+    finally:
+        coordinator.recorder.close()
+    runner.save_server_state(Path(cfg.out), method, server.state)

@@ -1,0 +1,220 @@
+"""`fibec run --engine flower`: the run on Flower on this machine, fibec starting and stopping it.
+
+For each method, `LocalFederation` starts a SuperLink and one SuperNode per client (node config
+`partition-id` / `num-partitions`) on 127.0.0.1, insecure, on free ports; `flwr run --stream`
+submits a temporary app whose pyproject.toml is generated from the run's FedConfig
+(`app_pyproject`: fibec.federated.flower's ServerApp and ClientApp, one method). Every Flower
+process runs in this working directory, so relative paths (`out`, `model`, `data`) mean the same.
+Progress is read from the metrics file the ServerApp writes as rounds land. Every process is
+stopped when the method's run ends, fails or is interrupted (Ctrl-C). The Flower logs are kept
+under <out>/flower/<method>/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..config import FedConfig, flower_app_config
+from . import runner
+from .recorder import Recorder
+
+# How long a process may take to start listening, or to stop after SIGTERM.
+START_TIMEOUT = 120.0
+STOP_TIMEOUT = 10.0
+_POLL_S = 0.5
+
+_APP_HEADER = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fibec-flower"
+version = "0.1.0"
+description = "FibecFed (fibec) on Flower"
+# fibec[flower] must be installed where the SuperLink and the SuperNodes run.
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fibec"
+
+[tool.flwr.app.components]
+serverapp = "fibec.federated.flower:server_app"
+clientapp = "fibec.federated.flower:client_app"
+
+"""
+
+
+def app_pyproject(cfg: FedConfig, *, out: str | None = None) -> str:
+    """pyproject.toml of a Flower app that runs `cfg` (one method) with fibec's apps; `out`
+    overrides cfg.out in its run config."""
+    return _APP_HEADER + flower_app_config(cfg, out=out)
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except FileNotFoundError:
+        return ""
+
+
+class LocalFederation:
+    """A SuperLink and `clients` SuperNodes on 127.0.0.1, as a context manager that stops them all.
+
+    Each process leads its own process group (so that the ServerApp and ClientApp processes Flower
+    spawns stop with it) and writes its log under `logs`. `superlink` and `supernodes` are the
+    Popen objects; `submit` runs `flwr run` against the SuperLink.
+    """
+
+    def __init__(self, clients: int, logs: Path) -> None:
+        self.clients = clients
+        self.logs = Path(logs)
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: list[subprocess.Popen] = []
+        self._processes: list[subprocess.Popen] = []
+        self._home = tempfile.TemporaryDirectory(prefix="fibec-flower-")
+        bin_dir = Path(sys.executable).parent  # flower-superexec and flwr-*app are found on PATH
+        self.env = {**os.environ, "FLWR_HOME": str(Path(self._home.name) / "flwr"), "HF_HUB_OFFLINE": "1",
+                    "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def _start(self, name: str, *command: str) -> subprocess.Popen:
+        with (self.logs / f"{name}.log").open("w") as log:
+            process = subprocess.Popen([str(Path(sys.executable).parent / command[0]), *command[1:]], env=self.env,
+                                       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+        self._processes.append(process)
+        return process
+
+    def __enter__(self) -> LocalFederation:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        try:
+            link, *node_ports = _free_ports(1 + self.clients)
+            home = Path(self.env["FLWR_HOME"])
+            home.mkdir()
+            (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                              f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+            # fibec is installed here: no per-run dependency install of the app.
+            self.superlink = self._start("superlink", "flower-superlink", "--insecure",
+                                         "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                                         "--port", str(link))
+            self._wait_for_port(link)
+            self.supernodes = [self._start(f"supernode-{pid}", "flower-supernode", "--insecure",
+                                           "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1",
+                                           "--port", str(port), "--node-config",
+                                           f"partition-id={pid} num-partitions={self.clients}")
+                               for pid, port in enumerate(node_ports)]
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _wait_for_port(self, port: int) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and self.superlink.poll() is None:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(_POLL_S)
+        raise RuntimeError(f"the SuperLink did not listen on 127.0.0.1:{port} (exit code {self.superlink.poll()}); "
+                           f"its log {self.logs / 'superlink.log'} ends:\n{_tail(self.logs / 'superlink.log')}")
+
+    def submit(self, pyproject: str) -> subprocess.Popen:
+        """`flwr run --stream` of an app made of `pyproject` (its text); its output goes to flwr-run.log."""
+        app = Path(self._home.name) / "app"
+        app.mkdir(exist_ok=True)
+        (app / "pyproject.toml").write_text(pyproject)
+        return self._start("flwr-run", "flwr", "run", str(app), "local", "--stream")
+
+    def stop(self) -> None:
+        """SIGTERM to each process group still running (newest first), SIGKILL after STOP_TIMEOUT."""
+        for process in reversed(self._processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+        self._home.cleanup()
+
+
+def read_records(path: Path) -> list[dict]:
+    """The complete lines of a metrics file being written (a partial last line is left out)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def run_method(cfg: FedConfig, done: list[dict], *, progress: bool = True) -> list[dict]:
+    """cfg's one method as a Flower run on a LocalFederation; `done` are the rounds its checkpoint
+    holds (a resumed run). Returns its records; RuntimeError, with the logs' ends, if it fails."""
+    out = Path(cfg.out)
+    metrics = out / f"metrics_{cfg.method}.jsonl"
+    final_state = out / f"server_state_{cfg.method}.safetensors"
+    written_before = _mtime(final_state)
+    logs = out / "flower" / cfg.method
+    recorder = Recorder(None, cfg.method, cfg.rounds, progress=progress, records=done)
+    shown = len(done)
+    try:
+        with LocalFederation(cfg.clients, logs) as federation:
+            submitted = federation.submit(app_pyproject(cfg))
+            while submitted.poll() is None:
+                if federation.superlink.poll() is not None:
+                    raise RuntimeError(f"the SuperLink exited (code {federation.superlink.returncode}) during the "
+                                       f"run; its log {logs / 'superlink.log'} ends:\n{_tail(logs / 'superlink.log')}")
+                # A resumed ServerApp first rewrites the file to its checkpoint's rounds: count by round number.
+                for record in read_records(metrics):
+                    if record["round"] > shown:
+                        recorder.add(record)
+                        shown = record["round"]
+                time.sleep(_POLL_S)
+    finally:
+        recorder.close()
+    records = read_records(metrics)
+    if len(records) != cfg.rounds or _mtime(final_state) in (None, written_before):
+        raise RuntimeError(f"the Flower run of {cfg.method} did not finish ({len(records)} of {cfg.rounds} rounds "
+                           f"recorded, `flwr run` exit code {submitted.returncode}); logs in {logs}/, "
+                           f"flwr-run.log ends:\n{_tail(logs / 'flwr-run.log')}")
+    return records
+
+
+def run_methods(cfg: FedConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, list[dict]]:
+    """Every method of cfg, each as one Flower run on this machine; returns {method: records}.
+
+    The contract of runner.run_methods: the same checks first, a fresh run refuses an `out` that
+    holds one (unless `overwrite`), a resumed run continues each method from its checkpoint.
+    """
+    _, saved = runner.prepare_run(cfg, overwrite=overwrite)
+    return {method: run_method(cfg.replace(method=method),
+                               saved[method]["coordinator"]["records"] if saved[method] else [], progress=progress)
+            for method in cfg.methods}
