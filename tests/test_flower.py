@@ -284,6 +284,15 @@ def test_a_failing_node_is_left_out_of_its_round_and_recorded(tiny_bert, tmp_pat
     assert second["uploaded_bytes"] < expected[1]["uploaded_bytes"]
 
 
+def test_a_node_that_fails_the_layer_scores_is_not_asked_to_train_in_that_round(tiny_bert, tmp_path):
+    cfg = small_config(tiny_bert, tmp_path / "flower", clients=3, clients_per_round=3, rounds=1)
+    grid = run_on_loopback(cfg, FailingGrid, node_id=101, how="error", failing={("train.scores", "1")})
+    (record,) = read_records(cfg)
+    assert list(record["failed"]) == ["1"] and "train.scores" in record["failed"]["1"]
+    assert record["accepted"] == [0, 2] and len(record["gal"]) == cfg.gal_size
+    assert not any(node == 101 for kind, _, node in grid.delivered if kind != "query.partition")
+
+
 def test_bad_updates_are_rejected_and_a_round_short_of_min_updates_is_skipped_on_flower(tiny_bert, tmp_path,
                                                                                        monkeypatch):
     honest_fit = Client.fit

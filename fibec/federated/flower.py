@@ -320,7 +320,7 @@ def answer_evaluate(msg: Message, context: Context) -> Message:
 
 # ---- the strategy --------------------------------------------------------------------------------
 
-def _examples_and_metrics(content: RecordDict) -> tuple[int, dict[str, float]]:
+def _examples_and_metrics(content: RecordDict) -> tuple[int, dict[str, int | float]]:
     """(num-examples, the other metrics) of a reply."""
     metrics = dict(content[_METRICS])
     return int(metrics.pop("num-examples")), metrics
@@ -334,7 +334,7 @@ def _weighted_bytes(name: str) -> Callable[[RecordDict], tuple[bytes, float]]:
     return read
 
 
-def _read_update(content: RecordDict) -> tuple[bytes, bytes, int, dict[str, float]]:
+def _read_update(content: RecordDict) -> tuple[bytes, bytes, int, dict[str, int | float]]:
     num_samples, metrics = _examples_and_metrics(content)
     return array_bytes(content[_BYTES]["payload"]), array_bytes(content[_BYTES]["scores"]), num_samples, metrics
 
@@ -350,7 +350,8 @@ class FibecFedStrategy(Strategy):
     configure_train opens the round (and, in the first, asks the chosen nodes for layer scores to
     select the GAL) and sends the plan and payload; aggregate_train folds the updates in through
     Server.aggregate (rejections, min_updates); configure_evaluate gives layers entering the GAL
-    their clients' values and asks every node for its personalised score when the round evaluates;
+    their clients' values and, when the round evaluates, asks every node with an evaluation share
+    for its personalised score;
     aggregate_evaluate sums the scores; `finish_round`, Strategy.start's evaluate_fn, evaluates the
     global model and writes the round's record and checkpoint. Flower's round n is the coordinator's
     round `rounds_done + 1` (a resumed run starts Strategy.start with the rounds left).
@@ -418,6 +419,11 @@ class FibecFedStrategy(Strategy):
         replies = grid.send_and_receive(self._messages(partitions, message_type, content), timeout=self.timeout)
         return self._collect(replies, message_type, read)
 
+    def _still_in(self, partitions: Iterable[int]) -> list[int]:
+        """`partitions` less those that failed this round: a node that failed is asked nothing more in
+        its round (a dead node would cost another timeout)."""
+        return [pid for pid in partitions if pid not in self._failures]
+
     def _task(self) -> ConfigRecord:
         return ConfigRecord({"round": self.coordinator.rounds_done})
 
@@ -432,7 +438,7 @@ class FibecFedStrategy(Strategy):
             self.coordinator.select_initial([(pid, payload, weight) for pid, (payload, weight) in scores.items()])
         plan, payload = self.coordinator.plan()
         content = RecordDict({_BYTES: ArrayRecord({"payload": bytes_array(payload)}), _TASK: _plan_task(plan)})
-        return self._messages(start.chosen, TRAIN, content)
+        return self._messages(self._still_in(start.chosen), TRAIN, content)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -456,10 +462,8 @@ class FibecFedStrategy(Strategy):
         self._personal = Score()
         content = RecordDict({_BYTES: ArrayRecord({"payload": bytes_array(coordinator.shared_payload())}),
                               _TASK: self._task()})
-        # A node that failed this round is asked nothing more in it (a dead node would cost another timeout).
-        asked = [pid for pid, share in enumerate(coordinator.evaluator.shares)
-                 if share is not None and pid not in self._failures]
-        return self._messages(asked, EVALUATE, content)
+        with_share = [pid for pid, share in enumerate(coordinator.evaluator.shares) if share is not None]
+        return self._messages(self._still_in(with_share), EVALUATE, content)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if self._personal is None:

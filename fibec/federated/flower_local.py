@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -76,12 +77,18 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 class LocalFederation:
     """A SuperLink and `clients` SuperNodes on 127.0.0.1, as a context manager that stops them all.
 
     Each process leads its own process group (so that the ServerApp and ClientApp processes Flower
-    spawns stop with it) and writes its log under `logs`. `superlink` and `supernodes` are the
-    Popen objects; `submit` runs `flwr run` against the SuperLink.
+    spawns stop with it; the terminal's Ctrl-C does not reach them) and writes its log under `logs`.
+    `superlink` and `supernodes` are the Popen objects; `submit` runs `flwr run` against the
+    SuperLink. While it is open, SIGTERM to this process exits through the context manager too, so
+    that no Flower process outlives fibec.
     """
 
     def __init__(self, clients: int, logs: Path) -> None:
@@ -90,6 +97,7 @@ class LocalFederation:
         self.superlink: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen] = []
         self._processes: list[subprocess.Popen] = []
+        self._previous_sigterm = None
         self._home = tempfile.TemporaryDirectory(prefix="fibec-flower-")
         bin_dir = Path(sys.executable).parent  # flower-superexec and flwr-*app are found on PATH
         self.env = {**os.environ, "FLWR_HOME": str(Path(self._home.name) / "flwr"), "HF_HUB_OFFLINE": "1",
@@ -105,6 +113,8 @@ class LocalFederation:
 
     def __enter__(self) -> LocalFederation:
         self.logs.mkdir(parents=True, exist_ok=True)
+        if threading.current_thread() is threading.main_thread():  # only it may set signal handlers
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             link, *node_ports = _free_ports(1 + self.clients)
             home = Path(self.env["FLWR_HOME"])
@@ -147,8 +157,13 @@ class LocalFederation:
         return self._start("flwr-run", "flwr", "run", str(app), "local", "--stream")
 
     def stop(self) -> None:
-        """SIGTERM to each process group still running (newest first), SIGKILL after STOP_TIMEOUT."""
-        for process in reversed(self._processes):
+        """SIGTERM to each process group still running, SIGKILL after STOP_TIMEOUT.
+
+        The SuperLink goes first: it stops the ServerApp (which Flower runs in a session of its own),
+        and a ServerApp that outlived the SuperNodes would record its remaining rounds as failed.
+        """
+        first = [self.superlink] if self.superlink is not None else []
+        for process in first + [p for p in reversed(self._processes) if p is not self.superlink]:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
                 try:
@@ -157,6 +172,9 @@ class LocalFederation:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
         self._home.cleanup()
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
 
 def read_records(path: Path) -> list[dict]:
