@@ -33,6 +33,7 @@ __all__ = [
     "train_test_split",
     "make_batches",
     "model_inputs",
+    "load_data",
 ]
 
 
@@ -694,3 +695,43 @@ def make_batches(data: TextClassificationData, tokenizer, indices: Sequence[int]
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch without fibec's bookkeeping keys ("index"), ready for `model(**...)`."""
     return {k: v for k, v in batch.items() if k != "index"}
+
+
+# ---- A run's data from its settings -------------------------------------------------------------
+
+def load_data(cfg) -> tuple[TextClassificationData, TextClassificationData]:
+    """(train, test) for a run's `cfg.data` (a fibec.config.FedConfig); ConfigError naming the flag.
+
+    cfg.data is "default" (the built-in task), a folder name of the shared data directory, a
+    CSV/TSV/JSONL file, a folder written by Hugging Face `save_to_disk`, or a Hugging Face Hub
+    dataset name (needs network). Sources without a test split are split with cfg.test_fraction.
+    """
+    from .config import ConfigError
+
+    source = cfg.data
+    if source == "default":
+        return default_task(cfg.seed, n_train=cfg.default_train, n_test=cfg.default_test)
+    path = Path(source)
+    columns = dict(text_column=cfg.text_column, label_column=cfg.label_column, text_pair_column=cfg.text_pair_column)
+    try:
+        if source in SHARED_DATASETS and not path.exists():
+            return load_shared(source)
+        if path.is_file():
+            train, test = load_table(path, **columns), None
+        elif path.is_dir() or "/" in source:
+            train, test = load_hf_dataset(source, **columns)
+        else:
+            raise ConfigError(f"--data: {source!r} is neither 'default', a dataset in ../shared/data "
+                              f"({', '.join(SHARED_DATASETS)}), a file, a Hugging Face save_to_disk folder "
+                              f"nor a Hub name (owner/name)")
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError, ImportError, ConnectionError, OSError) as err:
+        message = str(err).replace("text_column:", "--text-column:").replace("label_column:", "--label-column:")
+        message = message.replace("text_pair_column:", "--text-pair-column:")
+        raise ConfigError(f"--data: {message}".replace("--data: --", "--")) from None
+    if train.num_labels < 2:
+        raise ConfigError(f"--data: {source} has fewer than 2 labels")
+    if test is None:
+        train, test = train_test_split(train, cfg.test_fraction, seed=cfg.seed)
+    return train, test

@@ -130,3 +130,19 @@ def test_validation_split_is_carved_from_training_and_never_touches_test():
     assert 25 <= len(data.evaluation) <= 55 and len(data.train) + len(data.evaluation) == 200
     assert not set(data.evaluation.texts) & set(test.texts)
     assert not set(data.evaluation.texts) & set(data.train.texts)
+
+
+def test_data_takes_a_hugging_face_save_to_disk_folder(tmp_path, tiny_bert, capsys):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "reviews"
+    rows = {"sentence": [f"{'great' if i % 2 else 'awful'} thing {i}" for i in range(48)],
+            "stars": ["good" if i % 2 else "bad" for i in range(48)]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(folder))
+    out = tmp_path / "out"
+    assert main(["run", "--model", tiny_bert, "--data", str(folder), "--text-column", "sentence",
+                 "--label-column", "stars", "--out", str(out), *SMALL]) == 0
+    records = [json.loads(line) for line in (out / "metrics_fibecfed.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[-1]["eval_split"] == "test"
+    code, err = exit_code_and_error(capsys, ["run", "--model", tiny_bert, "--data", str(folder),
+                                             "--text-column", "text", "--out", str(tmp_path / "bad"), *SMALL])
+    assert code == 2 and "--text-column" in err and "sentence" in err

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, FedConfig
-from .. import data as datasets
-from ..data import TextClassificationData, dirichlet_partition
+from ..data import TextClassificationData, dirichlet_partition, load_data
 from ..modeling import AdapterLayout, check_model_folder, default_model_path, get_state, load_classifier
 from . import checkpoint
 from .client import Client
@@ -48,28 +47,6 @@ class RunData:
 
     def client_label_counts(self) -> list[list[int]]:
         return [self.client_data(cid).label_counts() for cid in range(len(self.partition))]
-
-
-def load_data(cfg: FedConfig) -> tuple[TextClassificationData, TextClassificationData]:
-    """(train, test) for cfg.data; ConfigError naming the flag when it cannot be read."""
-    if cfg.data == "default":
-        return datasets.default_task(cfg.seed, n_train=cfg.default_train, n_test=cfg.default_test)
-    try:
-        if cfg.data in datasets.SHARED_DATASETS and not Path(cfg.data).exists():
-            return datasets.load_shared(cfg.data)
-        if not Path(cfg.data).is_file():
-            raise ConfigError(f"--data: {cfg.data!r} is neither 'default', a dataset in ../shared/data "
-                              f"({', '.join(datasets.SHARED_DATASETS)}) nor a file")
-        table = datasets.load_table(cfg.data, text_column=cfg.text_column, label_column=cfg.label_column,
-                                    text_pair_column=cfg.text_pair_column)
-    except (ValueError, FileNotFoundError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        message = str(err).replace("text_column:", "--text-column:").replace("label_column:", "--label-column:")
-        raise ConfigError(f"--data: {message}".replace("--data: --", "--")) from None
-    if table.num_labels < 2:
-        raise ConfigError(f"--data: {cfg.data} has fewer than 2 labels")
-    return datasets.train_test_split(table, cfg.test_fraction, seed=cfg.seed)
 
 
 def resolve_model_path(model: str | None) -> Path:
