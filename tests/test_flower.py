@@ -27,7 +27,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from fibec import codec  # noqa: E402
 from fibec.config import ConfigError, FedConfig, flower_app_config  # noqa: E402
-from fibec.federated import flower, flower_local, runner  # noqa: E402
+from fibec.federated import checkpoint, flower, flower_local, runner  # noqa: E402
 from fibec.federated.client import Client, encode_layer_scores  # noqa: E402
 
 RUN_ID = 7
@@ -388,10 +388,12 @@ def test_server_app_resumes_from_its_checkpoint_and_the_nodes_from_their_disks(f
     assert_same_run(cfg, whole)
 
 
-def test_a_fresh_server_app_run_refuses_an_out_that_holds_a_run(fibecfed_runs):
-    cfg, _, _ = fibecfed_runs
+def test_server_app_refuses_an_out_that_holds_a_run_unless_resuming_one_it_wrote(fibecfed_runs):
+    cfg, _, reference = fibecfed_runs
     with pytest.raises(ConfigError, match="resume=true"):
         run_on_loopback(cfg)
+    with pytest.raises(checkpoint.CheckpointError, match="in-process engine wrote it"):
+        run_on_loopback(reference.replace(resume=True))
 
 
 # ---- settings and payloads -----------------------------------------------------------------------

@@ -20,9 +20,10 @@ Messages (ArrayRecord / ConfigRecord / MetricRecord only, nothing pickled; bytes
   train               the plan and the server's payload bytes      reply: update bytes, scores bytes, metrics
   query.layer_values  values of the layers entering the GAL        reply: values bytes, num-examples
   evaluate            what every client holds from the server      reply: correct, loss-sum, count on its share
-A node that replies with an error, or not within `round-timeout`, is left out of that exchange
-and recorded under the round's "failed"; the round goes on with the others, and `min_updates`
-decides whether it still aggregates.
+A node that replies with an error, or not within `round-timeout`, is left out of the rest of its
+round and recorded under the round's "failed"; the round goes on with the others, and
+`min_updates` decides whether it still aggregates. (Every node must answer the partition query
+when the run starts.)
 """
 from __future__ import annotations
 
@@ -530,6 +531,9 @@ def server_main(grid: Grid, context: Context) -> None:
         raise ConfigError(f"run config: out={cfg.out!r} already holds a run of {method} ({directory}); "
                           f"set resume=true to continue it, or choose another out")
     saved = runner.saved_state(cfg, method)
+    if saved is not None and saved["clients"]:  # the nodes could not take their clients' states from it
+        raise checkpoint.CheckpointError(f"{directory / checkpoint.STATE_FILE} holds every client's state: the "
+                                         f"in-process engine wrote it; continue it with `fibec run --resume`")
     data = runner.load_run_data(cfg)
     model, tokenizer, layout, initial = runner.build_model(cfg, data.train.num_labels)
     server = Server(layout, initial, cfg, METHODS[method])
