@@ -87,6 +87,9 @@ class FedConfig:
     batch_size: int = setting(16, "batch size", low=1)
     max_length: int = setting(48, "max tokens per sample", low=2)
     lr: float = setting(5e-3, "AdamW learning rate", low=0.0, low_open=True)
+    logit_adjust: float = setting(1.0, "tau of the logit-adjusted local loss: cross-entropy of logits + "
+                                       "tau * log(the client's label prior), against label skew (0: plain)",
+                                  low=0.0)
     values: str = setting("fp32", "payload value format, both directions", choices=VALUE_FORMATS)
     error_feedback: bool = setting(True, "a client adds what its earlier uploads lost (quantisation error, "
                                          "masked-off entries) to its next delta (true|false)")

@@ -8,7 +8,7 @@ Formulas and defaults: docs/ALGORITHM.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -62,7 +62,8 @@ def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:
 
 
 def difficulty_scores(model: torch.nn.Module, data_batches: Iterable[Mapping[str, torch.Tensor]], *,
-                      num_samples: int | None = None, return_fisher: bool = False):
+                      num_samples: int | None = None, return_fisher: bool = False,
+                      loss_fn: Callable[[object, Mapping[str, torch.Tensor]], torch.Tensor] | None = None):
     """Per-sample difficulty: trace of the sample's empirical Fisher over the LoRA parameters.
 
     score_n = sum over LoRA layers l of ||d loss_n / d A_l||^2 + ||d loss_n / d B_l||^2, where loss_n
@@ -74,6 +75,7 @@ def difficulty_scores(model: torch.nn.Module, data_batches: Iterable[Mapping[str
     ...); the model is called with everything but "index". Scores land at batch["index"].
     num_samples: length of the returned vector (default: 1 + the largest index seen); positions
     no batch covered stay NaN so a forgotten sample can never pass for an easy one.
+    loss_fn(model_output, batch) -> the batch-mean loss to score with (default: the model's own loss).
 
     Returns scores, a float32 CPU tensor [num_samples]; with return_fisher=True returns
     (scores, fisher, layer_traces): FisherCollector's `fisher` ({layer: {"lora_A": [r,I],
@@ -96,9 +98,10 @@ def difficulty_scores(model: torch.nn.Module, data_batches: Iterable[Mapping[str
                 fc.token_mask = batch.get("attention_mask")
                 inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
                 out = model(**inputs)
-                if out.loss is None:
+                loss = out.loss if loss_fn is None else loss_fn(out, batch)
+                if loss is None:
                     raise ValueError("data_batches: the model returned no loss (batches need 'labels')")
-                out.loss.backward()
+                loss.backward()
                 sample = fc.sample_scores.detach().float().cpu()
                 if sample.shape[0] != _batch_size(batch):
                     raise RuntimeError(f"FisherCollector gave {sample.shape[0]} scores for a batch of "

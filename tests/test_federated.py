@@ -8,7 +8,7 @@ import torch
 
 from fibec import codec
 from fibec.config import FedConfig
-from fibec.data import default_task, dirichlet_partition
+from fibec.data import default_task, dirichlet_partition, make_batches, model_inputs
 from fibec.federated.client import ClientUpdate, encode_layer_scores
 from fibec.federated.recorder import Recorder
 from fibec.federated.rounds import Coordinator, run_rounds
@@ -331,3 +331,17 @@ def test_error_feedback_delivers_over_rounds_what_int8_quantisation_loses(tiny_b
             assert (got + client.residual[name] - sent).abs().max() < (got - sent).abs().max()
         else:
             assert not client.residual and (got - sent).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0, 2.5])
+def test_local_loss_is_cross_entropy_of_logits_shifted_by_tau_log_label_prior(tiny_bert, task, tmp_path, tau):
+    cfg, fed = federation(tiny_bert, task, tmp_path, logit_adjust=tau)
+    client = fed.clients[0]
+    counts = torch.tensor(client.data.label_counts(), dtype=torch.float64)
+    prior = (counts + 1) / (counts.sum() + len(counts))
+    batch = next(make_batches(client.data, fed.tokenizer, None, 8, max_length=24))
+    out = fed.model(**model_inputs(batch))
+    expected = torch.nn.functional.cross_entropy(out.logits.double() + tau * prior.log(), batch["labels"])
+    torch.testing.assert_close(client._loss(out, batch).double(), expected, rtol=1e-6, atol=1e-6)
+    if tau == 0:
+        torch.testing.assert_close(client._loss(out, batch), out.loss)

@@ -84,6 +84,8 @@ class Client:
         self.rounds_trained = 0
         self.pending_compute_s = 0.0  # work since the last update reported it (the first GAL ranking)
         self.residual: dict[str, torch.Tensor] = {}  # error feedback: what the uploads have not delivered yet
+        counts = torch.tensor(data.label_counts(), dtype=torch.float32)
+        self.log_prior = torch.log((counts + 1) / (counts.sum() + counts.numel()))  # add-one smoothed
         self.sampler = CurriculumSampler(np.zeros(len(data)), batch_size=cfg.batch_size, pacing=cfg.pacing,
                                          lambda0=cfg.lambda0 if method.curriculum else 1.0,
                                          full_at=cfg.full_at, seed=self._seed(0))
@@ -270,12 +272,27 @@ class Client:
         batches = make_batches(self.data, self.tokenizer, None, self.cfg.batch_size, max_length=self.cfg.max_length)
         if not full:
             batches = (b for _, b in zip(range(RANKING_BATCHES), self._shuffled_batches(0)))
-        scores, fisher, traces = difficulty_scores(model, batches, num_samples=len(self.data), return_fisher=True)
+        scores, fisher, traces = difficulty_scores(model, batches, num_samples=len(self.data), return_fisher=True,
+                                                   loss_fn=self._loss)
         self.tracker.observe(np.arange(len(self.data)), scores.numpy())
         if not self.importance.fisher:
             self.importance.update(fisher)
         self._reorder()
         return traces
+
+    def _loss(self, out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch-mean local loss: cross-entropy of the logits shifted by tau * log(local label prior).
+
+        The logit-adjusted (balanced-softmax) loss of FedLC (Zhang et al., ICML 2022). Under label
+        skew a client fits its own label mix; with tau = 0 it does so by moving the shared adapters
+        and head towards an input-independent shift, and averaging clients of opposite skew leaves
+        a collapsed representation (docs/ALGORITHM.md, "Why these defaults"). The prior absorbs the
+        mix. Evaluation uses the plain logits.
+        """
+        logits = out.logits.float()
+        if self.cfg.logit_adjust:
+            logits = logits + self.cfg.logit_adjust * self.log_prior.to(logits.device)
+        return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device))
 
     def _reorder(self) -> None:
         """The sampler's easiest-first order from the latest difficulty scores and estimates."""
@@ -300,10 +317,11 @@ class Client:
             if collector is not None:
                 collector.token_mask = batch["attention_mask"]
             out = model(**{k: v.to(device) for k, v in model_inputs(batch).items()})
+            loss = self._loss(out, batch)
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             optimizer.step()
-            losses.append(float(out.loss.detach()))
+            losses.append(float(loss.detach()))
             if collector is not None and self.method.curriculum:
                 self.tracker.observe(batch["index"], collector.sample_scores)
         optimizer.zero_grad(set_to_none=True)

@@ -236,3 +236,19 @@ def run_methods(cfg: FedConfig, *, overwrite: bool = False, progress: bool = Tru
     return {method: run_method(cfg.replace(method=method),
                                saved[method]["coordinator"]["records"] if saved[method] else [], progress=progress)
             for method in cfg.methods}
+
+
+_EXAMPLE_NOTE = """\
+# A Flower app running FibecFed with fibec's ServerApp and ClientApp (fibec.federated.flower).
+# Generated from fibec.config.FedConfig by `python -m fibec.federated.flower_local <this file>`
+# (tests/test_flower.py checks that they agree): every key of [tool.flwr.app.config] is a `fibec run`
+# setting, with dashes, and `flwr run --run-config` may override any of them. One method per run;
+# `resume = true` continues the run saved under `out`. The ServerApp and the SuperNodes resolve a
+# relative `out` (and `model`, `data`) against the working directory they were started in.
+"""
+
+if __name__ == "__main__":
+    # Regenerates the example app after a FedConfig change.
+    import sys
+
+    Path(sys.argv[1]).write_text(_EXAMPLE_NOTE + app_pyproject(FedConfig(engine="flower"), out="runs/fibec-flower"))
