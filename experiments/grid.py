@@ -128,10 +128,13 @@ def run_grid(grid: dict, only: str | None) -> None:
                 "variant": run.variant, "config": cfg.to_dict(), "rounds": records, "machine": machine(),
                 "wall_s_this_process": time.perf_counter() - start,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        with path.open("a") as f:
-            f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        # One write of the whole line to an O_APPEND file: grids split with --only may share the file.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(line) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ---- summaries ------------------------------------------------------------------------------------
