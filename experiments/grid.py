@@ -16,6 +16,9 @@ A grid file (TOML) names the runs:
     clients = 10
     [variants.fisher]                      # optional: named overrides, each run for every method
     gal_ranker = "fisher"                  # but those in `shared_methods` (run once, variant "-")
+    # methods = ["fibecfed"]               # a variant may name the methods it applies to
+    [method_settings.fedavg]               # optional: settings of one method (under the variants')
+    values = "fp32"
 
 Every run is a `fibec` run in this process under runs/experiments/<name>/<key>/ with a checkpoint
 per round: a killed grid resumes inside the run it was in, and a finished run (one line in the
@@ -74,11 +77,12 @@ def load_grid(path: Path) -> dict:
 
 
 def runs_of(grid: dict) -> list[Run]:
-    variants = list(grid.get("variants", {})) or ["-"]
+    variants = grid.get("variants", {})
     shared = set(grid.get("shared_methods", []))
     runs = []
     for cell, seed, method in itertools.product(grid["cells"], grid["seeds"], grid["methods"]):
-        for variant in (["-"] if method in shared else variants):
+        names = [v for v, spec in variants.items() if method in spec.get("methods", [method])]
+        for variant in (["-"] if method in shared or not variants else names):
             runs.append(Run(cell["data"], float(cell["alpha"]), int(seed), method, variant))
     return runs
 
@@ -97,7 +101,8 @@ def read_records(grid: dict) -> dict[str, dict]:
 def config_of(grid: dict, run: Run):
     from fibec.config import FedConfig
 
-    settings = {**grid.get("settings", {}), **grid.get("variants", {}).get(run.variant, {})}
+    variant = {k: v for k, v in grid.get("variants", {}).get(run.variant, {}).items() if k != "methods"}
+    settings = {**grid.get("settings", {}), **grid.get("method_settings", {}).get(run.method, {}), **variant}
     settings.update(data=run.data, alpha=run.alpha, seed=run.seed, method=run.method,
                     out=str(ROOT / grid["runs"] / run.key))
     return FedConfig.from_mapping(settings, source=f"grid {grid['name']}")
