@@ -8,6 +8,7 @@ classification head, as plain tensors keyed by parameter name.
 from __future__ import annotations
 
 import logging
+import warnings
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,7 +85,10 @@ def load_classifier(
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, target_modules=list(targets))
     try:
-        model = get_peft_model(base, lora)
+        with warnings.catch_warnings():
+            # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`: not the user's doing.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(base, lora)
     except ValueError as err:
         raise ValueError(f"LoRA targets {list(targets)} match no layer of {config.model_type}: {err}") from None
     return model, tokenizer
@@ -93,15 +97,21 @@ def load_classifier(
 @contextmanager
 def _quiet_load_report() -> Iterator[None]:
     """Hide the warnings transformers logs on every checkpoint load (its load report: the head we
-    re-initialise on purpose shows as missing or mismatched), keeping its errors; the level of the
-    "transformers" logger is restored afterwards."""
+    re-initialise on purpose shows as missing or mismatched) and its "Loading weights" bar, keeping
+    its errors; the level of the "transformers" logger and the bar switch are restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
     transformers_logger = logging.getLogger("transformers")
     level = transformers_logger.level
+    bar = transformers_logging.is_progress_bar_enabled()
     transformers_logger.setLevel(max(transformers_logger.getEffectiveLevel(), logging.ERROR))
+    transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
         transformers_logger.setLevel(level)
+        if bar:
+            transformers_logging.enable_progress_bar()
 
 
 @dataclass(frozen=True)

@@ -56,3 +56,17 @@ def test_transformers_log_level_is_restored_after_a_load_that_fails(tiny_bert, t
         assert transformers_logger.level == level
     finally:
         transformers_logger.setLevel(before)
+
+
+def test_load_classifier_shows_no_loading_bar_and_leaves_the_bar_switch_as_it_was(tiny_bert, capfd):
+    from transformers.utils import logging as transformers_logging
+
+    load_classifier(tiny_bert, 2)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        load_classifier(tiny_bert, 2)
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.enable_progress_bar()
