@@ -8,8 +8,8 @@ classification head, as plain tensors keyed by parameter name.
 from __future__ import annotations
 
 import logging
-import warnings
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
