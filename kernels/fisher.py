@@ -8,7 +8,15 @@ per-sample partial squared norms (summed afterwards: deterministic, no atomics).
 (L, R) = (G, X); LoRA (y += s B A x) first projects XA = X A^T and GB = G B ([N,T,r], fp32, masked
 tokens zeroed) with `_project_kernel`, then runs (G, XA) -> F_B [O,r] and (X, GB) -> F_A^T [I,r].
 
-The launchers take tensors that fibec.ops has already validated. Imports nothing from fibec.
+Few tiles (LoRA's O/64, or a small dense layer) would leave most SMs idle, so each tile's loop
+over (sample, token) is split across programs (`_split_plan`): a split holds whole samples and
+writes the sum of their squares, or a chunk of one sample's tokens and writes that sample's
+unsquared partial gradient; `_reduce_splits_kernel` then adds the splits in a fixed order. The
+split count comes from the shapes and the SM count, never from the tuned config.
+
+Tile sizes, token block, warps and stages are autotuned per shape (one fixed config in the
+interpreter, and under FIBEC_AUTOTUNE=0). The launchers take tensors that fibec.ops has already
+validated. Imports nothing from fibec.
 """
 from __future__ import annotations
 
@@ -18,13 +26,28 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_DIM = 64
-BLOCK_TOKENS = 32
-BLOCK_ROWS = 64
+TILES = (64, 128)
+TOKEN_BLOCKS = (32, 64)
+WARPS = (4, 8)
+STAGES = (2, 3, 4)
+REDUCE_BLOCK = 1024
+# Two fp32 accumulator tiles (the sample's gradient and the running Fisher) live in registers:
+# past 128 of them per thread the compiler spills.
+ACCUMULATOR_REGISTERS = 128
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _autotuning() -> bool:
+    """Off in the interpreter (it would time each config as numpy runs) and under FIBEC_AUTOTUNE=0
+    (tests, or the same config, hence the same rounding, in every process)."""
+    return not _interpreting() and os.environ.get("FIBEC_AUTOTUNE", "1") not in ("", "0")
+
+
+def _max_shared_memory(device: torch.device) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
 def _dot_flags(dtype: torch.dtype, mixed: bool) -> tuple[bool, str]:
@@ -45,62 +68,170 @@ def _mask_arg(token_mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[
     return mask, mask.stride(0), mask.stride(1)
 
 
+# ---- autotuning spaces ----------------------------------------------------------------------
+
+
+def _outer_space(*, tiled_columns: bool) -> list[triton.Config]:
+    """BLOCK_A x BLOCK_B x BLOCK_T x warps x stages; without `tiled_columns` (LoRA's rank
+    columns, one block wide) the launcher passes BLOCK_B itself. The first is the fixed config."""
+    column_tiles = TILES if tiled_columns else (None,)
+    return [triton.Config({"BLOCK_A": a, "BLOCK_T": t, **({"BLOCK_B": b} if b else {})}, num_warps=w, num_stages=s)
+            for a in TILES for b in column_tiles for t in TOKEN_BLOCKS for w in WARPS for s in STAGES]
+
+
+def _project_space() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m in TILES for k in TILES for w in WARPS for s in STAGES]
+
+
+def _oversized(block: int, size: int, smallest: int) -> bool:
+    """A block larger than the smallest choice although half of it already covers `size`."""
+    return block > smallest and size <= block // 2
+
+
+def _prune_outer(configs, named_args, **kwargs):
+    """Keep the configs that can pay off and fit: no tile or token block twice what the shape
+    needs, the two accumulator tiles within ACCUMULATOR_REGISTERS per thread, the pipeline's
+    stages within the device's shared memory."""
+    L, R = named_args["L"], named_args["R"]
+    tokens = min(named_args["T"], named_args["tokens_per_split"])
+    shared = _max_shared_memory(L.device)
+    kept = []
+    for config in configs:
+        block_a, block_t = config.kwargs["BLOCK_A"], config.kwargs["BLOCK_T"]
+        block_b = config.kwargs.get("BLOCK_B", kwargs.get("BLOCK_B"))
+        staged = config.num_stages * block_t * (block_a * L.element_size() + block_b * R.element_size())
+        if (_oversized(block_a, named_args["DA"], TILES[0])
+                or ("BLOCK_B" in config.kwargs and _oversized(block_b, named_args["DB"], TILES[0]))
+                or _oversized(block_t, tokens, TOKEN_BLOCKS[0])
+                or 2 * block_a * block_b > ACCUMULATOR_REGISTERS * 32 * config.num_warps
+                or staged > shared):
+            continue
+        kept.append(config)
+    return kept
+
+
+def _prune_project(configs, named_args, **kwargs):
+    Z, W = named_args["Z"], named_args["W"]
+    shared = _max_shared_memory(Z.device)
+    return [c for c in configs
+            if not _oversized(c.kwargs["BLOCK_K"], named_args["K"], TILES[0])
+            and not _oversized(c.kwargs["BLOCK_M"], named_args["NT"], TILES[0])
+            and c.num_stages * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] * Z.element_size()
+                                                     + kwargs["BLOCK_R"] * W.element_size()) <= shared]
+
+
+def _autotune(space: list[triton.Config], **options):
+    return triton.autotune(configs=space if _autotuning() else space[:1], **options)
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+
+
 @triton.jit
 def _squared_outer_kernel(
-    L, R, M, F, P,
-    N, T, DA, DB, scale,
+    L, R, M, OUT, SQNORM,
+    N, T, DA, DB, scale, samples_per_split, tokens_per_split,
     stride_ln, stride_lt, stride_la,
     stride_rn, stride_rt, stride_rb,
     stride_mn, stride_mt,
-    stride_fa, stride_fb,
-    HAS_MASK: tl.constexpr, WRITE_FISHER: tl.constexpr, ACCUMULATE: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    stride_os, stride_oa, stride_ob,
+    HAS_MASK: tl.constexpr, SQUARE: tl.constexpr, WRITE_OUT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    WRITE_SQNORM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    """One (BLOCK_A, BLOCK_B) tile of L_n^T R_n over split program_id(2) of the (sample, token) loop.
+
+    SQUARE (the split holds whole samples): each sample's tile, scaled, is squared once its tokens
+    are summed; the squares go to SQNORM[tile, n] (summed) and are summed over the split's samples
+    into OUT[split] (added to OUT's values when ACCUMULATE). Otherwise the split holds a chunk of
+    one sample's tokens, and OUT[split] gets that chunk's unscaled, unsquared gradient.
+    """
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
+    split = tl.program_id(2)
+    token_splits = tl.cdiv(T, tokens_per_split)
+    n_start = (split // token_splits) * samples_per_split
+    t_start = (split % token_splits) * tokens_per_split
+    t_stop = tl.minimum(t_start + tokens_per_split, T)
+    blocks_per_sample = tl.cdiv(t_stop - t_start, BLOCK_T)
+    samples = tl.minimum(samples_per_split, N - n_start)
     offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     a_in = offs_a < DA
     b_in = offs_b < DB
-    fisher = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    # Sample bases advance as pointers (64-bit), so n * stride never overflows int32.
-    l_n = L
-    r_n = R
-    m_n = M
-    p_n = P + (pid_a * tl.num_programs(1) + pid_b).to(tl.int64) * N
-    for n in range(N):
-        grad = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            t_in = offs_t < T
-            lhs = tl.load(l_n + offs_t[:, None] * stride_lt + offs_a[None, :] * stride_la,
-                          mask=t_in[:, None] & a_in[None, :], other=0.0)
-            rhs = tl.load(r_n + offs_t[:, None] * stride_rt + offs_b[None, :] * stride_rb,
-                          mask=t_in[:, None] & b_in[None, :], other=0.0)
-            if HAS_MASK:
-                keep = tl.load(m_n + offs_t * stride_mt, mask=t_in, other=0) != 0
-                lhs = tl.where(keep[:, None], lhs, tl.zeros_like(lhs))
-            if UPCAST:
-                lhs = lhs.to(tl.float32)
-                rhs = rhs.to(tl.float32)
-            grad = tl.dot(tl.trans(lhs), rhs, grad, input_precision=PRECISION)
-        grad = grad * scale
-        square = grad * grad
-        if WRITE_FISHER:
-            fisher += square
-        if WRITE_PARTIAL:
-            tl.store(p_n, tl.sum(tl.sum(square, axis=1), axis=0))
-            p_n += 1
-        l_n += stride_ln
-        r_n += stride_rn
-        m_n += stride_mn
-    if WRITE_FISHER:
-        f_ptrs = F + offs_a[:, None] * stride_fa + offs_b[None, :] * stride_fb
-        f_in = a_in[:, None] & b_in[None, :]
+    total = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    grad = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    # One flat loop over (sample, token block) keeps the software pipeline full across samples.
+    for step in range(samples * blocks_per_sample):
+        n = n_start + step // blocks_per_sample
+        offs_t = t_start + (step % blocks_per_sample) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_in = offs_t < t_stop
+        # 64-bit sample offsets: n * stride can pass 2**31 on large batches.
+        lhs = tl.load(L + n.to(tl.int64) * stride_ln + offs_t[:, None] * stride_lt + offs_a[None, :] * stride_la,
+                      mask=t_in[:, None] & a_in[None, :], other=0.0)
+        rhs = tl.load(R + n.to(tl.int64) * stride_rn + offs_t[:, None] * stride_rt + offs_b[None, :] * stride_rb,
+                      mask=t_in[:, None] & b_in[None, :], other=0.0)
+        if HAS_MASK:
+            keep = tl.load(M + n.to(tl.int64) * stride_mn + offs_t * stride_mt, mask=t_in, other=0) != 0
+            lhs = tl.where(keep[:, None], lhs, tl.zeros_like(lhs))
+        if UPCAST:
+            lhs = lhs.to(tl.float32)
+            rhs = rhs.to(tl.float32)
+        grad = tl.dot(tl.trans(lhs), rhs, grad, input_precision=PRECISION)
+        if step % blocks_per_sample == blocks_per_sample - 1:
+            if SQUARE:
+                grad = grad * scale
+                square = grad * grad
+                if WRITE_SQNORM:
+                    tl.store(SQNORM + (pid_a * tl.num_programs(1) + pid_b) * N + n, tl.sum(square))
+                total += square
+            else:
+                total += grad
+            grad = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    if WRITE_OUT:
+        out_ptrs = OUT + split.to(tl.int64) * stride_os + offs_a[:, None] * stride_oa + offs_b[None, :] * stride_ob
+        out_in = a_in[:, None] & b_in[None, :]
         if ACCUMULATE:
-            fisher += tl.load(f_ptrs, mask=f_in, other=0.0)
-        tl.store(f_ptrs, fisher, mask=f_in)
+            total += tl.load(out_ptrs, mask=out_in, other=0.0)
+        tl.store(out_ptrs, total, mask=out_in)
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    PART, F, SQNORM,
+    N, splits, size, DB, scale, stride_fa, stride_fb,
+    SQUARE: tl.constexpr, WRITE_FISHER: tl.constexpr, ACCUMULATE: tl.constexpr, WRITE_SQNORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Finish a split `_squared_outer_kernel` launch on BLOCK entries of the [DA, DB] result.
+
+    PART is [N, splits, DA, DB] contiguous, added in that order (deterministic, no atomics). With
+    SQUARE, sample n's gradient chunks are summed, scaled and squared (the squares' sum to
+    SQNORM[block, n]) before the samples are summed; else N is 1 and the splits are Fisher sums.
+    The result goes to F (strided; added to its values when ACCUMULATE).
+    """
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < size
+    part = PART + offs
+    fisher = tl.zeros((BLOCK,), dtype=tl.float32)
+    for n in range(N):
+        value = tl.zeros((BLOCK,), dtype=tl.float32)
+        for _ in range(splits):
+            value += tl.load(part, mask=inside, other=0.0)
+            part += size
+        if SQUARE:
+            value = value * scale
+            value = value * value
+            if WRITE_SQNORM:
+                tl.store(SQNORM + pid * N + n, tl.sum(value))
+        fisher += value
+    if WRITE_FISHER:
+        f_ptrs = F + (offs // DB) * stride_fa + (offs % DB) * stride_fb
+        if ACCUMULATE:
+            fisher += tl.load(f_ptrs, mask=inside, other=0.0)
+        tl.store(f_ptrs, fisher, mask=inside)
 
 
 @triton.jit
@@ -138,43 +269,124 @@ def _project_kernel(
     tl.store(Y + offs_m[:, None] * RANK + offs_r[None, :], acc, mask=m_in[:, None] & r_in[None, :])
 
 
+# Keyed on the matrix sizes and on the split's sample and token counts (powers of two, so batch
+# shapes that vary from step to step re-tune rarely). OUT is restored after each timed run: with
+# ACCUMULATE the kernel adds into it. Dense layers tile both dimensions; LoRA's rank columns take
+# one block chosen by the launcher.
+_OUTER_TUNING = dict(key=["DA", "DB", "samples_per_split", "tokens_per_split"],
+                     prune_configs_by={"early_config_prune": _prune_outer}, restore_value=["OUT"])
+_dense_outer = _autotune(_outer_space(tiled_columns=True), **_OUTER_TUNING)(_squared_outer_kernel)
+_lora_outer = _autotune(_outer_space(tiled_columns=False), **_OUTER_TUNING)(_squared_outer_kernel)
+# NT only sets the grid: it stays out of the key so that every batch reuses the choice.
+_projection = _autotune(_project_space(), key=["K", "RANK"],
+                        prune_configs_by={"early_config_prune": _prune_project})(_project_kernel)
+
+
+# ---- launch planning ----------------------------------------------------------------------------
+
+
+def _split_budget(device: torch.device) -> tuple[int, int]:
+    """(programs that keep the device busy, fewest tokens worth a program of their own).
+
+    CUDA: four programs per SM, and 128 tokens (a few BLOCK_T steps). The interpreter: 8 and 16,
+    so that the tests' small shapes take every split path.
+    """
+    if device.type != "cuda":
+        return 8, 16
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count, 128
+
+
+def _split_plan(N: int, T: int, tiles: int, budget: tuple[int, int]) -> tuple[int, int, int]:
+    """(samples_per_split, tokens_per_split, splits) sharing out each tile's (sample, token) loop.
+
+    Splits are added until `tiles * splits` reaches the budget's program count: whole samples
+    per split while the samples give at least half of the splits wanted, else chunks of one
+    sample's tokens, no shorter than the budget's token count. Both sizes are powers of two (the
+    autotuner's key); a size past N or T means that loop is not split.
+    """
+    programs, min_tokens = budget
+    wanted = triton.cdiv(programs, tiles)
+    whole_tokens = triton.next_power_of_2(T)
+    if 2 * N >= wanted:
+        samples = triton.next_power_of_2(triton.cdiv(N, wanted))
+        return samples, whole_tokens, triton.cdiv(N, samples)
+    tokens = max(min_tokens, triton.next_power_of_2(triton.cdiv(T, triton.cdiv(wanted, N))))
+    tokens = min(tokens, whole_tokens)
+    return 1, tokens, N * triton.cdiv(T, tokens)
+
+
 def _squared_outer(L: torch.Tensor, R: torch.Tensor, *, fisher: torch.Tensor | None, fisher_strides: tuple[int, int],
-                   token_mask: torch.Tensor | None, scale: float, accumulate: bool, partial: bool,
-                   block_b: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """Launch `_squared_outer_kernel`; returns the [tiles, N] partial squared norms when `partial`."""
+                   token_mask: torch.Tensor | None, scale: float, accumulate: bool, sqnorm: bool,
+                   rank_block: int | None = None) -> torch.Tensor | None:
+    """sum_n (scale L_n^T R_n)**2 into `fisher` (given by strides; added to it when `accumulate`),
+    and/or the [rows, N] partial squared norms when `sqnorm` (the caller sums the rows).
+
+    rank_block: the one column block of LoRA's rank columns; None tiles both dimensions.
+    """
     N, T, DA = L.shape
     DB = R.shape[2]
-    grid = (triton.cdiv(DA, BLOCK_DIM), triton.cdiv(DB, block_b))
-    partials = torch.empty(grid[0] * grid[1], N, dtype=torch.float32, device=L.device) if partial else None
-    mask, stride_mn, stride_mt = _mask_arg(token_mask, L)
-    upcast, precision = _dot_flags(dtype, mixed=L.dtype != R.dtype)
-    dummy = partials if fisher is None else fisher
-    _squared_outer_kernel[grid](
-        L, R, mask, dummy, dummy if partials is None else partials,
-        N, T, DA, DB, scale,
-        *L.stride(), *R.stride(), stride_mn, stride_mt, *fisher_strides,
-        HAS_MASK=token_mask is not None, WRITE_FISHER=fisher is not None, ACCUMULATE=accumulate,
-        WRITE_PARTIAL=partial, UPCAST=upcast, PRECISION=precision,
-        BLOCK_A=BLOCK_DIM, BLOCK_B=block_b, BLOCK_T=BLOCK_TOKENS,
+    kernel = _dense_outer if rank_block is None else _lora_outer
+    # Grid and norm rows are counted with the smallest tiles among the configs: an autotuned
+    # larger tile uses fewer programs and rows (the rest stay zero), never more.
+    smallest_a = min(c.kwargs["BLOCK_A"] for c in kernel.configs)
+    smallest_b = rank_block or min(c.kwargs["BLOCK_B"] for c in kernel.configs)
+    tiles = triton.cdiv(DA, smallest_a) * triton.cdiv(DB, smallest_b)
+    samples_per_split, tokens_per_split, splits = _split_plan(N, T, tiles, _split_budget(L.device))
+    whole_samples = tokens_per_split >= T
+    partials = None
+    if splits > 1 and (fisher is not None or not whole_samples):
+        partials = torch.empty(splits, DA, DB, dtype=torch.float32, device=L.device)
+    tile_norms = torch.zeros(tiles, N, dtype=torch.float32, device=L.device) if sqnorm and whole_samples else None
+    if partials is not None:
+        target, target_strides = partials, partials.stride()
+    elif fisher is not None:
+        target, target_strides = fisher, (0, *fisher_strides)
+    else:  # norms only: OUT (restored around each autotuning run) is pointed at the small norm buffer
+        target, target_strides = None, (0, 0, 0)
+    placeholder = L  # stands in for pointers a launch never reads
+    mask, stride_mn, stride_mt = _mask_arg(token_mask, placeholder)
+    upcast, precision = _dot_flags(L.dtype, mixed=L.dtype != R.dtype)
+    extra = {} if rank_block is None else {"BLOCK_B": rank_block}
+    kernel[lambda meta: (triton.cdiv(DA, meta["BLOCK_A"]), triton.cdiv(DB, meta["BLOCK_B"]), splits)](
+        L, R, mask, tile_norms if target is None else target, placeholder if tile_norms is None else tile_norms,
+        N, T, DA, DB, scale, samples_per_split, tokens_per_split,
+        *L.stride(), *R.stride(), stride_mn, stride_mt, *target_strides,
+        HAS_MASK=token_mask is not None, SQUARE=whole_samples, WRITE_OUT=target is not None,
+        ACCUMULATE=accumulate and partials is None, WRITE_SQNORM=tile_norms is not None,
+        UPCAST=upcast, PRECISION=precision, **extra,
     )
-    return partials
+    if partials is None:
+        return tile_norms
+    # Whole samples: N=1 group of `splits` Fisher sums. Token chunks: N groups, one per sample.
+    groups = 1 if whole_samples else N
+    blocks = triton.cdiv(DA * DB, REDUCE_BLOCK)
+    block_norms = torch.empty(blocks, N, dtype=torch.float32, device=L.device) if sqnorm and not whole_samples else None
+    _reduce_splits_kernel[(blocks,)](
+        partials, placeholder if fisher is None else fisher, placeholder if block_norms is None else block_norms,
+        groups, splits // groups, DA * DB, DB, scale, *fisher_strides,
+        SQUARE=not whole_samples, WRITE_FISHER=fisher is not None, ACCUMULATE=accumulate,
+        WRITE_SQNORM=block_norms is not None, BLOCK=REDUCE_BLOCK,
+    )
+    return tile_norms if whole_samples else block_norms
 
 
 def _project(Z: torch.Tensor, W: torch.Tensor, W_strides: tuple[int, int], rank: int,
-             token_mask: torch.Tensor | None, block_r: int) -> torch.Tensor:
+             token_mask: torch.Tensor | None, rank_block: int) -> torch.Tensor:
     """Z [N,T,K] @ W [K,rank] (given by strides) -> [N,T,rank] fp32 with masked tokens' rows zero."""
     N, T, K = Z.shape
     out = torch.empty(N, T, rank, dtype=torch.float32, device=Z.device)
     mask, stride_mn, stride_mt = _mask_arg(token_mask, Z)
     upcast, precision = _dot_flags(Z.dtype, mixed=False)
-    _project_kernel[(triton.cdiv(N * T, BLOCK_ROWS),)](
+    _projection[lambda meta: (triton.cdiv(N * T, meta["BLOCK_M"]),)](
         Z, W, mask, out,
         N * T, T, K, rank,
         *Z.stride(), *W_strides, stride_mn, stride_mt,
-        HAS_MASK=token_mask is not None, UPCAST=upcast, PRECISION=precision,
-        BLOCK_M=BLOCK_ROWS, BLOCK_K=BLOCK_DIM, BLOCK_R=block_r,
+        HAS_MASK=token_mask is not None, UPCAST=upcast, PRECISION=precision, BLOCK_R=rank_block,
     )
     return out
+
+
+# ---- the ops --------------------------------------------------------------------------------------
 
 
 def fisher_diag(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | None = None, *,
@@ -184,7 +396,7 @@ def fisher_diag(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | Non
     if out is None:
         out = torch.empty(O, I, dtype=torch.float32, device=X.device)
     _squared_outer(G, X, fisher=out, fisher_strides=out.stride(), token_mask=token_mask, scale=1.0,
-                   accumulate=accumulate, partial=False, block_b=BLOCK_DIM, dtype=X.dtype)
+                   accumulate=accumulate, sqnorm=False)
     return out
 
 
@@ -193,23 +405,22 @@ def lora_fisher_diag(X: torch.Tensor, G: torch.Tensor, A: torch.Tensor, B: torch
                      accumulate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(F_A [r,I], F_B [O,r], sqnorm [N]) fp32 of LoRA factors A [r,I], B [O,r]; see module docstring."""
     I, O, r = X.shape[2], G.shape[2], A.shape[0]
-    block_r = max(16, triton.next_power_of_2(r))
+    rank_block = max(16, triton.next_power_of_2(r))
     if out is None:
         out = (torch.empty(r, I, dtype=torch.float32, device=X.device),
                torch.empty(O, r, dtype=torch.float32, device=X.device))
     fisher_A, fisher_B = out
-    XA = _project(X, A, (A.stride(1), A.stride(0)), r, token_mask, block_r)
-    GB = _project(G, B, B.stride(), r, token_mask, block_r)
-    partial_B = _squared_outer(G, XA, fisher=fisher_B, fisher_strides=fisher_B.stride(), token_mask=None,
-                               scale=scaling, accumulate=accumulate, partial=True, block_b=block_r, dtype=X.dtype)
-    partial_A = _squared_outer(X, GB, fisher=fisher_A, fisher_strides=(fisher_A.stride(1), fisher_A.stride(0)),
-                               token_mask=None, scale=scaling, accumulate=accumulate, partial=True,
-                               block_b=block_r, dtype=X.dtype)
-    return fisher_A, fisher_B, partial_A.sum(0) + partial_B.sum(0)
+    XA = _project(X, A, (A.stride(1), A.stride(0)), r, token_mask, rank_block)
+    GB = _project(G, B, B.stride(), r, token_mask, rank_block)
+    norms_B = _squared_outer(G, XA, fisher=fisher_B, fisher_strides=fisher_B.stride(), token_mask=None,
+                             scale=scaling, accumulate=accumulate, sqnorm=True, rank_block=rank_block)
+    norms_A = _squared_outer(X, GB, fisher=fisher_A, fisher_strides=(fisher_A.stride(1), fisher_A.stride(0)),
+                             token_mask=None, scale=scaling, accumulate=accumulate, sqnorm=True,
+                             rank_block=rank_block)
+    return fisher_A, fisher_B, norms_A.sum(0) + norms_B.sum(0)
 
 
 def sample_sqnorms(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """||G_n^T X_n||_F^2 -> [N] fp32 by the direct path: per-tile partial sums, then reduced."""
-    partials = _squared_outer(G, X, fisher=None, fisher_strides=(0, 0), token_mask=token_mask, scale=1.0,
-                              accumulate=False, partial=True, block_b=BLOCK_DIM, dtype=X.dtype)
-    return partials.sum(0)
+    return _squared_outer(G, X, fisher=None, fisher_strides=(0, 0), token_mask=token_mask, scale=1.0,
+                          accumulate=False, sqnorm=True).sum(0)

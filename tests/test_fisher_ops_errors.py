@@ -1,4 +1,8 @@
-"""Bad arguments to the Fisher ops raise ValueError/TypeError naming the argument, before any launch."""
+"""Bad arguments to the Fisher ops raise ValueError/TypeError naming the argument, before any launch.
+
+The arguments live on the `device` fixture's device (CUDA where there is one), except those
+that are bad for being on the meta device.
+"""
 import pytest
 import torch
 
@@ -13,6 +17,17 @@ def good():
         "A": torch.randn(R, I), "B": torch.randn(O, R), "scaling": 0.5,
         "token_mask": torch.ones(N, T, dtype=torch.bool),
     }
+
+
+def on(device, value):
+    """`value` (a tensor, or a tuple or dict of them) moved to `device`; meta tensors stay meta."""
+    if isinstance(value, torch.Tensor):
+        return value if value.is_meta else value.to(device)
+    if isinstance(value, tuple):
+        return tuple(on(device, v) for v in value)
+    if isinstance(value, dict):
+        return {k: on(device, v) for k, v in value.items()}
+    return value
 
 
 def meta(t):
@@ -76,14 +91,14 @@ def assert_raises_naming(name, error, fn):
 
 @pytest.mark.parametrize("op", [call_fisher_diag, call_lora, call_sqnorms], ids=["fisher", "lora", "sqnorms"])
 @pytest.mark.parametrize("name,error,change", LAYER_CASES, ids=lambda c: c if isinstance(c, str) else None)
-def test_bad_layer_input_is_rejected_naming_it(backend, op, name, error, change):
-    args = {**good(), **change}
+def test_bad_layer_input_is_rejected_naming_it(backend, device, op, name, error, change):
+    args = on(device, {**good(), **change})
     assert_raises_naming(name, error, lambda: op(args))
 
 
 @pytest.mark.parametrize("name,error,change", LORA_CASES)
-def test_bad_lora_factor_or_scaling_is_rejected_naming_it(backend, name, error, change):
-    args = {**good(), **change}
+def test_bad_lora_factor_or_scaling_is_rejected_naming_it(backend, device, name, error, change):
+    args = on(device, {**good(), **change})
     assert_raises_naming(name, error, lambda: call_lora(args))
 
 
@@ -95,8 +110,8 @@ def test_bad_lora_factor_or_scaling_is_rejected_naming_it(backend, name, error, 
     (ValueError, meta(torch.zeros(O, I))),
     (TypeError, torch.zeros(O, I).tolist()),
 ])
-def test_bad_fisher_out_is_rejected_naming_it(backend, error, out):
-    assert_raises_naming("out", error, lambda: call_fisher_diag(good(), out=out))
+def test_bad_fisher_out_is_rejected_naming_it(backend, device, error, out):
+    assert_raises_naming("out", error, lambda: call_fisher_diag(on(device, good()), out=on(device, out)))
 
 
 @pytest.mark.parametrize("name,error,out", [
@@ -108,16 +123,16 @@ def test_bad_fisher_out_is_rejected_naming_it(backend, error, out):
     ("out[1]", ValueError, (torch.zeros(R, I), meta(torch.zeros(O, R)))),
     ("out[1]", ValueError, (torch.zeros(R, I), torch.zeros(R, O).T)),
 ])
-def test_bad_lora_out_is_rejected_naming_it(backend, name, error, out):
-    assert_raises_naming(name, error, lambda: call_lora(good(), out=out))
+def test_bad_lora_out_is_rejected_naming_it(backend, device, name, error, out):
+    assert_raises_naming(name, error, lambda: call_lora(on(device, good()), out=on(device, out)))
 
 
-def test_unknown_sqnorm_method_is_rejected(backend):
-    assert_raises_naming("method", ValueError, lambda: call_sqnorms(good(), method="fast"))
+def test_unknown_sqnorm_method_is_rejected(backend, device):
+    assert_raises_naming("method", ValueError, lambda: call_sqnorms(on(device, good()), method="fast"))
 
 
-def test_rejected_call_leaves_out_untouched(backend):
-    out = torch.full((O, I), 3.0)
+def test_rejected_call_leaves_out_untouched(backend, device):
+    out = torch.full((O, I), 3.0, device=device)
     with pytest.raises(ValueError):
-        call_fisher_diag({**good(), "token_mask": torch.full((N, T), 2)}, out=out)
-    assert torch.equal(out, torch.full((O, I), 3.0))
+        call_fisher_diag(on(device, {**good(), "token_mask": torch.full((N, T), 2)}), out=out)
+    assert torch.equal(out.cpu(), torch.full((O, I), 3.0))

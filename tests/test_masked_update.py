@@ -1,4 +1,8 @@
-"""masked_adamw_ / masked_sgd_: torch.optim semantics on the selected entries, nothing else touched."""
+"""masked_adamw_ / masked_sgd_: torch.optim semantics on the selected entries, nothing else touched.
+
+Values are drawn on the CPU and moved to the `device` fixture's device (CUDA where there is one),
+so on a GPU machine the triton backend runs the compiled kernels.
+"""
 import re
 
 import pytest
@@ -11,15 +15,19 @@ MASK_KINDS = ["element", "rows", "cols"]
 ADAMW = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
 
 
-def _random_mask(kind, shape, density, gen, dtype=torch.bool):
-    """(mask, mask_dim, the element mask it stands for)."""
+def _random_mask(kind, shape, density, gen, dtype=torch.bool, device="cpu"):
+    """(mask, mask_dim, the element mask it stands for), on `device`."""
     if kind == "element":
         mask = torch.rand(shape, generator=gen) < density
-        return mask.to(dtype), None, mask
+        return mask.to(device, dtype), None, mask.to(device)
     dim = 0 if kind == "rows" else 1
     neurons = torch.rand(shape[dim], generator=gen) < density
     full = neurons[:, None].expand(shape) if dim == 0 else neurons[None, :].expand(shape)
-    return neurons.to(dtype), dim, full.contiguous()
+    return neurons.to(device, dtype), dim, full.contiguous().to(device)
+
+
+def _randn(shape, gen, device, dtype=torch.float32):
+    return torch.randn(shape, generator=gen).to(device, dtype)
 
 
 # Neuron masks need a 2-D parameter.
@@ -67,13 +75,14 @@ def _adamw_float64(p, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_de
 
 
 @pytest.mark.parametrize("shape,kind", SHAPE_KINDS)
-def test_adamw_equals_torch_on_masked_entries_as_masks_change(backend, shape, kind):
+def test_adamw_equals_torch_on_masked_entries_as_masks_change(backend, device, shape, kind):
     gen = torch.Generator().manual_seed(_seed(shape, kind))
-    p = torch.randn(shape, generator=gen)
-    exp_avg, exp_avg_sq = torch.zeros(shape), torch.zeros(shape)
+    p = _randn(shape, gen, device)
+    exp_avg, exp_avg_sq = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
     for step, density in enumerate([0.5, 0.1, 0.9, 0.3], start=1):
-        grad = torch.randn(shape, generator=gen)
-        mask, mask_dim, full = _random_mask(kind, shape, density, gen, torch.uint8 if step % 2 else torch.bool)
+        grad = _randn(shape, gen, device)
+        mask, mask_dim, full = _random_mask(kind, shape, density, gen, torch.uint8 if step % 2 else torch.bool,
+                                            device)
         before = [t.clone() for t in (p, exp_avg, exp_avg_sq)]
         expected = _torch_adamw_step(p, grad, exp_avg, exp_avg_sq, step, **ADAMW)
         masked_adamw_(p, grad, exp_avg, exp_avg_sq, mask, step=step, mask_dim=mask_dim, **ADAMW)
@@ -85,13 +94,14 @@ def test_adamw_equals_torch_on_masked_entries_as_masks_change(backend, shape, ki
 @pytest.mark.parametrize("shape,kind", SHAPE_KINDS)
 @pytest.mark.parametrize("momentum,nesterov,weight_decay", [(0.0, False, 0.0), (0.9, False, 0.0),
                                                             (0.9, True, 0.05), (0.5, False, 0.1)])
-def test_sgd_equals_torch_on_masked_entries_as_masks_change(backend, shape, kind, momentum, nesterov, weight_decay):
+def test_sgd_equals_torch_on_masked_entries_as_masks_change(backend, device, shape, kind, momentum, nesterov,
+                                                           weight_decay):
     gen = torch.Generator().manual_seed(_seed(shape, kind, momentum))
     hp = dict(lr=0.05, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    p, buf = torch.randn(shape, generator=gen), torch.zeros(shape)
+    p, buf = _randn(shape, gen, device), torch.zeros(shape, device=device)
     for density in [0.5, 0.2, 1.0]:
-        grad = torch.randn(shape, generator=gen)
-        mask, mask_dim, full = _random_mask(kind, shape, density, gen)
+        grad = _randn(shape, gen, device)
+        mask, mask_dim, full = _random_mask(kind, shape, density, gen, device=device)
         p_before, buf_before = p.clone(), buf.clone()
         want_p, want_buf = _torch_sgd_step(p, grad, buf, **hp)
         masked_sgd_(p, grad, mask, buf=buf if momentum else None, mask_dim=mask_dim, **hp)
@@ -104,14 +114,14 @@ def test_sgd_equals_torch_on_masked_entries_as_masks_change(backend, shape, kind
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", MASK_KINDS)
-def test_adamw_half_params_keep_fp32_state_and_match_float64(backend, dtype, kind):
+def test_adamw_half_params_keep_fp32_state_and_match_float64(backend, device, dtype, kind):
     shape = (7, 1003)
     gen = torch.Generator().manual_seed(3)
-    p = torch.randn(shape, generator=gen).to(dtype)
-    exp_avg, exp_avg_sq = torch.zeros(shape), torch.zeros(shape)
+    p = _randn(shape, gen, device, dtype)
+    exp_avg, exp_avg_sq = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
     for step in range(1, 4):
-        grad = torch.randn(shape, generator=gen).to(dtype)
-        mask, mask_dim, full = _random_mask(kind, shape, 0.4, gen)
+        grad = _randn(shape, gen, device, dtype)
+        mask, mask_dim, full = _random_mask(kind, shape, 0.4, gen, device=device)
         before = [t.clone() for t in (p, exp_avg, exp_avg_sq)]
         want_p, want_m, want_v = _adamw_float64(p, grad, exp_avg, exp_avg_sq, step, **ADAMW)
         masked_adamw_(p, grad, exp_avg, exp_avg_sq, mask, step=step, mask_dim=mask_dim, **ADAMW)
@@ -124,29 +134,29 @@ def test_adamw_half_params_keep_fp32_state_and_match_float64(backend, dtype, kin
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_sgd_half_params_match_float64(backend, dtype):
+def test_sgd_half_params_match_float64(backend, device, dtype):
     gen = torch.Generator().manual_seed(4)
-    p, buf = torch.randn(7, 1003, generator=gen).to(dtype), torch.zeros(7, 1003)
+    p, buf = _randn((7, 1003), gen, device, dtype), torch.zeros(7, 1003, device=device)
     want_p, want_buf = p.double(), buf.double()
     for _ in range(3):
-        grad = torch.randn(7, 1003, generator=gen).to(dtype)
+        grad = _randn((7, 1003), gen, device, dtype)
         direction = grad.double() + 0.01 * p.double()
         want_buf = 0.9 * buf.double() + direction
         want_p = p.double() - 0.1 * (direction + 0.9 * want_buf)
-        masked_sgd_(p, grad, torch.ones(1003, dtype=torch.bool), lr=0.1, momentum=0.9, buf=buf,
+        masked_sgd_(p, grad, torch.ones(1003, dtype=torch.bool, device=device), lr=0.1, momentum=0.9, buf=buf,
                     weight_decay=0.01, nesterov=True)
         torch.testing.assert_close(p.double(), want_p.to(dtype).double(), rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(buf.double(), want_buf, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
-def test_unselected_entries_are_never_read_nor_written(backend, kind):
+def test_unselected_entries_are_never_read_nor_written(backend, device, kind):
     """NaN everywhere the mask is unset: the selected entries stay finite and exact, the NaNs stay bit-for-bit."""
     shape = (9, 130)
     gen = torch.Generator().manual_seed(5)
-    mask, mask_dim, full = _random_mask(kind, shape, 0.5, gen)
-    tensors = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen),
-               torch.randn(shape, generator=gen), torch.rand(shape, generator=gen)]
+    mask, mask_dim, full = _random_mask(kind, shape, 0.5, gen, device=device)
+    tensors = [_randn(shape, gen, device), _randn(shape, gen, device), _randn(shape, gen, device),
+               torch.rand(shape, generator=gen).to(device)]
     clean = [t.clone() for t in tensors]
     for t in tensors:
         t[~full] = float("nan")
@@ -157,7 +167,7 @@ def test_unselected_entries_are_never_read_nor_written(backend, kind):
     for got, old, expected in zip((p, exp_avg, exp_avg_sq), poisoned, want):
         torch.testing.assert_close(got[full], expected[full], rtol=1e-6, atol=1e-6)
         assert torch.equal(_bits(got[~full]), _bits(old[~full]))
-    buf = torch.full(shape, float("nan"))
+    buf = torch.full(shape, float("nan"), device=device)
     buf[full] = 0.0
     buf_before = buf.clone()
     p_before = p.clone()
@@ -168,10 +178,10 @@ def test_unselected_entries_are_never_read_nor_written(backend, kind):
 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
-def test_empty_mask_changes_nothing(backend, kind):
+def test_empty_mask_changes_nothing(backend, device, kind):
     gen = torch.Generator().manual_seed(6)
-    mask, mask_dim, _ = _random_mask(kind, (7, 1003), 0.0, gen)
-    tensors = [torch.randn(7, 1003, generator=gen) for _ in range(4)]
+    mask, mask_dim, _ = _random_mask(kind, (7, 1003), 0.0, gen, device=device)
+    tensors = [_randn((7, 1003), gen, device) for _ in range(4)]
     before = [t.clone() for t in tensors]
     masked_adamw_(*tensors, mask, step=1, mask_dim=mask_dim, **ADAMW)
     masked_sgd_(tensors[0], tensors[1], mask, lr=1.0, momentum=0.9, buf=tensors[2], mask_dim=mask_dim)
@@ -179,19 +189,19 @@ def test_empty_mask_changes_nothing(backend, kind):
 
 
 @pytest.mark.parametrize("mask_form", ["full_element", "full_rows", "full_cols", "none"])
-def test_full_mask_and_no_mask_equal_dense_torch_adamw_over_steps(backend, mask_form):
+def test_full_mask_and_no_mask_equal_dense_torch_adamw_over_steps(backend, device, mask_form):
     gen = torch.Generator().manual_seed(7)
     shape = (7, 1003)
-    masks = {"full_element": (torch.ones(shape, dtype=torch.bool), None),
-             "full_rows": (torch.ones(7, dtype=torch.uint8), 0),
-             "full_cols": (torch.ones(1003, dtype=torch.bool), 1), "none": (None, None)}
+    masks = {"full_element": (torch.ones(shape, dtype=torch.bool, device=device), None),
+             "full_rows": (torch.ones(7, dtype=torch.uint8, device=device), 0),
+             "full_cols": (torch.ones(1003, dtype=torch.bool, device=device), 1), "none": (None, None)}
     mask, mask_dim = masks[mask_form]
-    p = torch.randn(shape, generator=gen)
+    p = _randn(shape, gen, device)
     q = p.clone().requires_grad_(True)
     reference = torch.optim.AdamW([q], foreach=False, **ADAMW)
-    exp_avg, exp_avg_sq = torch.zeros(shape), torch.zeros(shape)
+    exp_avg, exp_avg_sq = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
     for step in range(1, 5):
-        grad = torch.randn(shape, generator=gen)
+        grad = _randn(shape, gen, device)
         q.grad = grad.clone()
         reference.step()
         masked_adamw_(p, grad, exp_avg, exp_avg_sq, mask, step=step, mask_dim=mask_dim, **ADAMW)
@@ -199,21 +209,21 @@ def test_full_mask_and_no_mask_equal_dense_torch_adamw_over_steps(backend, mask_
     torch.testing.assert_close(exp_avg_sq, reference.state[q]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
 
 
-def test_square_param_takes_mask_dim_to_pick_rows_or_columns(backend):
+def test_square_param_takes_mask_dim_to_pick_rows_or_columns(backend, device):
     gen = torch.Generator().manual_seed(8)
-    neurons = torch.tensor([True, False, False, True, False])
+    neurons = torch.tensor([True, False, False, True, False], device=device)
     for mask_dim, full in ((0, neurons[:, None].expand(5, 5)), (1, neurons[None, :].expand(5, 5))):
-        p, grad = torch.randn(5, 5, generator=gen), torch.randn(5, 5, generator=gen)
+        p, grad = _randn((5, 5), gen, device), _randn((5, 5), gen, device)
         before = p.clone()
         masked_sgd_(p, grad, neurons, lr=0.5, mask_dim=mask_dim)
         torch.testing.assert_close(p[full], (before - 0.5 * grad)[full], rtol=1e-6, atol=1e-6)
         assert torch.equal(p[~full], before[~full])
 
 
-def test_masked_ops_work_on_leaf_parameters_that_require_grad(backend):
-    p = torch.nn.Parameter(torch.randn(3, 4))
+def test_masked_ops_work_on_leaf_parameters_that_require_grad(backend, device):
+    p = torch.nn.Parameter(torch.randn(3, 4, device=device))
     before = p.detach().clone()
-    masked_sgd_(p, torch.ones(3, 4), torch.ones(3, 4, dtype=torch.bool), lr=0.5)
+    masked_sgd_(p, torch.ones(3, 4, device=device), torch.ones(3, 4, dtype=torch.bool, device=device), lr=0.5)
     assert torch.equal(p.detach(), before - 0.5)
 
 
@@ -255,9 +265,14 @@ BAD_ADAMW = [
 ]
 
 
+def _on(device, args):
+    """Every tensor argument moved to `device`, but those bad for being on the meta device."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and not v.is_meta else v for k, v in args.items()}
+
+
 @pytest.mark.parametrize("overrides,error,message", BAD_ADAMW)
-def test_masked_adamw_rejects_bad_input_naming_the_argument(backend, overrides, error, message):
-    args = _adamw_args(**overrides)
+def test_masked_adamw_rejects_bad_input_naming_the_argument(backend, device, overrides, error, message):
+    args = _on(device, _adamw_args(**overrides))
     with pytest.raises(error, match=re.escape(message)):
         masked_adamw_(args.pop("p"), args.pop("grad"), args.pop("exp_avg"), args.pop("exp_avg_sq"), args.pop("mask"),
                       **args)
@@ -277,8 +292,7 @@ BAD_SGD = [
 
 
 @pytest.mark.parametrize("overrides,error,message", BAD_SGD)
-def test_masked_sgd_rejects_bad_input_naming_the_argument(backend, overrides, error, message):
-    args = dict(mask=torch.ones(6, dtype=torch.bool), lr=0.1)
-    args.update(overrides)
+def test_masked_sgd_rejects_bad_input_naming_the_argument(backend, device, overrides, error, message):
+    args = _on(device, {"mask": torch.ones(6, dtype=torch.bool), "lr": 0.1, **overrides})
     with pytest.raises(error, match=message):
-        masked_sgd_(torch.zeros(4, 6), torch.zeros(4, 6), args.pop("mask"), **args)
+        masked_sgd_(torch.zeros(4, 6, device=device), torch.zeros(4, 6, device=device), args.pop("mask"), **args)
