@@ -91,6 +91,9 @@ class FedConfig:
                                        "tau * log(the client's label prior), against label skew (0: plain)",
                                   low=0.0)
     values: str = setting("fp32", "payload value format, both directions", choices=VALUE_FORMATS)
+    upload_density: float = setting(1.0, "fraction of each LoRA factor's delta a client uploads: its largest "
+                                         "entries in magnitude, the rest kept for later by error feedback",
+                                    low=0.0, high=1.0, low_open=True)
     error_feedback: bool = setting(True, "a client adds what its earlier uploads lost (quantisation error, "
                                          "masked-off entries) to its next delta (true|false)")
     min_updates: int = setting(1, "fewest accepted updates a round aggregates; with fewer the round's "

@@ -345,3 +345,22 @@ def test_local_loss_is_cross_entropy_of_logits_shifted_by_tau_log_label_prior(ti
     torch.testing.assert_close(client._loss(out, batch).double(), expected, rtol=1e-6, atol=1e-6)
     if tau == 0:
         torch.testing.assert_close(client._loss(out, batch), out.loss)
+
+
+def test_sparse_uploads_send_the_largest_entries_and_error_feedback_keeps_the_rest(tiny_bert, task, tmp_path):
+    cfg, fed = federation(tiny_bert, task, tmp_path, upload_density=0.1)
+    client = fed.clients[0]
+    lora = fed.layout.factors[fed.layout.layers[0]]["lora_B"]
+    head = fed.layout.head[0]
+    torch.manual_seed(5)
+    first = {lora: torch.randn(fed.server.state[lora].shape), head: torch.randn(fed.server.state[head].shape)}
+    arrived = codec.decode(client._encode_with_error_feedback(first, {}))
+    kept = arrived[lora] != 0
+    assert int(kept.sum()) == math.ceil(0.1 * first[lora].numel())
+    # The kept entries are the largest in magnitude, sent exactly (fp32); the head travels whole.
+    assert first[lora].abs()[kept].min() >= first[lora].abs()[~kept].max()
+    assert torch.equal(arrived[lora][kept], first[lora][kept]) and torch.equal(arrived[head], first[head])
+    torch.testing.assert_close(client.residual[lora], first[lora] - arrived[lora])
+    # A zero delta next round still sends what the residual holds, largest first.
+    second = codec.decode(client._encode_with_error_feedback({n: torch.zeros_like(t) for n, t in first.items()}, {}))
+    assert (second[lora] != 0).sum() == kept.sum() and not ((second[lora] != 0) & kept).any()

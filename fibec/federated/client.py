@@ -8,6 +8,7 @@ difficulty scores stay here; `state_dict()` / `load_state_dict()` carry them acr
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -63,6 +64,14 @@ def encode_layer_scores(scores: dict[str, float], layers: tuple[str, ...]) -> by
     """One score per LoRA layer, in layout order, as a codec payload."""
     vector = torch.tensor([float(scores[layer]) for layer in layers], dtype=torch.float32)
     return codec.encode({LAYER_SCORES: vector}, check_finite=True)
+
+
+def _largest_entries(values: torch.Tensor, density: float) -> torch.Tensor:
+    """bool mask of values' shape keeping its ceil(density * size) entries of largest magnitude."""
+    k = max(1, math.ceil(round(density * values.numel(), 6)))
+    mask = torch.zeros(values.numel(), dtype=torch.bool)
+    mask[torch.topk(values.abs().flatten(), k, sorted=False).indices] = True
+    return mask.view_as(values)
 
 
 class Client:
@@ -234,16 +243,27 @@ class Client:
 
     def _encode_with_error_feedback(self, delta: dict[str, torch.Tensor],
                                     masks: dict[str, tuple[torch.Tensor, int]]) -> bytes:
-        """The upload of `delta`; with error feedback, what the last uploads lost (quantisation error,
-        masked-off entries) is added first and what this one loses is kept for the next.
+        """The upload of `delta`: lossy value formats and `upload_density` < 1 lose part of it; with
+        error feedback, what the last uploads lost is added first and what this one loses is kept
+        for the next.
 
-        Residuals of tensors that do not travel this round are dropped: they belong to a delta the
-        server will not see again.
+        With `upload_density` < 1 each LoRA factor without a neuron mask sends only its largest
+        entries in magnitude (ceil(density * size) of them, after the residual is added); the head
+        always travels whole. Residuals of tensors that do not travel this round are dropped: they
+        belong to a delta the server will not see again.
         """
-        feedback = self.cfg.error_feedback and self.cfg.values != "fp32"  # fp32 loses nothing
+        density = self.cfg.upload_density
+        lossy = self.cfg.values != "fp32" or density < 1.0  # fp32, whole: nothing is lost
+        feedback = self.cfg.error_feedback and lossy
         if feedback:
             self.residual = {n: r for n, r in self.residual.items() if n in delta}
             delta = {n: d + self.residual[n] if n in self.residual else d for n, d in delta.items()}
+        masks = dict(masks)
+        if density < 1.0:
+            head = set(self.layout.head)
+            for name, d in delta.items():
+                if name not in head and name not in masks:
+                    masks[name] = _largest_entries(d, density)
         upload = codec.encode(delta, masks=masks or None, values=self.cfg.values)
         if feedback:
             arrived = codec.decode(upload)
