@@ -11,6 +11,13 @@ clevel 5), and fp16 + zstd-3. Size is relative to the raw fp32 bytes; encode/dec
 fp32 bytes per second, medians over rounds. Extra peak memory (peak RSS above the inputs
 during one encode + decode, in a fresh process) is measured for payload (c) in script mode.
 
+GPU mode (--gpu-json PATH, what bench/gpu.sh runs): payload (c) as CUDA tensors. The host-device
+copy rates of its bytes through one pinned host buffer (device to host, host to device) against
+encode() given the CUDA tensors (the codec copies each to pageable host memory), encode() of
+views of a pinned buffer the tensors were first copied into, decode() then .to("cuda"), and
+decode() through the pinned buffer; GB/s of raw fp32 bytes, fp32 and int8 values, to PATH.
+Without CUDA the same code runs on the CPU with a d=256 payload and unpinned buffers (a dry run).
+
 pytest mode:  pytest bench/bench_codec.py   (pytest-benchmark; size ratio in extra_info)
 script mode:  python bench/bench_codec.py   (methods interleaved over rounds, in a shuffled order
               each round; table of medians)
@@ -21,6 +28,7 @@ with the process CPU clock instead of the wall clock (for shared machines).
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import statistics
@@ -269,5 +277,89 @@ def main() -> None:
         print(f"{'':<14} (raw fp32: {row['raw_mb']:.1f} MB)")
 
 
+# ---------------------------------------------------------------- GPU mode
+
+class PinnedStage:
+    """One pinned host buffer laid out like `tensors`; its views stand in for them on the host."""
+
+    def __init__(self, tensors: Tensors):
+        cuda = torch.cuda.is_available()
+        total = sum(t.numel() for t in tensors.values())
+        self.flat = torch.empty(total, dtype=torch.float32, pin_memory=cuda)
+        self.views, offset = {}, 0
+        for name, t in tensors.items():
+            self.views[name] = self.flat[offset:offset + t.numel()].view(t.shape)
+            offset += t.numel()
+
+    def download(self, tensors: Tensors) -> Tensors:
+        """Device -> pinned host views, asynchronous copies, one wait."""
+        for name, t in tensors.items():
+            self.views[name].copy_(t, non_blocking=True)
+        _sync()
+        return self.views
+
+    def upload(self, host: Tensors, device: str) -> Tensors:
+        """Host tensors -> pinned views -> `device`, asynchronous copies, one wait."""
+        for name, t in host.items():
+            self.views[name].copy_(t)
+        out = {name: view.to(device, non_blocking=True) for name, view in self.views.items()}
+        _sync()
+        return out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _median_gbs(fn, raw: int, rounds: int = ROUNDS) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return raw / statistics.median(times) / 1e9
+
+
+def run_gpu_mode(json_path: str) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    host_tensors, _ = lora_payload(32, 4096 if device == "cuda" else 256)
+    tensors = {name: t.to(device) for name, t in host_tensors.items()}
+    raw = raw_bytes(tensors)
+    stage = PinnedStage(tensors)
+    rates = {
+        "device->host copy, pinned": _median_gbs(lambda: stage.download(tensors), raw),
+        "host->device copy, pinned": _median_gbs(lambda: stage.upload(stage.views, device), raw),
+    }
+    for values in ("fp32", "int8"):
+        payload = codec.encode(tensors, values=values)
+        decoded = {name: t.to(device) for name, t in codec.decode(payload).items()}
+        _check(f"fibec {values}", tensors, None, decoded)
+        rates[f"encode {values}, CUDA tensors given"] = _median_gbs(lambda: codec.encode(tensors, values=values), raw)
+        rates[f"encode {values}, through pinned"] = _median_gbs(
+            lambda: codec.encode(stage.download(tensors), values=values), raw)
+        rates[f"decode {values}, then .to(device)"] = _median_gbs(
+            lambda: {name: t.to(device) for name, t in codec.decode(payload).items()}, raw)
+        rates[f"decode {values}, through pinned"] = _median_gbs(
+            lambda: stage.upload(codec.decode(payload), device), raw)
+    print(f"codec on {device_name}: payload (c), {raw / 1e6:.1f} MB raw fp32, GB/s of raw bytes, medians of {ROUNDS}")
+    for name, gbs in rates.items():
+        print(f"  {name:<36} {gbs:7.2f} GB/s")
+    targets = {f"{direction} {values} through pinned / {copy} rate (>= 1)":
+               rates[f"{direction} {values}, through pinned"] / rates[copy]
+               for values in ("fp32", "int8")
+               for direction, copy in (("encode", "device->host copy, pinned"),
+                                       ("decode", "host->device copy, pinned"))}
+    with open(json_path, "w") as out:
+        json.dump({"device": device_name, "raw_bytes": raw, "gbs": rates, "targets": targets}, out, indent=1)
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--gpu-json":
+        run_gpu_mode(sys.argv[2])
+    else:
+        main()

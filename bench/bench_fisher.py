@@ -11,8 +11,12 @@ Groups (shapes (N,T,I,O[,r]); X [N,T,I] layer inputs, G [N,T,O] output gradients
            plain low-rank per-sample bmm path, Opacus ghost norms on the two LoRA sub-layers (norms
            only) and torch.func.
 Each method's extra peak memory is measured in its own process (RSS high-water mark on CPU,
-torch.cuda.max_memory_allocated on GPU). On a GPU, the Triton kernels also run at LLM sizes in
-bf16 under triton.testing.do_bench against a same-FLOP bf16 torch.matmul.
+torch.cuda.max_memory_allocated on GPU).
+
+GPU mode (--gpu-json PATH, what bench/gpu.sh runs): the Triton kernels at LLM sizes in bf16
+under triton.testing.do_bench, against a same-FLOP bf16 torch.matmul and the peers, with each
+method's extra peak memory; the rows and the targets' ratios go to PATH. Without CUDA the same
+code runs at tiny fp32 shapes on the CPU (a dry run of the script, not a measurement).
 
 pytest mode:  pytest bench/bench_fisher.py   (pytest-benchmark; peak memory in extra_info)
 script mode:  python bench/bench_fisher.py   (methods interleaved over rounds; table of medians)
@@ -40,10 +44,9 @@ from fibec import ops
 SMALL = os.environ.get("FIBEC_BENCH_SMALL", "0") not in ("", "0")
 ROUNDS = int(os.environ.get("FIBEC_BENCH_ROUNDS", "5"))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE_NAME = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
 DENSE_SHAPES = [(8, 128, 384, 1536), (8, 256, 1024, 1024) if SMALL else (16, 512, 2048, 2048)]
 LORA_SHAPES = [(8, 256, 768, 768, 16) if SMALL else (16, 512, 768, 768, 16)]
-GPU_DENSE_SHAPES = [(8, 512, 4096, 4096), (4, 2048, 4096, 11008)]
-GPU_LORA_SHAPES = [(8, 512, 4096, 4096, 16)]
 
 Runner = Callable[[], object]
 
@@ -286,34 +289,203 @@ def test_fisher_benchmark(benchmark, group, method, shape):
     benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=1, iterations=1)
 
 
-def gpu_cases():
-    """(name, flops, {method: call}) per LLM-size case, bf16 on the GPU."""
-    for shape in GPU_DENSE_SHAPES:
-        X, G = make_layer_inputs(shape, dtype=torch.bfloat16)
+# ---- GPU mode ------------------------------------------------------------------------------
+# Per case (N,T,I,O[,r]): the peers timed besides fibec (dense cases also get the same-FLOP matmul).
+GPU_DENSE = {
+    (8, 512, 4096, 4096): ("torch.func", "opacus GradSampleModule", "backpack SumGradSquared"),
+    (4, 2048, 4096, 11008): (),
+    (8, 4096, 64, 64): ("torch.func",),  # one tile, many tokens: the split (sample, token) loop
+}
+GPU_LORA = {(8, 512, 4096, 4096, 16): ("plain low-rank bmm", "opacus ghost norms (norms only)", "torch.func")}
+DRY_DENSE = {(2, 40, 96, 80): GPU_DENSE[(8, 512, 4096, 4096)], (2, 300, 16, 16): ("torch.func",)}
+DRY_LORA = {(2, 40, 96, 80, 4): GPU_LORA[(8, 512, 4096, 4096, 16)]}
+MATMUL = "bf16 torch.matmul, same FLOPs"
+AGREEMENT = {torch.bfloat16: 5e-2, torch.float32: 1e-3}  # peers in bf16 round per-sample grads to bf16
+
+
+def gpu_plan() -> tuple[dict, dict, torch.dtype]:
+    """(dense cases, LoRA cases, dtype): LLM sizes in bf16 on CUDA, tiny fp32 stand-ins on the CPU."""
+    return (GPU_DENSE, GPU_LORA, torch.bfloat16) if DEVICE == "cuda" else (DRY_DENSE, DRY_LORA, torch.float32)
+
+
+def time_ms(run: Runner) -> float:
+    """Median ms: triton.testing.do_bench on CUDA (its first call autotunes), else 3 timed calls."""
+    if DEVICE == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(run, return_mode="median")
+    run()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def extra_peak_mib(run: Runner) -> float | None:
+    """CUDA memory one warm call allocates above what was allocated before it (None on the CPU)."""
+    if DEVICE != "cuda":
+        return None
+    run()
+    synchronize()
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = run()
+    synchronize()
+    del result
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def relative_error(result, expected) -> float:
+    """Largest |difference| over the largest |expected|, over the outputs both have."""
+    results = result if isinstance(result, tuple) else (result,)
+    expecteds = expected if isinstance(expected, tuple) else (expected,)
+    return max(((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+               for got, want in zip(results, expecteds) if got is not None)
+
+
+def gpu_case_methods(shape, peers, dtype) -> tuple[str, int, int, dict[str, Callable[[], Runner]]]:
+    """(case name, FLOPs, bytes of fibec's outputs, {method: factory of its call}); fibec comes first."""
+    if len(shape) == 4:
+        X, G = make_layer_inputs(shape, dtype=dtype)
         N, T, I, O = shape
-        lhs, rhs = X.reshape(N * T, I), torch.randn(I, O, device=DEVICE, dtype=torch.bfloat16)
-        yield f"fisher_diag bf16 {shape}", 2 * N * T * I * O, {
-            "fibec.fisher_diag (Triton)": fibec_fisher(X, G), "torch.func": torch_func_fisher(X, G),
-            "bf16 torch.matmul, same FLOPs": lambda: lhs @ rhs}
-    for shape in GPU_LORA_SHAPES:
-        X, G, A, B, s = make_lora_inputs(shape, dtype=torch.bfloat16)
-        N, T, I, O, r = shape
-        flops = 2 * N * T * r * (I + O) * 2  # projections XA, GB and the two per-sample products
-        yield f"lora_fisher_diag bf16 {shape}", flops, {
-            "fibec.lora_fisher_diag (Triton)": fibec_lora(X, G, A, B, s),
-            "plain low-rank bmm": bmm_lora(X, G, A, B, s),
-            "opacus ghost norms (norms only)": opacus_ghost_lora(X, G, A, B, s),
-            "torch.func": torch_func_lora(X, G, A, B, s)}
+        rhs = torch.randn(I, O, device=DEVICE, dtype=dtype)
+        methods = {"fibec.fisher_diag": lambda: fibec_fisher(X, G),
+                   MATMUL: lambda: lambda: X.reshape(N * T, I) @ rhs}
+        methods.update({peer: (lambda make=GROUPS["fisher"][2][peer]: make(X, G)) for peer in peers})
+        return f"fisher_diag {shape}", 2 * N * T * I * O, 4 * O * I, methods
+    inputs = make_lora_inputs(shape, dtype=dtype)
+    N, T, I, O, r = shape
+    methods = {"fibec.lora_fisher_diag": lambda: fibec_lora(*inputs)}
+    methods.update({peer: (lambda make=GROUPS["lora"][2][peer]: make(*inputs)) for peer in peers})
+    # projections XA, GB and the two per-sample products
+    return f"lora_fisher_diag {shape}", 2 * N * T * r * (I + O) * 2, 4 * (r * I + O * r + N), methods
+
+
+def measure_gpu_case(shape, peers, dtype) -> list[dict]:
+    """One row per method: median ms, TFLOP/s, extra peak MiB, time relative to fibec, and its
+    relative error against fibec (or the error it raised)."""
+    name, flops, output_bytes, methods = gpu_case_methods(shape, peers, dtype)
+    expected = next(iter(methods.values()))()()
+    rows = []
+    for method, make in methods.items():
+        row = {"case": name, "method": method, "dtype": str(dtype).removeprefix("torch."), "device": DEVICE_NAME}
+        try:
+            run = make()
+            if method != MATMUL:
+                row["relative_error"] = relative_error(run(), expected)
+                row["agrees"] = row["relative_error"] <= AGREEMENT[dtype]
+            row["ms"] = time_ms(run)
+            row["tflops"] = flops / row["ms"] / 1e9
+            row["extra_peak_mib"] = extra_peak_mib(run)
+        except Exception as err:  # a peer that cannot run this case is reported, not fatal
+            row["error"] = f"{type(err).__name__}: {err}"[:300]
+        rows.append(row)
+        gc.collect()
+    fibec_ms = rows[0].get("ms")
+    for row in rows:
+        if fibec_ms and "ms" in row:
+            row["x_fibec"] = row["ms"] / fibec_ms
+    rows[0]["output_mib"] = output_bytes / 2**20
+    return rows
+
+
+def gpu_targets(rows: list[dict]) -> dict[str, float | None]:
+    """The issue's GPU targets as measured ratios (None where a row is missing or failed)."""
+    def ms(case, method):
+        return next((r.get("ms") for r in rows if r["case"].startswith(case) and r["method"] == method), None)
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    dense, dense_shape = "fisher_diag", next(iter(gpu_plan()[0]))
+    lora = "lora_fisher_diag"
+    fibec_dense = next((r for r in rows if r["case"] == f"{dense} {dense_shape}" and r["method"].startswith("fibec")), {})
+    return {
+        "fisher_diag rate / matmul rate (>= 0.6)": ratio(ms(f"{dense} {dense_shape}", MATMUL), fibec_dense.get("ms")),
+        **{f"fisher_diag: {peer} time / fibec time (>= 5)": ratio(ms(f"{dense} {dense_shape}", peer),
+                                                              fibec_dense.get("ms"))
+           for peer in GPU_DENSE[(8, 512, 4096, 4096)]},
+        "fisher_diag extra memory / Fisher buffer (= 1)": ratio(fibec_dense.get("extra_peak_mib"),
+                                                               fibec_dense.get("output_mib")),
+        "lora_fisher_diag time / low-rank bmm time (<= 1.3)": ratio(ms(lora, "fibec.lora_fisher_diag"),
+                                                                    ms(lora, "plain low-rank bmm")),
+        "lora: opacus ghost norms time / fibec time (>= 10)": ratio(ms(lora, "opacus ghost norms (norms only)"),
+                                                                  ms(lora, "fibec.lora_fisher_diag")),
+    }
+
+
+def _precompile_slice(job: tuple[int, int]) -> int:
+    """Worker: pin the tuned kernels to every `workers`-th config of their spaces and run the ops
+    once at the GPU shapes, so each config's binary lands in Triton's disk cache. Returns the
+    number of launches that failed (configs past the device's resources)."""
+    from fibec.kernels import fisher as kernels
+
+    worker, workers = job
+    spaces = [(kernels._dense_outer, kernels._outer_space(tiled_columns=True)),
+              (kernels._lora_outer, kernels._outer_space(tiled_columns=False)),
+              (kernels._projection, kernels._project_space())]
+    dense, lora, dtype = gpu_plan()
+    inputs = [make_layer_inputs(shape, dtype=dtype) for shape in dense] + \
+             [make_lora_inputs(shape, dtype=dtype) for shape in lora]
+    failed = 0
+    for index in range(worker, max(len(space) for _, space in spaces), workers):
+        for kernel, space in spaces:
+            kernel.configs = [space[index % len(space)]]
+        for args in inputs:
+            try:
+                (ops.fisher_diag if len(args) == 2 else ops.lora_fisher_diag)(*args)
+            except Exception:  # noqa: BLE001 - a config the pruner would drop on this device
+                failed += 1
+    synchronize()
+    return failed
+
+
+def precompile(workers: int) -> None:
+    """Compile the autotuning spaces in `workers` processes first: the autotuner then loads each
+    config's binary from the disk cache instead of compiling ~100 configs one after another."""
+    import multiprocessing
+
+    start = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        failed = sum(pool.map(_precompile_slice, [(w, workers) for w in range(workers)]))
+    print(f"precompiled the tuning spaces in {workers} processes: {time.perf_counter() - start:.0f} s "
+          f"({failed} launches past the device's resources)", flush=True)
+
+
+def run_gpu_mode(json_path: str, workers: int) -> None:
+    dense, lora, dtype = gpu_plan()
+    if DEVICE == "cuda" and workers > 1:
+        precompile(workers)
+    else:
+        print(f"dry run on {DEVICE}: tiny fp32 shapes, torch path, no precompilation")
+    rows = []
+    for shape, peers in [*dense.items(), *lora.items()]:
+        start = time.perf_counter()
+        case_rows = measure_gpu_case(shape, peers, dtype)
+        rows += case_rows
+        print(f"\n{case_rows[0]['case']} {case_rows[0]['dtype']} on {DEVICE_NAME} ({time.perf_counter() - start:.0f} s)")
+        for row in case_rows:
+            if "error" in row:
+                print(f"  {row['method']:34s} failed: {row['error']}")
+                continue
+            peak = "" if row["extra_peak_mib"] is None else f" {row['extra_peak_mib']:9.1f} MiB"
+            error = f"  rel.err {row['relative_error']:.1e}" if "relative_error" in row else ""
+            print(f"  {row['method']:34s} {row['ms']:9.3f} ms {row['tflops']:8.1f} TFLOP/s {row['x_fibec']:6.2f}x"
+                  f"{peak}{error}", flush=True)
+    targets = gpu_targets(rows)
+    print()
+    for target, value in targets.items():
+        print(f"  {target}: {'n/a' if value is None else f'{value:.3f}'}")
+    with open(json_path, "w") as out:
+        json.dump({"device": DEVICE_NAME, "torch": torch.__version__, "rows": rows, "targets": targets}, out, indent=1)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="Triton kernels at LLM sizes need a CUDA GPU")
-def test_gpu_kernels_throughput():
-    import triton.testing
-
-    for name, flops, methods in gpu_cases():
-        for method, run in methods.items():
-            ms = triton.testing.do_bench(run)
-            print(f"{name:44s} {method:34s} {ms:9.3f} ms {flops / ms / 1e9:8.1f} TFLOP/s")
+def test_gpu_kernels_throughput(tmp_path):
+    run_gpu_mode(str(tmp_path / "fisher_gpu.json"), workers=1)
 
 
 # ---- script mode ---------------------------------------------------------------------------
@@ -353,21 +525,13 @@ def main() -> None:
             for method in factories:
                 print(f"  {method:34s} {medians[method] * 1e3:10.1f} {medians[method] / medians[fibec_method]:8.2f} "
                       f"{peaks[method] / 2**20:14.1f} {peaks[method] / max(peaks[fibec_method], 1):12.2f}")
-    if DEVICE == "cuda":
-        import triton.testing
-
-        for name, flops, methods in gpu_cases():
-            print(f"\n{name}")
-            for method, run in methods.items():
-                ms = triton.testing.do_bench(run)
-                print(f"  {method:34s} {ms:9.3f} ms {flops / ms / 1e9:8.1f} TFLOP/s")
-    else:
-        print("\nGPU section skipped: no CUDA device (Triton throughput needs a GPU).")
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--peak":
         group, method, shape = json.loads(sys.argv[2])
         print(measure_peak_here(group, method, tuple(shape)))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "--gpu-json":
+        run_gpu_mode(sys.argv[2], workers=int(sys.argv[3]) if len(sys.argv) > 3 else 1)
     else:
         main()

@@ -10,7 +10,12 @@ Effective bandwidth counts the bytes the step must move: the mask, and for each 
 p, grad and both moments read and p and both moments written (dense rows: every entry).
 Extra peak memory (10% density and dense rows) is measured per method in its own process on CPU
 (RSS high-water mark) and with torch.cuda.max_memory_allocated on GPU. On GPU the run also
-measures copy bandwidth (clone of a 1 GiB tensor) and reports each method as a % of it.
+measures copy bandwidth (copy_ of a 1 GiB tensor into another) and reports each method as a % of it.
+
+GPU mode (--gpu-json PATH, what bench/gpu.sh runs): 64M entries (8192 x 8192), 10% density, each
+mask kind, fibec against torch.where and dense fused AdamW, each as a % of the copy_ bandwidth
+of a tensor of the same size measured in the same run; rows and targets go to PATH. Without
+CUDA the same code runs at 512 x 512 on the CPU (a dry run of the script, not a measurement).
 
 pytest mode:  pytest bench/bench_masked_update.py   (pytest-benchmark, bytes in extra_info)
 script mode:  python bench/bench_masked_update.py   (methods interleaved over rounds; table of medians)
@@ -145,14 +150,12 @@ def median_ms(step: Step) -> float:
     return statistics.median(times) * 1e3
 
 
-def copy_bandwidth_gbs() -> float | None:
-    if DEVICE != "cuda":
-        return None
-    import triton.testing
-
-    x = torch.empty(2**28, device="cuda")
-    ms = triton.testing.do_bench(lambda: x.clone(), return_mode="median")
-    return 2 * x.numel() * 4 / ms / 1e6
+def copy_bandwidth_gbs(numel: int) -> float:
+    """GB/s of dst.copy_(src) between fp32 tensors of `numel` entries, bytes read plus written."""
+    src = torch.empty(numel, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: (dst.copy_(src), sync()))
+    return 2 * numel * 4 / ms / 1e6
 
 
 def extra_peak_mib(method, shape, kind=None, density=None) -> float:
@@ -216,7 +219,7 @@ def test_dense_adamw_step(benchmark, shape, method):
 
 # ---- script mode ---------------------------------------------------------------------------
 def main() -> None:
-    copy_gbs = copy_bandwidth_gbs()
+    copy_gbs = copy_bandwidth_gbs(2**28) if DEVICE == "cuda" else None
     print(f"device={DEVICE} torch={torch.__version__} threads={torch.get_num_threads()} rounds={ROUNDS} "
           f"small={SMALL}" + (f" copy_bandwidth={copy_gbs:.0f} GB/s" if copy_gbs else ""))
     header = f"{'size':>10} {'mask':>8} {'density':>7} {'method':>14} {'median ms':>10} {'GB/s':>8}"
@@ -254,8 +257,43 @@ def main() -> None:
                     print(row + f" {peak:>15.0f}", flush=True)
 
 
+# ---- GPU mode ------------------------------------------------------------------------------
+GPU_SHAPE, DRY_SHAPE = (8192, 8192), (512, 512)
+
+
+def run_gpu_mode(json_path: str) -> None:
+    shape = GPU_SHAPE if DEVICE == "cuda" else DRY_SHAPE
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    copy_gbs = copy_bandwidth_gbs(shape[0] * shape[1])
+    print(f"masked_adamw_ at {shape[0]} x {shape[1]} fp32, 10% density, on {device_name}: "
+          f"copy_ {copy_gbs:.0f} GB/s (read + written)")
+    rows = []
+    cases = [(kind, method) for kind in MASK_KINDS for method in MASKED_METHODS] + [(None, "dense fused")]
+    for kind, method in cases:
+        step, nbytes = build(method, shape, kind, None if kind is None else 0.1)
+        row = {"method": method, "mask": kind or "none", "density": 0.1 if kind else 1.0, "shape": list(shape),
+               "device": device_name, "bytes": nbytes}
+        if step is None:
+            row["error"] = f"not available on {DEVICE}"
+        else:
+            row["ms"] = median_ms(lambda: (step(), sync()))
+            row["gbs"] = nbytes / row["ms"] / 1e6
+            row["percent_of_copy"] = 100 * row["gbs"] / copy_gbs
+        del step
+        rows.append(row)
+        print(f"  {row['mask']:>8} {method:>12}: " + (row["error"] if "error" in row else
+              f"{row['ms']:8.3f} ms {row['gbs']:8.1f} GB/s {row['percent_of_copy']:5.1f}% of copy_"), flush=True)
+    targets = {f"masked_adamw_ {kind} mask, 10%: % of copy_ (>= 80)": next(
+        (r.get("percent_of_copy") for r in rows if r["mask"] == kind and r["method"] == "fibec"), None)
+        for kind in MASK_KINDS}
+    with open(json_path, "w") as out:
+        json.dump({"device": device_name, "copy_gbs": copy_gbs, "rows": rows, "targets": targets}, out, indent=1)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--peak":
         _peak_child(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--gpu-json":
+        run_gpu_mode(sys.argv[2])
     else:
         main()
