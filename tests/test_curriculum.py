@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fibec.curriculum import PACING_KINDS, CurriculumSampler, difficulty_scores, pacing_fraction
+from fibec.curriculum import (PACING_KINDS, CurriculumSampler, DifficultyTracker, difficulty_scores, pacing_fraction,
+                              within_label_rank)
 
 
 # ---- pacing ------------------------------------------------------------------------------------
@@ -222,3 +223,55 @@ def test_difficulty_scores_return_fisher_matches_scores(task, tokenizer):
     total = float(scores.double().sum())
     assert sum(traces.values()) == pytest.approx(total, rel=1e-4)
     assert sum(layer_fisher_traces(fisher).values()) == pytest.approx(total, rel=1e-4)
+
+
+# ---- adaptive re-scoring -------------------------------------------------------------------------
+
+def order_of(tracker: DifficultyTracker) -> list[int]:
+    return np.argsort(tracker.ranking(), kind="stable").tolist()
+
+
+def test_tracker_orders_unscored_samples_by_length_then_index():
+    tracker = DifficultyTracker([5, 3, 9, 3, 1])
+    assert order_of(tracker) == [4, 1, 3, 0, 2]
+    assert sorted(tracker.ranking().tolist()) == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_tracker_places_unscored_samples_at_the_score_quantile_of_their_length():
+    lengths = [10, 20, 30, 40, 50, 25, 45]
+    tracker = DifficultyTracker(lengths)
+    # Scored: lengths 10..50 with scores that fall as length grows (so length alone would mislead).
+    tracker.observe([0, 1, 2, 3, 4], [5.0, 4.0, 3.0, 2.0, 1.0])
+    ranking = tracker.ranking()
+    # Length 25 sits between the scored 20 and 30, at quantile 0.4, so its estimate is the
+    # 0.4-quantile of the scores (2.6): between the samples scored 3.0 and 2.0.
+    assert ranking[3] < ranking[5] < ranking[2]
+    # Length 45 is at quantile 0.8: estimate 4.2, between the scores 4.0 and 5.0.
+    assert ranking[1] < ranking[6] < ranking[0]
+
+
+def test_tracker_maps_lengths_within_each_group_and_ignores_non_finite_scores():
+    tracker = DifficultyTracker([1, 2, 3, 4], groups=[0, 0, 1, 1])
+    tracker.observe(torch.tensor([0, 1, 2]), torch.tensor([9.0, float("nan"), float("inf")]))
+    assert tracker.scored.tolist() == [True, False, False, False]
+    # Group 1 has no score yet: its samples keep their length order among themselves.
+    ranking = tracker.ranking()
+    assert ranking[2] < ranking[3]
+    with pytest.raises(ValueError, match="indices must lie in range"):
+        tracker.observe([4], [1.0])
+    with pytest.raises(ValueError, match="entries"):
+        tracker.observe([0, 1], [1.0])
+
+
+def test_tracker_state_round_trips():
+    tracker = DifficultyTracker([3, 1, 2], groups=[1, 0, 1])
+    tracker.observe([1], [0.5])
+    restored = DifficultyTracker([1, 1, 1])
+    restored.load_state_dict(tracker.state_dict())
+    assert np.array_equal(restored.ranking(), tracker.ranking())
+    assert np.array_equal(restored.scored, tracker.scored)
+
+
+def test_within_label_rank_interleaves_labels_by_their_own_order():
+    ranked = within_label_rank(np.array([5.0, 1.0, 3.0, 100.0, 200.0]), [0, 0, 0, 1, 1])
+    np.testing.assert_allclose(ranked, [5 / 6, 1 / 6, 3 / 6, 1 / 4, 3 / 4])
