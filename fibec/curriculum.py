@@ -155,6 +155,22 @@ class CurriculumSampler:
     def __len__(self) -> int:
         return int(self._order.size)
 
+    def state_dict(self) -> dict:
+        """The order (easiest first) and the schedule; tensors and plain values."""
+        return {"order": torch.from_numpy(self._order.copy()), "batch_size": self.batch_size, "pacing": self.pacing,
+                "lambda0": self.lambda0, "full_at": self.full_at, "steps": self.steps, "seed": self.seed}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a `state_dict()`; ValueError when its order is not a permutation of this sampler's samples."""
+        order = np.asarray(state["order"], dtype=np.int64).reshape(-1)
+        if order.size != len(self) or not np.array_equal(np.sort(order), np.arange(len(self))):
+            raise ValueError(f"state['order'] must be a permutation of range({len(self)})")
+        pacing_fraction(state["pacing"], 0, lambda0=state["lambda0"], full_at=state["full_at"], steps=state["steps"])
+        self.batch_size = _check_int("batch_size", state["batch_size"], 1)
+        self.pacing, self.lambda0 = state["pacing"], float(state["lambda0"])
+        self.full_at, self.steps, self.seed = int(state["full_at"]), int(state["steps"]), int(state["seed"])
+        self._order = order
+
     def fraction(self, round_idx: int) -> float:
         return pacing_fraction(self.pacing, round_idx, lambda0=self.lambda0, full_at=self.full_at, steps=self.steps)
 

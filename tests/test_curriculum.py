@@ -275,3 +275,14 @@ def test_tracker_state_round_trips():
 def test_within_label_rank_interleaves_labels_by_their_own_order():
     ranked = within_label_rank(np.array([5.0, 1.0, 3.0, 100.0, 200.0]), [0, 0, 0, 1, 1])
     np.testing.assert_allclose(ranked, [5 / 6, 1 / 6, 3 / 6, 1 / 4, 3 / 4])
+
+
+def test_sampler_state_round_trips_and_gives_the_same_batches():
+    sampler = CurriculumSampler(np.array([3.0, 1.0, 2.0, 0.5, 9.0]), batch_size=2, pacing="root", lambda0=0.4,
+                                full_at=3, seed=7)
+    restored = CurriculumSampler(np.zeros(5), batch_size=1)
+    restored.load_state_dict(sampler.state_dict())
+    assert all(restored.batches(t, 3) == sampler.batches(t, 3) for t in range(4))
+    bad = {**sampler.state_dict(), "order": torch.tensor([0, 0, 1, 2, 3])}
+    with pytest.raises(ValueError, match="permutation"):
+        restored.load_state_dict(bad)
