@@ -1,9 +1,8 @@
 """Time per round of `fibec compare` on real data with MiniLM (bench/gpu.sh's rounds step).
 
-Runs `python -m fibec.cli compare` once in a fresh process, out of a temporary folder, and
-reads each round's wall time from its metrics_<method>.jsonl. The model runs where fibec puts
-it: fibec's runner has no device setting and keeps the model on the CPU, so on a GPU machine
-this is a CPU figure (the JSON says where the model ran and with how many threads).
+Runs `python -m fibec.cli compare --device D` in a fresh process per device, out of a temporary
+folder, and reads each round's wall time from its metrics_<method>.jsonl: on a CUDA machine
+once on the GPU and once on the CPU (same machine, same settings), elsewhere on the CPU only.
 
   python bench/bench_rounds.py --json PATH --model DIR --data NAME --data-root DIR [--rounds K] [--threads N]
   python bench/bench_rounds.py --carry-model DEST
@@ -46,12 +45,12 @@ def carry_model(dest: Path) -> None:
     print(f"{dest}: {size:.1f} MiB (torch {torch.__version__})")
 
 
-def time_rounds(args: argparse.Namespace) -> dict:
+def time_rounds(args: argparse.Namespace, device: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "fibec.cli", "compare", "--model", args.model, "--data", args.data,
                "--methods", METHODS, "--rounds", str(args.rounds), "--threads", str(args.threads),
-               "--out", str(out), "--quiet"]
+               "--device", device, "--out", str(out), "--quiet"]
         env = {**os.environ, "FIBEC_DATA_ROOT": args.data_root, "HF_HUB_OFFLINE": "1"}
         start = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -66,7 +65,7 @@ def time_rounds(args: argparse.Namespace) -> dict:
             rows.append({"method": method, "rounds": len(walls), "round_s": walls,
                          "median_round_s": statistics.median(walls),
                          "final_global_accuracy": records[-1].get("global_accuracy")})
-    return {"command": " ".join(cmd), "model_device": "cpu (fibec's runner has no device setting)",
+    return {"command": " ".join(cmd), "model_device": device,
             "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "total_s": total, "rows": rows}
 
@@ -84,12 +83,15 @@ def main() -> None:
     if args.carry_model:
         carry_model(args.carry_model)
         return
-    result = time_rounds(args)
-    for row in result["rows"]:
-        print(f"  {row['method']:>9}: {row['median_round_s']:.2f} s per round (median of {row['rounds']}), "
-              f"model on {result['model_device']}, {result['threads'] or result['cores']} threads")
+    import torch
+
+    results = [time_rounds(args, device) for device in (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])]
+    for result in results:
+        for row in result["rows"]:
+            print(f"  {row['method']:>9}: {row['median_round_s']:.2f} s per round (median of {row['rounds']}), "
+                  f"model on {result['model_device']}, {result['threads'] or result['cores']} threads")
     with open(args.json, "w") as out:
-        json.dump(result, out, indent=1)
+        json.dump({"runs": results}, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ step fisher 180 "$PY" bench/bench_fisher.py --gpu-json "$OUT/fisher.json" "$WORK
 step masked_update 40 "$PY" bench/bench_masked_update.py --gpu-json "$OUT/masked_update.json"
 step codec 30 "$PY" bench/bench_codec.py --gpu-json "$OUT/codec.json"
 if [ -f "$CARRY/minilm/model.safetensors" ] && [ -d "$CARRY/data/sms_spam" ]; then
-    step rounds 60 "$PY" bench/bench_rounds.py --json "$OUT/rounds.json" --model "$CARRY/minilm" \
+    step rounds 120 "$PY" bench/bench_rounds.py --json "$OUT/rounds.json" --model "$CARRY/minilm" \
         --data sms_spam --data-root "$CARRY/data" --rounds "$ROUNDS" --threads "$THREADS"
 else
     echo "=== rounds: skipped, no $CARRY/minilm or $CARRY/data/sms_spam (bench/gpu_carry.sh)"

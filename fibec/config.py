@@ -103,6 +103,8 @@ class FedConfig:
     seed: int = setting(0, "seed of partition, sampling, init and training", low=0)
     eval_every: int = setting(1, "evaluate every k rounds", low=1)
     eval_samples: int = setting(100, "size of the fixed evaluation subset (0: the whole split)", low=0)
+    device: str = setting("auto", "where the model runs (auto: CUDA when there is one; the ops then use "
+                                  "the Triton kernels)", choices=("auto", "cpu", "cuda"))
     threads: int = setting(1, "torch intra-op threads (0: torch's default; 1 avoids oversubscribing a busy box)",
                            low=0)
     engine: str = setting("inprocess", "run every client in this process, or on Flower (a SuperLink and "

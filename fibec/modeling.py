@@ -157,9 +157,9 @@ class AdapterLayout:
 
 
 def get_state(model: nn.Module, names) -> dict[str, torch.Tensor]:
-    """Detached fp32 copies of the named parameters."""
+    """Detached fp32 copies of the named parameters, on the CPU (where states are kept and encoded)."""
     params = dict(model.named_parameters())
-    return {n: params[n].detach().to(torch.float32).clone() for n in names}
+    return {n: params[n].detach().to("cpu", torch.float32, copy=True) for n in names}
 
 
 @torch.no_grad()

@@ -174,13 +174,14 @@ class Client:
         torch.manual_seed(self._seed(plan.round_idx))
         masks = self._neuron_masks(plan) if self.method.sparse else {}
         params = dict(model.named_parameters())
+        model_device = next(model.parameters()).device
         trained_names = set(self.method.trained_names(self.layout, self.layout.layers)) | set(self.layout.head)
         frozen_factors = [params[n] for n in self.layout.all_names if n not in trained_names]
         for p in frozen_factors:  # no gradient is computed for what the method does not train
             p.requires_grad_(False)
         optimizer = MaskedAdamW([params[n] for n in self.layout.all_names if n in trained_names], lr=cfg.lr)
-        optimizer.set_masks({params[self.layout.factors[layer][k]]: pair
-                             for layer, factors in masks.items() for k, pair in factors.items()})
+        optimizer.set_masks({params[self.layout.factors[layer][k]]: (mask.to(model_device), dim)
+                             for layer, factors in masks.items() for k, (mask, dim) in factors.items()})
         batches = self.sampler.batches(plan.round_idx, cfg.local_steps)
         # The collector's per-sample traces re-score the curriculum and its Fisher feeds the neuron
         # importance and the fisher ranker; fedavg trains without it.
@@ -203,8 +204,8 @@ class Client:
 
         trained = get_state(model, self.layout.all_names)
         delta = {n: trained[n] - received[n] for n in sent_names}
-        sparse_masks = {self.layout.factors[layer][k]: pair for layer, factors in masks.items()
-                        for k, pair in factors.items() if self.layout.factors[layer][k] in delta}
+        sparse_masks = {self.layout.factors[layer][k]: (mask.cpu(), dim) for layer, factors in masks.items()
+                        for k, (mask, dim) in factors.items() if self.layout.factors[layer][k] in delta}
         upload = self._encode_with_error_feedback(delta, sparse_masks)
         self.state = trained
         self.rounds_trained += 1

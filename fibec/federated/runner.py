@@ -30,7 +30,7 @@ from .transport import InProcessTransport
 
 CONFIG_FILE = "config.json"
 # Settings that say how a run is executed, not what it computes: a resumed run may differ in them.
-RUN_MODE_SETTINGS = ("out", "engine", "threads", "round_timeout", "resume")
+RUN_MODE_SETTINGS = ("out", "engine", "threads", "round_timeout", "resume", "device")
 
 
 @dataclass
@@ -98,11 +98,21 @@ def build_model(cfg: FedConfig, num_labels: int):
                                            targets=cfg.lora_targets or None, seed=cfg.seed)
     except (FileNotFoundError, ValueError, OSError) as err:
         raise ConfigError(f"--model: {err}") from None
+    model.to(run_device(cfg))
     layout = AdapterLayout.of(model)
     if cfg.gal_size > len(layout.layers):
         raise ConfigError(f"--gal-size {cfg.gal_size} is larger than the number of LoRA layers "
                           f"({len(layout.layers)})")
     return model, tokenizer, layout, get_state(model, layout.all_names)
+
+
+def run_device(cfg: FedConfig) -> torch.device:
+    """Where the model runs: cfg.device, with "auto" meaning CUDA when there is one."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device")
+    return torch.device(cfg.device)
 
 
 def build_evaluator(cfg: FedConfig, data: RunData, tokenizer) -> Evaluator:
