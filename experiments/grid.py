@@ -17,6 +17,7 @@ A grid file (TOML) names the runs:
     [variants.fisher]                      # optional: named overrides, each run for every method
     gal_ranker = "fisher"                  # but those in `shared_methods` (run once, variant "-")
     # methods = ["fibecfed"]               # a variant may name the methods it applies to
+    # datasets = ["trec"]                  # and the data sets
     [method_settings.fedavg]               # optional: settings of one method (under the variants')
     values = "fp32"
 
@@ -81,7 +82,8 @@ def runs_of(grid: dict) -> list[Run]:
     shared = set(grid.get("shared_methods", []))
     runs = []
     for cell, seed, method in itertools.product(grid["cells"], grid["seeds"], grid["methods"]):
-        names = [v for v, spec in variants.items() if method in spec.get("methods", [method])]
+        names = [v for v, spec in variants.items()
+                 if method in spec.get("methods", [method]) and cell["data"] in spec.get("datasets", [cell["data"]])]
         for variant in (["-"] if method in shared or not variants else names):
             runs.append(Run(cell["data"], float(cell["alpha"]), int(seed), method, variant))
     return runs
@@ -101,7 +103,8 @@ def read_records(grid: dict) -> dict[str, dict]:
 def config_of(grid: dict, run: Run):
     from fibec.config import FedConfig
 
-    variant = {k: v for k, v in grid.get("variants", {}).get(run.variant, {}).items() if k != "methods"}
+    variant = {k: v for k, v in grid.get("variants", {}).get(run.variant, {}).items()
+               if k not in ("methods", "datasets")}
     settings = {**grid.get("settings", {}), **grid.get("method_settings", {}).get(run.method, {}), **variant}
     settings.update(data=run.data, alpha=run.alpha, seed=run.seed, method=run.method,
                     out=str(ROOT / grid["runs"] / run.key))
