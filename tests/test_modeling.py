@@ -13,9 +13,11 @@ from fibec.modeling import load_classifier  # noqa: E402
 
 
 @pytest.fixture
-def transformers_records(caplog):
-    """caplog's records of the "transformers" logger, which does not propagate to the root logger."""
+def transformers_records(caplog, monkeypatch):
+    """caplog's records of the "transformers" logger, each once: propagation to the root logger
+    (where caplog also listens) is off while the test runs, whatever an earlier test left it at."""
     transformers_logger = logging.getLogger("transformers")
+    monkeypatch.setattr(transformers_logger, "propagate", False)
     transformers_logger.addHandler(caplog.handler)
     yield caplog
     transformers_logger.removeHandler(caplog.handler)
