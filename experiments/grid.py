@@ -82,7 +82,8 @@ def runs_of(grid: dict) -> list[Run]:
     variants = grid.get("variants", {})
     shared = set(grid.get("shared_methods", []))
     runs = []
-    for cell, seed, method in itertools.product(grid["cells"], grid["seeds"], grid["methods"]):
+    # Seeds outermost: a grid cut short still covers every cell on its first seeds.
+    for seed, cell, method in itertools.product(grid["seeds"], grid["cells"], grid["methods"]):
         names = [v for v, spec in variants.items()
                  if method in spec.get("methods", [method]) and cell["data"] in spec.get("datasets", [cell["data"]])]
         for variant in (["-"] if method in shared or not variants else names):

@@ -70,7 +70,7 @@ class FedConfig:
     lora_alpha: float = setting(16.0, "LoRA alpha (scaling = alpha / r)", low=0.0, low_open=True)
     lora_dropout: float = setting(0.0, "LoRA dropout", low=0.0, high=1.0, high_open=True)
     lora_targets: list[str] = setting([], "comma list of module names to adapt (default per model family)")
-    gal_size: int = setting(6, "number L of global aggregation layers", low=1)
+    gal_size: int = setting(9, "number L of global aggregation layers (9 of MiniLM's 12 LoRA layers)", low=1)
     gal_ranker: str = setting("fisher", "GAL ranker", choices=RANKERS)
     reselect_every: int = setting(4, "re-select the GAL every k rounds (0: never)", low=0)
     difficulty_prior: str = setting("length", "how samples not trained on yet are scored: 'length' "
@@ -90,8 +90,8 @@ class FedConfig:
     logit_adjust: float = setting(1.0, "tau of the logit-adjusted local loss: cross-entropy of logits + "
                                        "tau * log(the client's label prior), against label skew (0: plain)",
                                   low=0.0)
-    values: str = setting("fp32", "payload value format, both directions", choices=VALUE_FORMATS)
-    upload_density: float = setting(1.0, "fraction of each LoRA factor's delta a client uploads: its largest "
+    values: str = setting("int8", "payload value format, both directions", choices=VALUE_FORMATS)
+    upload_density: float = setting(0.25, "fraction of each LoRA factor's delta a client uploads: its largest "
                                          "entries in magnitude, the rest kept for later by error feedback",
                                     low=0.0, high=1.0, low_open=True)
     error_feedback: bool = setting(True, "a client adds what its earlier uploads lost (quantisation error, "

@@ -73,7 +73,9 @@ def test_same_seed_gives_identical_metrics_and_weights(tiny_bert, task, tmp_path
 
 
 def test_fibecfed_uploads_fewer_bytes_than_fedavg_on_the_same_partition(tiny_bert, task, tmp_path):
-    results = {m: run(tiny_bert, task, tmp_path / m, m, rounds=1) for m in ("fibecfed", "no-gal", "fedavg")}
+    # Dense fp32 uploads: the method's own savings, before those of the value format and density.
+    results = {m: run(tiny_bert, task, tmp_path / m, m, rounds=1, values="fp32", upload_density=1.0)
+               for m in ("fibecfed", "no-gal", "fedavg")}
     up = {m: r[-1]["cum_uploaded_bytes"] for m, r in results.items()}
     down = {m: r[-1]["cum_downloaded_bytes"] for m, r in results.items()}
     # GAL-only upload < all layers with sparse non-GAL deltas < all layers dense.
@@ -226,7 +228,8 @@ def test_a_round_with_fewer_accepted_updates_than_min_updates_changes_nothing(ti
 
 
 def test_reselect_adds_layers_from_the_clients_trained_values_never_the_stale_server_copy(tiny_bert, task, tmp_path):
-    cfg, fed = federation(tiny_bert, task, tmp_path, rounds=4, reselect_every=1, gal_size=1, clients_per_round=2)
+    cfg, fed = federation(tiny_bert, task, tmp_path, rounds=4, reselect_every=1, gal_size=1, clients_per_round=2,
+                          values="fp32")  # exact values, so the entering mean is checked exactly
     initial = {n: t.clone() for n, t in fed.server.state.items()}
     entered = []
 
@@ -348,7 +351,7 @@ def test_local_loss_is_cross_entropy_of_logits_shifted_by_tau_log_label_prior(ti
 
 
 def test_sparse_uploads_send_the_largest_entries_and_error_feedback_keeps_the_rest(tiny_bert, task, tmp_path):
-    cfg, fed = federation(tiny_bert, task, tmp_path, upload_density=0.1)
+    cfg, fed = federation(tiny_bert, task, tmp_path, upload_density=0.1, values="fp32")
     client = fed.clients[0]
     lora = fed.layout.factors[fed.layout.layers[0]]["lora_B"]
     head = fed.layout.head[0]
