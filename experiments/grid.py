@@ -13,6 +13,8 @@ A grid file (TOML) names the runs:
     methods = ["fibecfed", "fedavg"]
     baseline = "fedavg"                    # the reference of the time-to-accuracy and upload-ratio columns
     baseline_variant = "-"                 # which of its variants (when it has several)
+    target_method = "fibecfed"             # optional: a table of it against the baseline, per cell
+    findings = "experiments/results_findings.md"   # optional: hand-written text placed after it
     [settings]                             # FedConfig settings of every run
     clients = 10
     [variants.fisher]                      # optional: named overrides, each run for every method
@@ -220,10 +222,13 @@ def report(grid: dict) -> Path:
              f"global accuracy on the same seed; *baseline up ÷ up*: how many times fewer bytes than {baseline} "
              "were uploaded on the same seed; link model: 20 Mbit/s up, 100 Mbit/s down per client, the "
              "clients of a round in parallel, compute as measured.", ""]
+    if grid.get("target_method"):
+        lines += targets(grid, done, grid["target_method"], baseline)
+    if grid.get("findings"):
+        lines += [(ROOT / grid["findings"]).read_text().strip(), ""]
     for cell in grid["cells"]:
         cell_runs = [r for r in runs_of(grid) if r.data == cell["data"] and r.alpha == float(cell["alpha"])]
-        baselines = {r.seed: done[r.key] for r in cell_runs
-                     if r.method == baseline and r.variant == grid.get("baseline_variant", "-") and r.key in done}
+        baselines = baseline_runs(grid, cell_runs, done, baseline)
         lines += [f"## {cell['data']}, Dirichlet alpha {cell['alpha']:g}", "",
                   "| method | variant | " + " | ".join(label for _, label in COLUMNS) + " |",
                   "|---|---|" + "---|" * len(COLUMNS)]
@@ -241,11 +246,55 @@ def report(grid: dict) -> Path:
     machines = {json.dumps(r["machine"], sort_keys=True) for r in done.values()}
     wall = sum(r["rounds"][-1]["elapsed"] for r in done.values())
     lines += ["## How these figures were made", "",
-              f"- Command: `python experiments/grid.py run experiments/{grid['name']}.toml` then `report`.",
+              f"- Command: `python experiments/grid.py run experiments/{grid['name']}.toml` then `report`; "
+              f"one row's runs alone: `--only <data>-a<alpha>-s<seed>-<method>` (for example "
+              f"`--only {runs_of(grid)[0].key}`), with the settings in the grid file.",
               f"- Machine(s): {'; '.join(machines)}.",
               f"- Wall time of the recorded runs: {wall / 3600:.2f} h.", ""]
     out.write_text("\n".join(lines))
     return out
+
+
+def baseline_runs(grid: dict, cell_runs: list[Run], done: dict, baseline: str) -> dict[int, dict]:
+    """{seed: the baseline's record} of one cell."""
+    return {r.seed: done[r.key] for r in cell_runs
+            if r.method == baseline and r.variant == grid.get("baseline_variant", "-") and r.key in done}
+
+
+TARGETS = (("global_diff", "global acc − baseline"), ("personal_diff", "personal acc − baseline"),
+           ("personal_over_majority", "personal acc − majority"), ("up_ratio", "baseline up ÷ up"),
+           ("rounds_speedup", "speed-up to 95%, rounds"), ("compute_s_speedup", "speed-up to 95%, compute"),
+           ("link_s_speedup", "speed-up to 95%, link model"))
+
+
+def targets(grid: dict, done: dict, target: str, baseline: str) -> list[str]:
+    """Per cell, `target` against `baseline` on the seeds both finished: the accuracy differences
+    under both protocols, the upload ratio and how many times sooner it reaches 95% of the
+    baseline's final global accuracy (baseline's time ÷ target's; never reached: nan, shown as
+    "never" when no seed reached it)."""
+    lines = [f"## {target} against {baseline}", "",
+             f"Mean ± std over the seeds on which both finished. Targets: global accuracy within 1 point "
+             f"of {baseline} or better; personal accuracy not below {baseline}'s and above the majority "
+             f"baseline; >= 10x fewer uploaded bytes; >= 2x sooner to 95% of {baseline}'s final accuracy.", "",
+             "| data | alpha | seeds | " + " | ".join(label for _, label in TARGETS) + " |",
+             "|---|---|---|" + "---|" * len(TARGETS)]
+    for cell in grid["cells"]:
+        cell_runs = [r for r in runs_of(grid) if r.data == cell["data"] and r.alpha == float(cell["alpha"])]
+        baselines = baseline_runs(grid, cell_runs, done, baseline)
+        rows = []
+        for r in cell_runs:
+            if r.method == target and r.key in done and r.seed in baselines:
+                mine, base = summary(done[r.key], baselines[r.seed]), summary(baselines[r.seed], baselines[r.seed])
+                rows.append({"global_diff": mine["global"] - base["global"],
+                             "personal_diff": mine["personal"] - base["personal"],
+                             "personal_over_majority": mine["personal"] - mine["majority"],
+                             "up_ratio": mine["up_ratio"],
+                             **{f"{k}_speedup": base[f"to95_{k}"] / mine[f"to95_{k}"] if mine[f"to95_{k}"] else math.nan
+                                for k in ("rounds", "compute_s", "link_s")}})
+        if rows:
+            lines.append(f"| {cell['data']} | {cell['alpha']:g} | {len(rows)} | "
+                         + " | ".join(mean_std([row[k] for row in rows]) for k, _ in TARGETS) + " |")
+    return lines + [""]
 
 
 def plot_cell(grid: dict, cell: dict, runs: list[Run], done: dict, plots: Path) -> None:

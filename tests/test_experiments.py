@@ -21,6 +21,8 @@ report = "{tmp_path}/report/RESULTS.md"
 cells = [{{data = "default", alpha = 1.0}}]
 seeds = [0]
 methods = ["fibecfed", "fedavg"]
+target_method = "fibecfed"
+findings = "{tmp_path}/findings.md"
 [settings]
 model = "{model}"
 default_train = 96
@@ -44,6 +46,7 @@ def grid(*argv: str) -> subprocess.CompletedProcess:
 
 def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp_path):
     spec = grid_file(tmp_path, tiny_bert)
+    (tmp_path / "findings.md").write_text("Where it loses: nowhere yet.")
     first = grid("run", str(spec))
     assert first.returncode == 0, first.stderr
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
@@ -56,3 +59,7 @@ def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp
     report = (tmp_path / "report" / "RESULTS.md").read_text()
     assert "| fibecfed |" in report and "| fedavg |" in report and "rounds to 95%" in report
     assert (tmp_path / "report" / "RESULTS_plots" / "default-a1-round.png").exists()
+    target_row = next(line for line in report.splitlines() if line.startswith("| default | 1 | 1 |"))
+    assert len(target_row.split("|")) == 3 + 7 + 2  # data, alpha, seeds and the seven target columns
+    assert "## fibecfed against fedavg" in report and "Where it loses: nowhere yet." in report
+    assert "--only default-a1-s0-fibecfed" in report
