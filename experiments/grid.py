@@ -26,11 +26,15 @@ A grid file (TOML) names the runs:
 
 Every run is a `fibec` run in this process under runs/experiments/<name>/<key>/ with a checkpoint
 per round: a killed grid resumes inside the run it was in, and a finished run (one line in the
-records file, with its config and every round's metrics) is never repeated.
+records file, with its config and every round's metrics) is never repeated. Several grid processes
+may run side by side (`--only` splits the work): each claims a run by a lock on runs/<name>/<key>.lock
+and skips one that another holds or has recorded.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import itertools
 import json
 import math
@@ -121,32 +125,56 @@ def machine() -> dict:
 
 
 def run_grid(grid: dict, only: str | None) -> None:
-    from fibec.federated import checkpoint, runner
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     done = read_records(grid)
     todo = [r for r in runs_of(grid) if r.key not in done and (only is None or only in r.key)]
     print(f"{grid['name']}: {len(done)} runs recorded, {len(todo)} to run", flush=True)
-    path = records_path(grid)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    records_path(grid).parent.mkdir(parents=True, exist_ok=True)
     for i, run in enumerate(todo, 1):
-        cfg = config_of(grid, run)
-        resume = checkpoint.exists(runner.checkpoint_dir(Path(cfg.out), run.method))
-        cfg = cfg.replace(resume=resume)
-        print(f"[{i}/{len(todo)}] {run.key}{' (resumed)' if resume else ''}", flush=True)
-        start = time.perf_counter()
-        records = runner.run_methods(cfg, overwrite=True, progress=sys.stderr.isatty())[run.method]
-        line = {"key": run.key, "data": run.data, "alpha": run.alpha, "seed": run.seed, "method": run.method,
-                "variant": run.variant, "config": cfg.to_dict(), "rounds": records, "machine": machine(),
-                "wall_s_this_process": time.perf_counter() - start,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        # One write of the whole line to an O_APPEND file: grids split with --only may share the file.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        with claim(ROOT / grid["runs"] / f"{run.key}.lock") as mine:
+            # Grid processes whose --only overlap share the records file and the run folders.
+            if not mine or run.key in read_records(grid):
+                why = "running in another process" if not mine else "recorded by another process"
+                print(f"[{i}/{len(todo)}] {run.key}: {why}, skipped", flush=True)
+                continue
+            run_one(grid, run, f"[{i}/{len(todo)}]")
+
+
+@contextlib.contextmanager
+def claim(lock: Path):
+    """Whether this process holds an exclusive lock on `lock`; the lock goes with the process,
+    however it ends (even SIGKILL), so a stale one never blocks a later grid."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
         try:
-            os.write(fd, (json.dumps(line) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def run_one(grid: dict, run: Run, tag: str) -> None:
+    """One run (resumed from its checkpoint when it has one), then its line in the records file."""
+    from fibec.federated import checkpoint, runner
+
+    cfg = config_of(grid, run)
+    resume = checkpoint.exists(runner.checkpoint_dir(Path(cfg.out), run.method))
+    cfg = cfg.replace(resume=resume)
+    print(f"{tag} {run.key}{' (resumed)' if resume else ''}", flush=True)
+    start = time.perf_counter()
+    records = runner.run_methods(cfg, overwrite=True, progress=sys.stderr.isatty())[run.method]
+    line = {"key": run.key, "data": run.data, "alpha": run.alpha, "seed": run.seed, "method": run.method,
+            "variant": run.variant, "config": cfg.to_dict(), "rounds": records, "machine": machine(),
+            "wall_s_this_process": time.perf_counter() - start,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    # One write of the whole line to an O_APPEND file: grids split with --only may share the file.
+    fd = os.open(records_path(grid), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(line) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---- summaries ------------------------------------------------------------------------------------

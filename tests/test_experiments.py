@@ -63,3 +63,24 @@ def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp
     assert len(target_row.split("|")) == 3 + 7 + 2  # data, alpha, seeds and the seven target columns
     assert "## fibecfed against fedavg" in report and "Where it loses: nowhere yet." in report
     assert "--only default-a1-s0-fibecfed" in report
+
+
+def test_a_run_another_grid_process_holds_is_skipped_not_run_twice(tiny_bert, tmp_path):
+    import fcntl
+
+    spec = grid_file(tmp_path, tiny_bert)
+    (tmp_path / "findings.md").write_text("")
+    lock = tmp_path / "runs" / "default-a1-s0-fedavg--.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        first = grid("run", str(spec), "--only", "s0")
+    assert first.returncode == 0, first.stderr
+    assert "default-a1-s0-fedavg--: running in another process, skipped" in first.stdout
+    keys = [json.loads(line)["key"] for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert keys == ["default-a1-s0-fibecfed--"]
+    # The lock went with its holder: the next grid runs what was skipped.
+    second = grid("run", str(spec))
+    assert "1 runs recorded, 1 to run" in second.stdout
+    keys = [json.loads(line)["key"] for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert keys == ["default-a1-s0-fibecfed--", "default-a1-s0-fedavg--"]
