@@ -258,15 +258,15 @@ def report(grid: dict) -> Path:
         cell_runs = [r for r in runs_of(grid) if r.data == cell["data"] and r.alpha == float(cell["alpha"])]
         baselines = baseline_runs(grid, cell_runs, done, baseline)
         lines += [f"## {cell['data']}, Dirichlet alpha {cell['alpha']:g}", "",
-                  "| method | variant | " + " | ".join(label for _, label in COLUMNS) + " |",
-                  "|---|---|" + "---|" * len(COLUMNS)]
+                  "| method | variant | seeds | " + " | ".join(label for _, label in COLUMNS) + " |",
+                  "|---|---|---|" + "---|" * len(COLUMNS)]
         groups: dict[tuple[str, str], list[dict]] = {}
         for r in cell_runs:
             if r.key in done:
                 groups.setdefault((r.method, r.variant), []).append(summary(done[r.key], baselines.get(r.seed)))
         for (method, variant), rows in groups.items():
             cells = [mean_std([row.get(k, math.nan) for row in rows]) for k, _ in COLUMNS]
-            lines.append(f"| {method} | {variant} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method} | {variant} | {len(rows)} | " + " | ".join(cells) + " |")
         lines.append("")
         plot_cell(grid, cell, cell_runs, done, plots)
         lines += [f"![accuracy vs round]({plots.name}/{cell['data']}-a{cell['alpha']:g}-round.png) "

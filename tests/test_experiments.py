@@ -57,7 +57,7 @@ def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp
     assert "2 runs recorded, 0 to run" in again.stdout
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2
     report = (tmp_path / "report" / "RESULTS.md").read_text()
-    assert "| fibecfed |" in report and "| fedavg |" in report and "rounds to 95%" in report
+    assert "| fibecfed | - | 1 |" in report and "| fedavg | - | 1 |" in report and "rounds to 95%" in report
     assert (tmp_path / "report" / "RESULTS_plots" / "default-a1-round.png").exists()
     target_row = next(line for line in report.splitlines() if line.startswith("| default | 1 | 1 |"))
     assert len(target_row.split("|")) == 3 + 7 + 2  # data, alpha, seeds and the seven target columns
