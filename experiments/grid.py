@@ -255,7 +255,7 @@ def report(grid: dict) -> Path:
     if grid.get("findings"):
         lines += [(ROOT / grid["findings"]).read_text().strip(), ""]
     for cell in grid["cells"]:
-        cell_runs = [r for r in runs_of(grid) if r.data == cell["data"] and r.alpha == float(cell["alpha"])]
+        cell_runs = runs_of_cell(grid, cell)
         baselines = baseline_runs(grid, cell_runs, done, baseline)
         lines += [f"## {cell['data']}, Dirichlet alpha {cell['alpha']:g}", "",
                   "| method | variant | seeds | " + " | ".join(label for _, label in COLUMNS) + " |",
@@ -283,6 +283,11 @@ def report(grid: dict) -> Path:
     return out
 
 
+def runs_of_cell(grid: dict, cell: dict) -> list[Run]:
+    """The grid's runs on one data set and alpha."""
+    return [r for r in runs_of(grid) if r.data == cell["data"] and r.alpha == float(cell["alpha"])]
+
+
 def baseline_runs(grid: dict, cell_runs: list[Run], done: dict, baseline: str) -> dict[int, dict]:
     """{seed: the baseline's record} of one cell."""
     return {r.seed: done[r.key] for r in cell_runs
@@ -307,7 +312,7 @@ def targets(grid: dict, done: dict, target: str, baseline: str) -> list[str]:
              "| data | alpha | seeds | " + " | ".join(label for _, label in TARGETS) + " |",
              "|---|---|---|" + "---|" * len(TARGETS)]
     for cell in grid["cells"]:
-        cell_runs = [r for r in runs_of(grid) if r.data == cell["data"] and r.alpha == float(cell["alpha"])]
+        cell_runs = runs_of_cell(grid, cell)
         baselines = baseline_runs(grid, cell_runs, done, baseline)
         rows = []
         for r in cell_runs:
