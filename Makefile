@@ -7,7 +7,7 @@ GPU    := $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))"
 INTERP := $(if $(filter 1,$(GPU)),,TRITON_INTERPRET=1)
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: setup demo test bench sanitize clean
+.PHONY: setup demo test package-check bench sanitize clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(INTERP) $(PY) -m pytest tests -n 2 -q
+
+# sdist -> wheel built from it -> fresh virtual environment -> smoke test outside the repository.
+package-check: $(STAMP)
+	bash packaging/check.sh $(PY)
 
 bench: $(STAMP)
 	$(PY) -m pip install -c $(VENV)/torch-pin.txt -e ".[test,bench]"
@@ -44,4 +48,4 @@ sanitize: $(STAMP)
 	    $(abspath $(PY)) -m pytest -p no:cacheprovider tests/test_codec.py -q && $(abspath $(PY)) tests/fuzz_codec.py'
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info
