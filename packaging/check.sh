@@ -35,4 +35,9 @@ cd "$work"
 "$work/venv/bin/python" "$repo/packaging/smoke.py"
 "$work/venv/bin/fibec" --help > /dev/null
 "$work/venv/bin/fibec" run --help | grep -q -- "--gal-size"
+
+echo "== the same without triton (as on platforms where it does not install)"
+quietly "$work/venv/bin/pip" uninstall -y triton
+"$work/venv/bin/python" "$repo/packaging/smoke.py"
+"$work/venv/bin/fibec" --help > /dev/null
 echo "package check passed: $(basename "${wheel[0]}")"

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import fibec
-from fibec import codec, ops
+from fibec import _backend, codec, ops
 
 installed = Path(fibec.__file__).resolve()
 assert installed.is_relative_to(Path(sysconfig.get_paths()["purelib"]).resolve()), f"fibec from {installed}"
@@ -45,4 +45,5 @@ ops.masked_adamw_(updated, grad, exp_avg, exp_avg_sq, rows, step=1, lr=1e-2, wei
 torch.testing.assert_close(updated[rows], reference.detach()[rows], rtol=1e-6, atol=1e-7)
 assert torch.equal(updated[~rows], p[~rows])
 
-print(f"fibec {fibec.__version__} from {installed.parent}: codec, fisher_diag and masked_adamw_ pass", file=sys.stderr)
+print(f"fibec {fibec.__version__} from {installed.parent} (triton {'not ' * (not _backend.triton_installed())}"
+      "installed): codec, fisher_diag and masked_adamw_ pass", file=sys.stderr)
