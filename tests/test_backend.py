@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from fisher_oracle import assert_close, make_inputs, per_sample_weight_grads
 
 from fibec import _backend, ops
 
@@ -60,6 +61,6 @@ def test_forced_triton_without_triton_fails_before_any_kernel(monkeypatch, witho
 
 def test_cpu_ops_need_no_triton(monkeypatch, without_triton):
     monkeypatch.setenv("FIBEC_BACKEND", "auto")
-    X, G = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 7, dtype=torch.float64)
-    expected = torch.einsum("nto,nti->noi", G, X).square().sum(0)
-    torch.testing.assert_close(ops.fisher_diag(X.float(), G.float()).double(), expected, rtol=1e-5, atol=1e-6)
+    X, G, mask = make_inputs((2, 3, 5, 7), torch.float32, masked=True, seed=0)
+    assert_close(ops.fisher_diag(X, G, token_mask=mask), per_sample_weight_grads(X, G, mask).square().sum(0),
+                 torch.float32)

@@ -88,12 +88,19 @@ def test_a_run_another_grid_process_holds_is_skipped_not_run_twice(tiny_bert, tm
     assert keys == ["default-a1-s0-fibecfed--", "default-a1-s0-fedavg--"]
 
 
-@pytest.mark.parametrize("path", COMMITTED_GRIDS, ids=lambda path: path.name)
-def test_committed_grid_files_expand_into_valid_run_settings(path):
+@pytest.fixture(scope="module")
+def grid_module():
+    """experiments/grid.py imported once (it is a script, not a package module)."""
     spec = importlib.util.spec_from_file_location("experiment_grid", GRID)
-    grid_module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = grid_module  # its dataclasses look their module up there
-    spec.loader.exec_module(grid_module)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.mark.parametrize("path", COMMITTED_GRIDS, ids=lambda path: path.name)
+def test_committed_grid_files_expand_into_valid_run_settings(grid_module, path):
     loaded = grid_module.load_grid(path)
     runs = grid_module.runs_of(loaded)
     assert runs and len({run.key for run in runs}) == len(runs)
