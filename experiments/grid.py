@@ -301,31 +301,32 @@ TARGETS = (("global_diff", "global acc − baseline"), ("personal_diff", "person
 
 
 def targets(grid: dict, done: dict, target: str, baseline: str) -> list[str]:
-    """Per cell, `target` against `baseline` on the seeds both finished: the accuracy differences
-    under both protocols, the upload ratio and how many times sooner it reaches 95% of the
-    baseline's final global accuracy (baseline's time ÷ target's; never reached: nan, shown as
-    "never" when no seed reached it)."""
+    """Per cell and variant of `target`, against `baseline` on the seeds both finished: the accuracy
+    differences under both protocols, the upload ratio and how many times sooner it reaches 95% of
+    the baseline's final global accuracy (baseline's time ÷ target's; never reached: nan, shown as
+    "never" when no seed reached it). Variants are never pooled: each is its own row."""
     lines = [f"## {target} against {baseline}", "",
              f"Mean ± std over the seeds on which both finished. Targets: global accuracy within 1 point "
              f"of {baseline} or better; personal accuracy not below {baseline}'s and above the majority "
              f"baseline; >= 10x fewer uploaded bytes; >= 2x sooner to 95% of {baseline}'s final accuracy.", "",
-             "| data | alpha | seeds | " + " | ".join(label for _, label in TARGETS) + " |",
-             "|---|---|---|" + "---|" * len(TARGETS)]
+             "| data | alpha | variant | seeds | " + " | ".join(label for _, label in TARGETS) + " |",
+             "|---|---|---|---|" + "---|" * len(TARGETS)]
     for cell in grid["cells"]:
         cell_runs = runs_of_cell(grid, cell)
         baselines = baseline_runs(grid, cell_runs, done, baseline)
-        rows = []
+        rows_of_variant: dict[str, list[dict]] = {}
         for r in cell_runs:
             if r.method == target and r.key in done and r.seed in baselines:
                 mine, base = summary(done[r.key], baselines[r.seed]), summary(baselines[r.seed], baselines[r.seed])
-                rows.append({"global_diff": mine["global"] - base["global"],
-                             "personal_diff": mine["personal"] - base["personal"],
-                             "personal_over_majority": mine["personal"] - mine["majority"],
-                             "up_ratio": mine["up_ratio"],
-                             **{f"{k}_speedup": base[f"to95_{k}"] / mine[f"to95_{k}"] if mine[f"to95_{k}"] else math.nan
-                                for k in ("rounds", "compute_s", "link_s")}})
-        if rows:
-            lines.append(f"| {cell['data']} | {cell['alpha']:g} | {len(rows)} | "
+                row = {"global_diff": mine["global"] - base["global"],
+                       "personal_diff": mine["personal"] - base["personal"],
+                       "personal_over_majority": mine["personal"] - mine["majority"],
+                       "up_ratio": mine["up_ratio"],
+                       **{f"{k}_speedup": base[f"to95_{k}"] / mine[f"to95_{k}"] if mine[f"to95_{k}"] else math.nan
+                          for k in ("rounds", "compute_s", "link_s")}}
+                rows_of_variant.setdefault(r.variant, []).append(row)
+        for variant, rows in rows_of_variant.items():
+            lines.append(f"| {cell['data']} | {cell['alpha']:g} | {variant} | {len(rows)} | "
                          + " | ".join(mean_std([row[k] for row in rows]) for k, _ in TARGETS) + " |")
     return lines + [""]
 

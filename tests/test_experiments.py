@@ -61,8 +61,8 @@ def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp
     report = (tmp_path / "report" / "RESULTS.md").read_text()
     assert "| fibecfed | - | 1 |" in report and "| fedavg | - | 1 |" in report and "rounds to 95%" in report
     assert (tmp_path / "report" / "RESULTS_plots" / "default-a1-round.png").exists()
-    target_row = next(line for line in report.splitlines() if line.startswith("| default | 1 | 1 |"))
-    assert len(target_row.split("|")) == 3 + 7 + 2  # data, alpha, seeds and the seven target columns
+    target_row = next(line for line in report.splitlines() if line.startswith("| default | 1 | - | 1 |"))
+    assert len(target_row.split("|")) == 4 + 7 + 2  # data, alpha, variant, seeds and the seven target columns
     assert "## fibecfed against fedavg" in report and "Where it loses: nowhere yet." in report
     assert "--only default-a1-s0-fibecfed" in report
 
@@ -106,3 +106,30 @@ def test_committed_grid_files_expand_into_valid_run_settings(grid_module, path):
     assert runs and len({run.key for run in runs}) == len(runs)
     for run in runs:  # FedConfig.from_mapping raises ConfigError on an unknown or out-of-range setting
         assert grid_module.config_of(loaded, run).method == run.method
+
+
+def fabricated_record(key: str, accuracies: list[float], uploaded_per_round: int) -> dict:
+    """A record with the fields the report reads, one client, a second of compute per round."""
+    rounds = [{"round": i + 1, "global_accuracy": acc, "personal_accuracy": acc, "majority_accuracy": 0.5,
+               "cum_uploaded_bytes": uploaded_per_round * (i + 1), "cum_downloaded_bytes": 1000 * (i + 1),
+               "cum_compute_s": float(i + 1), "compute_s": 1.0, "clients": [0], "downloaded_bytes": 1000,
+               "client_compute_s": {"0": 1.0}, "client_uploaded_bytes": {"0": uploaded_per_round}}
+              for i, acc in enumerate(accuracies)]
+    return {"key": key, "rounds": rounds}
+
+
+def test_target_table_gives_each_variant_its_own_row(grid_module):
+    grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0], "methods": ["fibecfed", "fedavg"],
+            "shared_methods": ["fedavg"], "variants": {"slow": {}, "fast": {}}}
+    done = {"d-a0.5-s0-fedavg--": fabricated_record("d-a0.5-s0-fedavg--", [0.5, 0.7, 0.8, 0.8], 10_000),
+            "d-a0.5-s0-fibecfed-slow": fabricated_record("d-a0.5-s0-fibecfed-slow", [0.5, 0.5, 0.6, 0.77], 1_000),
+            "d-a0.5-s0-fibecfed-fast": fabricated_record("d-a0.5-s0-fibecfed-fast", [0.8, 0.8, 0.8, 0.82], 500)}
+    rows = [line.split(" | ") for line in grid_module.targets(grid, done, "fibecfed", "fedavg")
+            if line.startswith("| d | 0.5 |")]
+    by_variant = {row[2]: row for row in rows}
+    assert sorted(by_variant) == ["fast", "slow"]
+    assert by_variant["slow"][3] == "1" and by_variant["fast"][3] == "1"
+    assert by_variant["slow"][4] == "-0.030" and by_variant["fast"][4] == "0.020"  # global acc − fedavg
+    assert by_variant["slow"][7] == "10.000" and by_variant["fast"][7] == "20.000"  # fedavg up ÷ up
+    # fedavg reaches 0.95 x 0.8 = 0.76 in round 3; slow in round 4, fast in round 1.
+    assert by_variant["slow"][8] == "0.750" and by_variant["fast"][8] == "3.000"
