@@ -119,6 +119,31 @@ def config_of(grid: dict, run: Run):
     return FedConfig.from_mapping(settings, source=f"grid {grid['name']}")
 
 
+IGNORED_IN_STALENESS = ("out", "resume", "threads")  # where and how fast a run went, not what it computed
+
+
+def stale_settings(grid: dict, run: Run, record: dict) -> dict[str, tuple]:
+    """{setting: (recorded value, the grid's value now)} for every setting of a recorded run that
+    the grid file (or a changed default) no longer gives it; settings added since are not counted."""
+    now = config_of(grid, run).to_dict()
+    return {name: (value, now[name]) for name, value in record["config"].items()
+            if name in now and name not in IGNORED_IN_STALENESS and value != now[name]}
+
+
+def stale_runs(grid: dict, done: dict[str, dict]) -> dict[str, dict[str, tuple]]:
+    """The recorded runs of the grid whose settings differ from what the grid would run now."""
+    stale = {}
+    for run in runs_of(grid):
+        if run.key in done and (changed := stale_settings(grid, run, done[run.key])):
+            stale[run.key] = changed
+    return stale
+
+
+def describe_stale(stale: dict[str, dict[str, tuple]]) -> list[str]:
+    return [f"{key}: " + ", ".join(f"{name} {old!r} recorded, {new!r} now" for name, (old, new) in changed.items())
+            for key, changed in stale.items()]
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "python": platform.python_version()}
@@ -129,6 +154,10 @@ def run_grid(grid: dict, only: str | None) -> None:
     done = read_records(grid)
     todo = [r for r in runs_of(grid) if r.key not in done and (only is None or only in r.key)]
     print(f"{grid['name']}: {len(done)} runs recorded, {len(todo)} to run", flush=True)
+    for line in describe_stale(stale_runs(grid, done)):
+        # A record is never rerun on its own: say which no longer match, so none passes for the new settings.
+        print(f"warning: recorded under other settings, kept as recorded (delete its line to rerun it, "
+              f"or pin the setting in the grid file): {line}", flush=True)
     records_path(grid).parent.mkdir(parents=True, exist_ok=True)
     for i, run in enumerate(todo, 1):
         with claim(ROOT / grid["runs"] / f"{run.key}.lock") as mine:
@@ -279,6 +308,10 @@ def report(grid: dict) -> Path:
               f"`--only {runs_of(grid)[0].key}`), with the settings in the grid file.",
               f"- Machine(s): {'; '.join(machines)}.",
               f"- Wall time of the recorded runs: {wall / 3600:.2f} h.", ""]
+    stale = describe_stale(stale_runs(grid, done))
+    if stale:
+        lines += ["Recorded under settings the grid file no longer gives (their rows show what was run, "
+                  "not what the command above would run now):", "", *(f"- {line}" for line in stale), ""]
     out.write_text("\n".join(lines))
     return out
 

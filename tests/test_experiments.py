@@ -58,13 +58,23 @@ def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp
     again = grid("run", str(spec))
     assert "2 runs recorded, 0 to run" in again.stdout
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2
+    # A changed setting does not pass the old records off as runs of the new one, nor rerun them.
+    spec.write_text(spec.read_text().replace("local_steps = 2", "local_steps = 3"))
+    changed = grid("run", str(spec))
+    assert "warning: recorded under other settings" in changed.stdout
+    assert "default-a1-s0-fibecfed--: local_steps 2 recorded, 3 now" in changed.stdout
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2
+    assert grid("report", str(spec)).returncode == 0
+    assert "- default-a1-s0-fedavg--: local_steps 2 recorded, 3 now" in (tmp_path / "report" / "RESULTS.md").read_text()
+    spec.write_text(spec.read_text().replace("local_steps = 3", "local_steps = 2"))
+    assert grid("report", str(spec)).returncode == 0
     report = (tmp_path / "report" / "RESULTS.md").read_text()
     assert "| fibecfed | - | 1 |" in report and "| fedavg | - | 1 |" in report and "rounds to 95%" in report
     assert (tmp_path / "report" / "RESULTS_plots" / "default-a1-round.png").exists()
     target_row = next(line for line in report.splitlines() if line.startswith("| default | 1 | - | 1 |"))
     assert len(target_row.split("|")) == 4 + 7 + 2  # data, alpha, variant, seeds and the seven target columns
     assert "## fibecfed against fedavg" in report and "Where it loses: nowhere yet." in report
-    assert "--only default-a1-s0-fibecfed" in report
+    assert "--only default-a1-s0-fibecfed" in report and "recorded under settings" not in report
 
 
 def test_a_run_another_grid_process_holds_is_skipped_not_run_twice(tiny_bert, tmp_path):
