@@ -347,10 +347,11 @@ def targets(grid: dict, done: dict, target: str, baseline: str) -> list[str]:
     for cell in grid["cells"]:
         cell_runs = runs_of_cell(grid, cell)
         baselines = baseline_runs(grid, cell_runs, done, baseline)
+        baseline_summaries = {seed: summary(record, record) for seed, record in baselines.items()}
         rows_of_variant: dict[str, list[dict]] = {}
         for r in cell_runs:
             if r.method == target and r.key in done and r.seed in baselines:
-                mine, base = summary(done[r.key], baselines[r.seed]), summary(baselines[r.seed], baselines[r.seed])
+                mine, base = summary(done[r.key], baselines[r.seed]), baseline_summaries[r.seed]
                 row = {"global_diff": mine["global"] - base["global"],
                        "personal_diff": mine["personal"] - base["personal"],
                        "personal_over_majority": mine["personal"] - mine["majority"],
