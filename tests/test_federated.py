@@ -162,6 +162,16 @@ def test_curriculum_trains_on_the_shortest_samples_of_each_label_before_any_is_s
     assert set(np.flatnonzero(client.tracker.scored)) == set(seen)
 
 
+@pytest.mark.parametrize("method, expected_steps", [("fibecfed", [2, 3, 4, 4]), ("fedavg", [4, 4, 4, 4])])
+def test_scale_steps_grows_local_work_with_the_curriculum_pool(tiny_bert, task, tmp_path, method, expected_steps):
+    # lambda(t) = 0.3, 0.53, 0.77, 1 with full_at 3: ceil(lambda * 4) steps; no curriculum, all 4.
+    records = run(tiny_bert, task, tmp_path, method, rounds=4, local_steps=4, lambda0=0.3, full_at=3,
+                  scale_steps=True)
+    assert [r["local_steps"] for r in records] == expected_steps
+    fixed = run(tiny_bert, task, tmp_path / "fixed", method, rounds=1, local_steps=4, lambda0=0.3, full_at=3)
+    assert fixed[0]["local_steps"] == 4
+
+
 def test_corrupted_or_mismatched_payloads_are_rejected_and_the_round_goes_on(tiny_bert, task, tmp_path, caplog):
     cfg, fed = federation(tiny_bert, task, tmp_path, max_norm_ratio=0.0)
     first, second = fed.clients[:2]

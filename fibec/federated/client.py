@@ -182,7 +182,7 @@ class Client:
         optimizer = MaskedAdamW([params[n] for n in self.layout.all_names if n in trained_names], lr=cfg.lr)
         optimizer.set_masks({params[self.layout.factors[layer][k]]: (mask.to(model_device), dim)
                              for layer, factors in masks.items() for k, (mask, dim) in factors.items()})
-        batches = self.sampler.batches(plan.round_idx, cfg.local_steps)
+        batches = self.sampler.batches(plan.round_idx, self._local_steps(plan.round_idx))
         # The collector's per-sample traces re-score the curriculum and its Fisher feeds the neuron
         # importance and the fisher ranker; fedavg trains without it.
         collect = self.method.curriculum or self.method.sparse or (plan.want_scores and cfg.gal_ranker == "fisher")
@@ -226,6 +226,7 @@ class Client:
             "masked_fraction": frozen / lora_total,
             "curriculum_fraction": self.sampler.fraction(plan.round_idx),
             "samples_seen": len({i for b in batches for i in b}),
+            "local_steps": len(batches),
             "compute_s": time.perf_counter() - start + pending,
         })
 
@@ -238,6 +239,12 @@ class Client:
         return codec.encode({n: self.state[n] for n in names}, values=self.cfg.values)
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def _local_steps(self, round_idx: int) -> int:
+        """local_steps; with scale_steps, a curriculum round's share of them, ceil(lambda(t) * local_steps)."""
+        if not (self.cfg.scale_steps and self.method.curriculum):
+            return self.cfg.local_steps
+        return max(1, math.ceil(self.sampler.fraction(round_idx) * self.cfg.local_steps - 1e-9))
 
     def _sent_names(self, plan: RoundPlan) -> list[str]:
         return self.method.sent_names(self.layout, plan.sent) + list(self.layout.head)

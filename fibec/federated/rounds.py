@@ -120,7 +120,7 @@ class Coordinator:
         record["rejected"] = {str(k): v for k, v in result.rejected.items()}
         if result.skipped:
             record["skipped"] = result.skipped
-        for key in ("train_loss", "curriculum_fraction", "masked_fraction"):
+        for key in ("train_loss", "curriculum_fraction", "masked_fraction", "local_steps"):
             values = [u.metrics[key] for u in updates]
             record[key] = float(np.mean(values)) if values else float("nan")
         return result
