@@ -54,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 UPLINK_BYTES_PER_S = 20e6 / 8
 DOWNLINK_BYTES_PER_S = 100e6 / 8
 TARGET_OF_BASELINE = 0.95
+TARGET_SPEEDUP = 2.0
+UPLINK_SWEEP_MBIT = np.geomspace(0.01, 1000.0, 201)  # 40 rates per decade
 
 
 @dataclass(frozen=True)
@@ -208,24 +210,47 @@ def run_one(grid: dict, run: Run, tag: str) -> None:
 
 # ---- summaries ------------------------------------------------------------------------------------
 
-def link_seconds(record: dict) -> float:
+def link_seconds(record: dict, uplink: float = UPLINK_BYTES_PER_S, downlink: float = DOWNLINK_BYTES_PER_S) -> float:
     """One round under the link model: the slowest client's download + compute + upload."""
     clients = record["clients"]
-    down = record["downloaded_bytes"] / max(1, len(clients)) / DOWNLINK_BYTES_PER_S
+    down = record["downloaded_bytes"] / max(1, len(clients)) / downlink
     return max(down + record["client_compute_s"].get(str(c), 0.0)
-               + record["client_uploaded_bytes"].get(str(c), 0) / UPLINK_BYTES_PER_S for c in clients)
+               + record["client_uploaded_bytes"].get(str(c), 0) / uplink for c in clients)
+
+
+def rounds_until(records: list[dict], target: float) -> list[dict] | None:
+    """The rounds up to the first whose global accuracy reaches `target`; None when none does."""
+    for i, r in enumerate(records):
+        if r.get("global_accuracy", -1.0) >= target:
+            return records[:i + 1]
+    return None
 
 
 def time_to(records: list[dict], target: float) -> dict[str, float]:
     """Rounds, client compute seconds and link-model seconds until the global accuracy first
     reaches `target` (nan when it never does)."""
-    compute = link = 0.0
-    for r in records:
-        compute += r["compute_s"]
-        link += link_seconds(r)
-        if r.get("global_accuracy", -1.0) >= target:
-            return {"rounds": float(r["round"]), "compute_s": compute, "link_s": link}
-    return {"rounds": math.nan, "compute_s": math.nan, "link_s": math.nan}
+    until = rounds_until(records, target)
+    if until is None:
+        return {"rounds": math.nan, "compute_s": math.nan, "link_s": math.nan}
+    return {"rounds": float(until[-1]["round"]), "compute_s": sum(r["compute_s"] for r in until),
+            "link_s": sum(link_seconds(r) for r in until)}
+
+
+def uplink_for_speedup(records: list[dict], baseline: list[dict], target: float) -> float:
+    """The fastest uplink in UPLINK_SWEEP_MBIT (Mbit/s; the downlink as many times faster as in the
+    link model) at which `records` reach `target` TARGET_SPEEDUP times sooner than `baseline`
+    under the link model: below it, fewer bytes pay for the time target. nan when no rate swept
+    does, or either run never reaches `target`."""
+    mine, base = rounds_until(records, target), rounds_until(baseline, target)
+    if mine is None or base is None:
+        return math.nan
+    ratio = DOWNLINK_BYTES_PER_S / UPLINK_BYTES_PER_S
+    for mbit in UPLINK_SWEEP_MBIT[::-1]:
+        up = mbit * 1e6 / 8
+        if (sum(link_seconds(r, up, up * ratio) for r in base)
+                >= TARGET_SPEEDUP * sum(link_seconds(r, up, up * ratio) for r in mine)):
+            return float(mbit)
+    return math.nan
 
 
 def summary(record: dict, baseline: dict | None) -> dict[str, float]:
@@ -246,6 +271,15 @@ def summary(record: dict, baseline: dict | None) -> dict[str, float]:
         row.update({f"to95_{k}": v for k, v in time_to(rounds, TARGET_OF_BASELINE * base["global"]).items()})
         row["up_ratio"] = base["up_mb"] / row["up_mb"]
     return row
+
+
+def median_range(values: list[float]) -> str:
+    """For figures spread over orders of magnitude, where one seed would carry a mean."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "never"
+    text = f"{np.median(finite):.3g} ({min(finite):.3g}-{max(finite):.3g})" if len(finite) > 1 else f"{finite[0]:.3g}"
+    return text + (f" ({len(finite)}/{len(values)})" if len(finite) < len(values) else "")
 
 
 def mean_std(values: list[float]) -> str:
@@ -278,7 +312,10 @@ def report(grid: dict) -> Path:
              f"Time to 95%: until the global accuracy first reaches {TARGET_OF_BASELINE:.0%} of {baseline}'s final "
              f"global accuracy on the same seed; *baseline up ÷ up*: how many times fewer bytes than {baseline} "
              "were uploaded on the same seed; link model: 20 Mbit/s up, 100 Mbit/s down per client, the "
-             "clients of a round in parallel, compute as measured.", ""]
+             "clients of a round in parallel, compute as measured; *uplink for 2x*: the fastest uplink "
+             f"(downlink 5x it) at which the link-model speed-up to 95% reaches {TARGET_SPEEDUP:g}x, out of "
+             f"{UPLINK_SWEEP_MBIT[0]:g}-{UPLINK_SWEEP_MBIT[-1]:g} Mbit/s, from the same measured compute and "
+             "payload lengths: the links on which fewer bytes would pay for the time target.", ""]
     if grid.get("target_method"):
         lines += targets(grid, done, grid["target_method"], baseline)
     if grid.get("findings"):
@@ -330,14 +367,17 @@ def baseline_runs(grid: dict, cell_runs: list[Run], done: dict, baseline: str) -
 TARGETS = (("global_diff", "global acc − baseline"), ("personal_diff", "personal acc − baseline"),
            ("personal_over_majority", "personal acc − majority"), ("up_ratio", "baseline up ÷ up"),
            ("rounds_speedup", "speed-up to 95%, rounds"), ("compute_s_speedup", "speed-up to 95%, compute"),
-           ("link_s_speedup", "speed-up to 95%, link model"))
+           ("link_s_speedup", "speed-up to 95%, link model"),
+           ("uplink_for_2x", "uplink for 2x, Mbit/s: median (range)"))
+TARGET_FORMATS = {"uplink_for_2x": median_range}
 
 
 def targets(grid: dict, done: dict, target: str, baseline: str) -> list[str]:
     """Per cell and variant of `target`, against `baseline` on the seeds both finished: the accuracy
     differences under both protocols, the upload ratio and how many times sooner it reaches 95% of
     the baseline's final global accuracy (baseline's time ÷ target's; never reached: nan, shown as
-    "never" when no seed reached it). Variants are never pooled: each is its own row."""
+    "never" when no seed reached it), and the uplink below which that is TARGET_SPEEDUP times
+    sooner under the link model. Variants are never pooled: each is its own row."""
     lines = [f"## {target} against {baseline}", "",
              f"Mean ± std over the seeds on which both finished. Targets: global accuracy within 1 point "
              f"of {baseline} or better; personal accuracy not below {baseline}'s and above the majority "
@@ -357,11 +397,14 @@ def targets(grid: dict, done: dict, target: str, baseline: str) -> list[str]:
                        "personal_over_majority": mine["personal"] - mine["majority"],
                        "up_ratio": mine["up_ratio"],
                        **{f"{k}_speedup": base[f"to95_{k}"] / mine[f"to95_{k}"] if mine[f"to95_{k}"] else math.nan
-                          for k in ("rounds", "compute_s", "link_s")}}
+                          for k in ("rounds", "compute_s", "link_s")},
+                       "uplink_for_2x": uplink_for_speedup(done[r.key]["rounds"], baselines[r.seed]["rounds"],
+                                                           TARGET_OF_BASELINE * base["global"])}
                 rows_of_variant.setdefault(r.variant, []).append(row)
         for variant, rows in rows_of_variant.items():
             lines.append(f"| {cell['data']} | {cell['alpha']:g} | {variant} | {len(rows)} | "
-                         + " | ".join(mean_std([row[k] for row in rows]) for k, _ in TARGETS) + " |")
+                         + " | ".join(TARGET_FORMATS.get(k, mean_std)([row[k] for row in rows]) for k, _ in TARGETS)
+                         + " |")
     return lines + [""]
 
 

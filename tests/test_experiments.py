@@ -143,3 +143,7 @@ def test_target_table_gives_each_variant_its_own_row(grid_module):
     assert by_variant["slow"][7] == "10.000" and by_variant["fast"][7] == "20.000"  # fedavg up ÷ up
     # fedavg reaches 0.95 x 0.8 = 0.76 in round 3; slow in round 4, fast in round 1.
     assert by_variant["slow"][8] == "0.750" and by_variant["fast"][8] == "3.000"
+    # Link model to 95% at uplink u bytes/s (downlink 5u): fedavg 3 (1 + 1000 / 5u + 10000 / u), slow
+    # 4 (1 + 1000 / 5u + 1000 / u): twice as fast for u <= 4200 B/s = 0.0336 Mbit/s, of which the sweep
+    # (40 rates a decade from 0.01) holds 10^-1.475 = 0.0335. fast is 3x sooner on compute alone.
+    assert by_variant["slow"][11] == "0.0335 |" and by_variant["fast"][11] == "1e+03 |"
