@@ -84,7 +84,7 @@ class FedConfig:
     lambda0: float = setting(0.3, "initial curriculum fraction", low=0.0, high=1.0, low_open=True)
     full_at: int = setting(5, "round at which the curriculum uses all data", low=1)
     local_steps: int = setting(6, "local optimiser steps per round", low=1)
-    scale_steps: bool = setting(False, "curriculum rounds take ceil(lambda(t) * local_steps) steps: local work "
+    scale_steps: bool = setting(True, "curriculum rounds take ceil(lambda(t) * local_steps) steps: local work "
                                        "grows with the pool, as with fixed passes over it (true|false)")
     batch_size: int = setting(16, "batch size", low=1)
     max_length: int = setting(48, "max tokens per sample", low=2)
