@@ -186,11 +186,19 @@ def claim(lock: Path):
 
 
 def run_one(grid: dict, run: Run, tag: str) -> None:
-    """One run (resumed from its checkpoint when it has one), then its line in the records file."""
+    """One run (resumed from its checkpoint when it has one of the same settings; started afresh
+    over one the grid file has since moved away from), then its line in the records file."""
     from fibec.federated import checkpoint, runner
 
     cfg = config_of(grid, run)
-    resume = checkpoint.exists(runner.checkpoint_dir(Path(cfg.out), run.method))
+    directory = runner.checkpoint_dir(Path(cfg.out), run.method)
+    resume = checkpoint.exists(directory)
+    if resume:
+        try:
+            runner.read_checkpoint(directory, cfg, run.method)
+        except checkpoint.CheckpointError as err:
+            print(f"{tag} {run.key}: {err}; starting it afresh", flush=True)
+            resume = False
     cfg = cfg.replace(resume=resume)
     print(f"{tag} {run.key}{' (resumed)' if resume else ''}", flush=True)
     start = time.perf_counter()

@@ -77,6 +77,19 @@ def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp
     assert "--only default-a1-s0-fibecfed" in report and "recorded under settings" not in report
 
 
+def test_an_unrecorded_run_whose_checkpoint_has_other_settings_starts_afresh(tiny_bert, tmp_path):
+    spec = grid_file(tmp_path, tiny_bert)
+    (tmp_path / "findings.md").write_text("")
+    assert grid("run", str(spec), "--only", "fedavg").returncode == 0
+    (tmp_path / "records.jsonl").unlink()  # a record dropped so that the run is made again
+    spec.write_text(spec.read_text().replace("local_steps = 2", "local_steps = 3"))
+    again = grid("run", str(spec), "--only", "fedavg")
+    assert again.returncode == 0, again.stderr
+    assert "was written with other settings (local_steps)" in again.stdout and "starting it afresh" in again.stdout
+    [record] = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert record["config"]["local_steps"] == 3 and len(record["rounds"]) == 2
+
+
 def test_a_run_another_grid_process_holds_is_skipped_not_run_twice(tiny_bert, tmp_path):
     import fcntl
 
