@@ -25,6 +25,9 @@ VALUE_FORMATS = ("fp32", "fp16", "bf16", "int8")
 DIFFICULTY_PRIORS = ("length", "full")
 EVAL_SPLITS = ("test", "validation")
 ENGINES = ("inprocess", "flower")
+# Settings added after runs were saved, each with the value that reproduces such a run: a saved
+# config (or checkpoint) without the setting is read with this value.
+VALUES_BEFORE_ADDED: dict[str, object] = {"scale_steps": False}
 
 
 class ConfigError(ValueError):

@@ -140,3 +140,19 @@ def test_resuming_a_finished_run_records_no_round_twice(finished_run):
     before = (finished_run / "metrics_fibecfed.jsonl").read_text()
     main(["run", "--resume", str(finished_run), "--quiet"])
     assert (finished_run / "metrics_fibecfed.jsonl").read_text() == before
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_the_value_it_was_made_with(finished_run):
+    from fibec.config import VALUES_BEFORE_ADDED
+    from fibec.federated.runner import saved_config
+
+    state_file = finished_run / "checkpoints" / "fibecfed" / "state.json"
+    config, state = json.loads((finished_run / "config.json").read_text()), json.loads(state_file.read_text())
+    for name in VALUES_BEFORE_ADDED:
+        del config[name], state["state"]["config"][name]
+    (finished_run / "config.json").write_text(json.dumps(config))
+    state_file.write_text(json.dumps(state))
+    assert saved_config(finished_run).scale_steps is False
+    before = (finished_run / "metrics_fibecfed.jsonl").read_text()
+    main(["run", "--resume", str(finished_run), "--quiet"])  # no "mismatched checkpoint"
+    assert (finished_run / "metrics_fibecfed.jsonl").read_text() == before

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError, FedConfig
+from ..config import VALUES_BEFORE_ADDED, ConfigError, FedConfig
 from ..data import TextClassificationData, dirichlet_partition, load_data
 from ..modeling import AdapterLayout, check_model_folder, default_model_path, get_state, load_classifier
 from . import checkpoint
@@ -168,12 +168,14 @@ def saved_config(out: str | Path) -> FedConfig:
         raise ConfigError(f"--resume: {path} does not exist: {out} holds no run to resume") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"--resume: {path} is not valid JSON ({err})") from None
-    return FedConfig.from_mapping({**settings, "out": str(out), "resume": True}, source=str(path))
+    return FedConfig.from_mapping({**VALUES_BEFORE_ADDED, **settings, "out": str(out), "resume": True},
+                                  source=str(path))
 
 
 def _same_run(saved: dict, cfg: FedConfig) -> list[str]:
     """Settings in which a checkpoint's config differs from the run's (run-mode settings aside)."""
     current = cfg.to_dict()
+    saved = {**VALUES_BEFORE_ADDED, **saved}
     return sorted(k for k in set(saved) | set(current)
                   if k not in RUN_MODE_SETTINGS and saved.get(k) != current.get(k))
 
