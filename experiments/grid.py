@@ -43,6 +43,7 @@ import platform
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,21 +282,23 @@ def summary(record: dict, baseline: dict | None) -> dict[str, float]:
     return row
 
 
-def median_range(values: list[float]) -> str:
-    """For figures spread over orders of magnitude, where one seed would carry a mean."""
+def over_seeds(values: list[float], several: Callable[[list[float]], str], one: Callable[[float], str]) -> str:
+    """One figure per seed (nan: the seed never got one) as text: `several` of the finite ones, or
+    `one` when only one is; "never" when none is, and how many are when some are missing."""
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return "never"
-    text = f"{np.median(finite):.3g} ({min(finite):.3g}-{max(finite):.3g})" if len(finite) > 1 else f"{finite[0]:.3g}"
+    text = several(finite) if len(finite) > 1 else one(finite[0])
     return text + (f" ({len(finite)}/{len(values)})" if len(finite) < len(values) else "")
+
+
+def median_range(values: list[float]) -> str:
+    """For figures spread over orders of magnitude, where one seed would carry a mean."""
+    return over_seeds(values, lambda v: f"{np.median(v):.3g} ({min(v):.3g}-{max(v):.3g})", "{:.3g}".format)
 
 
 def mean_std(values: list[float]) -> str:
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return "never"
-    text = f"{np.mean(finite):.3f} ± {np.std(finite):.3f}" if len(finite) > 1 else f"{finite[0]:.3f}"
-    return text + (f" ({len(finite)}/{len(values)})" if len(finite) < len(values) else "")
+    return over_seeds(values, lambda v: f"{np.mean(v):.3f} ± {np.std(v):.3f}", "{:.3f}".format)
 
 
 COLUMNS = (("global", "global acc"), ("global_last3", "global acc, last 3"), ("personal", "personal acc"),
