@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 
-BUDGET_S=570
+BUDGET_S=${GPU_BUDGET_S:-570}
 CARRY=.gpu-carry
 SITE=/tmp/fibec-site
 if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
