@@ -24,10 +24,11 @@ import os
 
 import torch
 import triton
+import triton.testing
 import triton.language as tl
 
 TILES = (64, 128)
-TOKEN_BLOCKS = (32, 64)
+TOKEN_BLOCKS = (32, 64, 128)
 WARPS = (4, 8)
 STAGES = (2, 3, 4)
 REDUCE_BLOCK = 1024
@@ -121,8 +122,14 @@ def _prune_project(configs, named_args, **kwargs):
                                                      + kwargs["BLOCK_R"] * W.element_size()) <= shared]
 
 
+def _time_config(kernel_call, quantiles):
+    """Triton's timer with a short budget (5 ms warm-up, 20 ms of runs, not 25 and 100): a
+    federated client tunes each layer shape once, while it trains, over tens of configs."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
 def _autotune(space: list[triton.Config], **options):
-    return triton.autotune(configs=space if _autotuning() else space[:1], **options)
+    return triton.autotune(configs=space if _autotuning() else space[:1], do_bench=_time_config, **options)
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -269,12 +276,13 @@ def _project_kernel(
     tl.store(Y + offs_m[:, None] * RANK + offs_r[None, :], acc, mask=m_in[:, None] & r_in[None, :])
 
 
-# Keyed on the matrix sizes and on the split's sample and token counts (powers of two, so batch
-# shapes that vary from step to step re-tune rarely). OUT is restored after each timed run: with
-# ACCUMULATE the kernel adds into it. Dense layers tile both dimensions; LoRA's rank columns take
-# one block chosen by the launcher.
-_OUTER_TUNING = dict(key=["DA", "DB", "samples_per_split", "tokens_per_split"],
-                     prune_configs_by={"early_config_prune": _prune_outer}, restore_value=["OUT"])
+# Keyed on the matrix sizes alone: the batches of a training run vary in samples and tokens, and
+# each new key would time the whole space again (seconds per layer shape). The pruner sees the
+# first batch's token count; a config chosen there is right, if not always fastest, for others.
+# OUT is restored after each timed run: with ACCUMULATE the kernel adds into it. Dense layers
+# tile both dimensions; LoRA's rank columns take one block chosen by the launcher.
+_OUTER_TUNING = dict(key=["DA", "DB"], prune_configs_by={"early_config_prune": _prune_outer},
+                     restore_value=["OUT"])
 _dense_outer = _autotune(_outer_space(tiled_columns=True), **_OUTER_TUNING)(_squared_outer_kernel)
 _lora_outer = _autotune(_outer_space(tiled_columns=False), **_OUTER_TUNING)(_squared_outer_kernel)
 # NT only sets the grid: it stays out of the key so that every batch reuses the choice.
@@ -301,8 +309,8 @@ def _split_plan(N: int, T: int, tiles: int, budget: tuple[int, int]) -> tuple[in
 
     Splits are added until `tiles * splits` reaches the budget's program count: whole samples
     per split while the samples give at least half of the splits wanted, else chunks of one
-    sample's tokens, no shorter than the budget's token count. Both sizes are powers of two (the
-    autotuner's key); a size past N or T means that loop is not split.
+    sample's tokens, no shorter than the budget's token count. Both sizes are powers of two; a
+    size past N or T means that loop is not split.
     """
     programs, min_tokens = budget
     wanted = triton.cdiv(programs, tiles)

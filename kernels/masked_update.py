@@ -21,7 +21,7 @@ _NO_MASK, _ELEMENT, _ROWS, _COLS = 0, 1, 2, 3
 @triton.jit
 def _selected_offsets(mask_ptr, n_rows, n_cols, n_col_blocks,
                       MASK_KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(flat offsets, which of them to update) for this program's [BLOCK_R, BLOCK_C] tile."""
+    """(flat offsets, which of them to update, whether any is) for this program's [BLOCK_R, BLOCK_C] tile."""
     pid = tl.program_id(0)
     # int64 so that offsets past 2**31 entries (one-row view of a huge p) do not wrap.
     rows = (pid // n_col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -38,7 +38,7 @@ def _selected_offsets(mask_ptr, n_rows, n_cols, n_col_blocks,
     elif MASK_KIND == 3:
         col_set = tl.load(mask_ptr + cols, mask=in_cols, other=0) != 0
         selected = selected & col_set[None, :]
-    return offsets, selected
+    return offsets, selected, tl.max(selected.to(tl.int32)) != 0
 
 
 @triton.jit
@@ -46,19 +46,22 @@ def _masked_adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, mask_ptr,
                          n_rows, n_cols, n_col_blocks,
                          decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size,
                          MASK_KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    offsets, selected = _selected_offsets(mask_ptr, n_rows, n_cols, n_col_blocks, MASK_KIND, BLOCK_R, BLOCK_C)
-    p = tl.load(p_ptr + offsets, mask=selected, other=0.0).to(tl.float32)
-    grad = tl.load(grad_ptr + offsets, mask=selected, other=0.0).to(tl.float32)
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=selected, other=0.0)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=selected, other=0.0)
-    p = p * decay
-    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
-    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
-    p = p + neg_step_size * tl.div_rn(exp_avg, denom)
-    tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=selected)
-    tl.store(exp_avg_ptr + offsets, exp_avg, mask=selected)
-    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=selected)
+    offsets, selected, any_selected = _selected_offsets(mask_ptr, n_rows, n_cols, n_col_blocks, MASK_KIND,
+                                                        BLOCK_R, BLOCK_C)
+    # A tile the mask leaves empty skips its loads and arithmetic: with neuron masks most do.
+    if any_selected:
+        p = tl.load(p_ptr + offsets, mask=selected, other=0.0).to(tl.float32)
+        grad = tl.load(grad_ptr + offsets, mask=selected, other=0.0).to(tl.float32)
+        exp_avg = tl.load(exp_avg_ptr + offsets, mask=selected, other=0.0)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=selected, other=0.0)
+        p = p * decay
+        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+        exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+        denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+        p = p + neg_step_size * tl.div_rn(exp_avg, denom)
+        tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=selected)
+        tl.store(exp_avg_ptr + offsets, exp_avg, mask=selected)
+        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=selected)
 
 
 @triton.jit
@@ -67,18 +70,20 @@ def _masked_sgd_kernel(p_ptr, grad_ptr, buf_ptr, mask_ptr,
                        neg_lr, momentum, weight_decay,
                        HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                        MASK_KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    offsets, selected = _selected_offsets(mask_ptr, n_rows, n_cols, n_col_blocks, MASK_KIND, BLOCK_R, BLOCK_C)
-    p = tl.load(p_ptr + offsets, mask=selected, other=0.0).to(tl.float32)
-    direction = tl.load(grad_ptr + offsets, mask=selected, other=0.0).to(tl.float32) + weight_decay * p
-    if HAS_MOMENTUM:
-        buf = tl.load(buf_ptr + offsets, mask=selected, other=0.0) * momentum + direction
-        tl.store(buf_ptr + offsets, buf, mask=selected)
-        if NESTEROV:
-            direction = direction + momentum * buf
-        else:
-            direction = buf
-    p = p + neg_lr * direction
-    tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=selected)
+    offsets, selected, any_selected = _selected_offsets(mask_ptr, n_rows, n_cols, n_col_blocks, MASK_KIND,
+                                                        BLOCK_R, BLOCK_C)
+    if any_selected:
+        p = tl.load(p_ptr + offsets, mask=selected, other=0.0).to(tl.float32)
+        direction = tl.load(grad_ptr + offsets, mask=selected, other=0.0).to(tl.float32) + weight_decay * p
+        if HAS_MOMENTUM:
+            buf = tl.load(buf_ptr + offsets, mask=selected, other=0.0) * momentum + direction
+            tl.store(buf_ptr + offsets, buf, mask=selected)
+            if NESTEROV:
+                direction = direction + momentum * buf
+            else:
+                direction = buf
+        p = p + neg_lr * direction
+        tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=selected)
 
 
 def _launch_geometry(p: torch.Tensor, mask: torch.Tensor | None, mask_dim: int | None):

@@ -16,7 +16,7 @@ from fisher_oracle import (DTYPES, assert_close, make_inputs, make_lora_factors,
 from fibec import ops
 from fibec.kernels import fisher as fisher_kernels
 
-SHAPE = (3, 37, 70, 67)  # N, T, I, O: 2 x 2 tiles of 64, T off both token blocks
+SHAPE = (3, 37, 70, 67)  # N, T, I, O: 2 x 2 tiles of 64, T off every token block
 RANK = 5
 # (programs wanted, fewest tokens per split) -> how `_split_plan` shares out each tile's loop.
 BUDGETS = {
@@ -187,6 +187,8 @@ CONFIGS = {  # (dense tile, LoRA tile, projection): every tile size and token bl
                    pick(PROJECT_SPACE, BLOCK_M=64, BLOCK_K=128)),
     "128x128-t32": (pick(DENSE_SPACE, BLOCK_A=128, BLOCK_B=128, BLOCK_T=32),
                     pick(LORA_SPACE, BLOCK_A=128, BLOCK_T=32), pick(PROJECT_SPACE, BLOCK_M=128, BLOCK_K=128)),
+    "64x64-t128": (pick(DENSE_SPACE, BLOCK_A=64, BLOCK_B=64, BLOCK_T=128), pick(LORA_SPACE, BLOCK_A=64, BLOCK_T=128),
+                   pick(PROJECT_SPACE, BLOCK_M=64, BLOCK_K=64)),
 }
 
 
