@@ -15,7 +15,8 @@ torch.cuda.max_memory_allocated on GPU).
 
 GPU mode (--gpu-json PATH, what bench/gpu.sh runs): the Triton kernels at LLM sizes in bf16
 under triton.testing.do_bench, against a same-FLOP bf16 torch.matmul and the peers, with each
-method's extra peak memory; the rows and the targets' ratios go to PATH. Without CUDA the same
+method's extra peak memory, and for fibec's ops host vs GPU-kernel time per call and the tuned
+configs; the rows and the targets' ratios go to PATH. Without CUDA the same
 code runs at tiny fp32 shapes on the CPU (a dry run of the script, not a measurement).
 
 pytest mode:  pytest bench/bench_fisher.py   (pytest-benchmark; peak memory in extra_info)
@@ -338,6 +339,38 @@ def extra_peak_mib(run: Runner) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def launch_profile(run: Runner, calls: int = 20) -> dict:
+    """Where one warm call's time goes on CUDA: host ms per call (Python, checks and launches, calls
+    queued back to back), GPU ms per call summed over its kernels (torch.profiler), and the
+    kernels' names with their us per call. A host figure above the GPU figure means the op is
+    bound by its launches at this shape, not by its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    host_ms = (time.perf_counter() - start) / calls * 1e3
+    synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        synchronize()
+    kernels = {event.key[:80]: event.self_device_time_total / calls for event in prof.key_averages()
+               if event.self_device_time_total > 0}
+    return {"host_ms": host_ms, "gpu_kernels_ms": sum(kernels.values()) / 1e3,
+            "kernels_us": dict(sorted(kernels.items(), key=lambda item: -item[1]))}
+
+
+def tuned_configs() -> dict[str, dict[str, str]]:
+    """The configs the autotuners chose, per kernel and tuning key."""
+    from fibec.kernels import fisher as kernels
+
+    return {name: {str(key): str(config) for key, config in getattr(kernels, name).cache.items()}
+            for name in ("_dense_outer", "_lora_outer", "_projection")}
+
+
 def relative_error(result, expected) -> float:
     """Largest |difference| over the largest |expected|, over the outputs both have."""
     results = result if isinstance(result, tuple) else (result,)
@@ -380,6 +413,11 @@ def measure_gpu_case(shape, peers, dtype) -> list[dict]:
             row["ms"] = time_ms(run)
             row["tflops"] = flops / row["ms"] / 1e9
             row["extra_peak_mib"] = extra_peak_mib(run)
+            if DEVICE == "cuda" and method.startswith("fibec"):
+                try:
+                    row.update(launch_profile(run))
+                except Exception as err:  # noqa: BLE001 - the timing above stands without it
+                    row["profile_error"] = f"{type(err).__name__}: {err}"[:300]
         except Exception as err:  # a peer that cannot run this case is reported, not fatal
             row["error"] = f"{type(err).__name__}: {err}"[:300]
         rows.append(row)
@@ -475,12 +513,17 @@ def run_gpu_mode(json_path: str, workers: int) -> None:
             error = f"  rel.err {row['relative_error']:.1e}" if "relative_error" in row else ""
             print(f"  {row['method']:34s} {row['ms']:9.3f} ms {row['tflops']:8.1f} TFLOP/s {row['x_fibec']:6.2f}x"
                   f"{peak}{error}", flush=True)
+            if "host_ms" in row:
+                top = ", ".join(f"{name.split('(')[0]} {us:.0f} us" for name, us in list(row["kernels_us"].items())[:4])
+                print(f"  {'':34s} per call: host {row['host_ms']:.3f} ms, GPU kernels {row['gpu_kernels_ms']:.3f} ms"
+                      f" ({top})", flush=True)
     targets = gpu_targets(rows)
     print()
     for target, value in targets.items():
         print(f"  {target}: {'n/a' if value is None else f'{value:.3f}'}")
     with open(json_path, "w") as out:
-        json.dump({"device": DEVICE_NAME, "torch": torch.__version__, "rows": rows, "targets": targets}, out, indent=1)
+        json.dump({"device": DEVICE_NAME, "torch": torch.__version__, "rows": rows, "targets": targets,
+                   "tuned_configs": tuned_configs() if DEVICE == "cuda" else {}}, out, indent=1)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="Triton kernels at LLM sizes need a CUDA GPU")
