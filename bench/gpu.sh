@@ -10,7 +10,8 @@
 #   summary.json        each step's exit code and seconds, and every target's measured ratio
 # Steps, each under its own time limit, in order of importance: set-up, versions, the op tests on CUDA
 # tensors (compiled kernels, no interpreter), the three benchmarks, the rounds. A step that
-# fails is recorded and the next one runs; a step that would pass the 570 s budget is skipped.
+# fails is recorded and the next one runs; a step that would pass the 570 s budget (GPU_BUDGET_S)
+# is skipped, and so is a step not named in GPU_STEPS when that is set (a short rerun).
 # Without CUDA (a dry run: OUT=/tmp/gpu-dry bash bench/gpu.sh) the tests run in the Triton
 # interpreter and the benchmarks at tiny shapes on the CPU, to check the script end to end.
 # Needs .gpu-carry/ (bench/gpu_carry.sh) for the peers' wheels, MiniLM and the data set.
@@ -39,6 +40,11 @@ STEPS=()
 step() {
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
+    if [ -n "${GPU_STEPS:-}" ] && [[ " $GPU_STEPS " != *" $name "* ]]; then
+        echo "=== $name: skipped, not in GPU_STEPS"
+        STEPS+=("$name skipped 0")
+        return
+    fi
     if (( SECONDS + limit > BUDGET_S )); then
         echo "=== $name: skipped, ${SECONDS}s spent of ${BUDGET_S}s"
         STEPS+=("$name skipped 0")

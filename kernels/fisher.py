@@ -27,11 +27,15 @@ import triton
 import triton.testing
 import triton.language as tl
 
+from ._launch import cdiv, next_power_of_2
+
 TILES = (64, 128)
 TOKEN_BLOCKS = (32, 64, 128)
 WARPS = (4, 8)
 STAGES = (2, 3, 4)
 REDUCE_BLOCK = 1024
+# Entries of PART one reducing program loads at once: split rows x BLOCK columns.
+REDUCE_TILE = 4096
 # Two fp32 accumulator tiles (the sample's gradient and the running Fisher) live in registers:
 # past 128 of them per thread the compiler spills.
 ACCUMULATOR_REGISTERS = 128
@@ -209,11 +213,13 @@ def _reduce_splits_kernel(
     PART, F, SQNORM,
     N, splits, size, DB, scale, stride_fa, stride_fb,
     SQUARE: tl.constexpr, WRITE_FISHER: tl.constexpr, ACCUMULATE: tl.constexpr, WRITE_SQNORM: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
 ):
     """Finish a split `_squared_outer_kernel` launch on BLOCK entries of the [DA, DB] result.
 
-    PART is [N, splits, DA, DB] contiguous, added in that order (deterministic, no atomics). With
+    PART is [N, splits, DA, DB] contiguous; SPLIT_BLOCK splits are loaded at once and summed by
+    tl.sum, chunk after chunk (a fixed order: deterministic, no atomics; one split at a time
+    made a long chain of dependent loads when a small layer has many token splits). With
     SQUARE, sample n's gradient chunks are summed, scaled and squared (the squares' sum to
     SQNORM[block, n]) before the samples are summed; else N is 1 and the splits are Fisher sums.
     The result goes to F (strided; added to its values when ACCUMULATE).
@@ -221,13 +227,14 @@ def _reduce_splits_kernel(
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < size
-    part = PART + offs
+    split_offs = tl.arange(0, SPLIT_BLOCK)
     fisher = tl.zeros((BLOCK,), dtype=tl.float32)
     for n in range(N):
         value = tl.zeros((BLOCK,), dtype=tl.float32)
-        for _ in range(splits):
-            value += tl.load(part, mask=inside, other=0.0)
-            part += size
+        for first in range(0, splits, SPLIT_BLOCK):
+            rows = first + split_offs
+            part = PART + (n * splits + rows).to(tl.int64)[:, None] * size + offs[None, :]
+            value += tl.sum(tl.load(part, mask=(rows < splits)[:, None] & inside[None, :], other=0.0), axis=0)
         if SQUARE:
             value = value * scale
             value = value * value
@@ -313,14 +320,14 @@ def _split_plan(N: int, T: int, tiles: int, budget: tuple[int, int]) -> tuple[in
     size past N or T means that loop is not split.
     """
     programs, min_tokens = budget
-    wanted = triton.cdiv(programs, tiles)
-    whole_tokens = triton.next_power_of_2(T)
+    wanted = cdiv(programs, tiles)
+    whole_tokens = next_power_of_2(T)
     if 2 * N >= wanted:
-        samples = triton.next_power_of_2(triton.cdiv(N, wanted))
-        return samples, whole_tokens, triton.cdiv(N, samples)
-    tokens = max(min_tokens, triton.next_power_of_2(triton.cdiv(T, triton.cdiv(wanted, N))))
+        samples = next_power_of_2(cdiv(N, wanted))
+        return samples, whole_tokens, cdiv(N, samples)
+    tokens = max(min_tokens, next_power_of_2(cdiv(T, cdiv(wanted, N))))
     tokens = min(tokens, whole_tokens)
-    return 1, tokens, N * triton.cdiv(T, tokens)
+    return 1, tokens, N * cdiv(T, tokens)
 
 
 def _squared_outer(L: torch.Tensor, R: torch.Tensor, *, fisher: torch.Tensor | None, fisher_strides: tuple[int, int],
@@ -334,12 +341,11 @@ def _squared_outer(L: torch.Tensor, R: torch.Tensor, *, fisher: torch.Tensor | N
     N, T, DA = L.shape
     DB = R.shape[2]
     kernel = _dense_outer if rank_block is None else _lora_outer
-    # Grid and norm rows are counted with the smallest tiles among the configs: an autotuned
-    # larger tile uses fewer programs and rows (the rest stay zero), never more.
-    smallest_a = min(c.kwargs["BLOCK_A"] for c in kernel.configs)
-    smallest_b = rank_block or min(c.kwargs["BLOCK_B"] for c in kernel.configs)
-    tiles = triton.cdiv(DA, smallest_a) * triton.cdiv(DB, smallest_b)
-    samples_per_split, tokens_per_split, splits = _split_plan(N, T, tiles, _split_budget(L.device))
+    # Grid and norm rows are counted with the smallest tile of the space: an autotuned larger
+    # tile uses fewer programs and rows (the rest stay zero), never more.
+    tiles = cdiv(DA, TILES[0]) * cdiv(DB, rank_block or TILES[0])
+    budget = _split_budget(L.device)
+    samples_per_split, tokens_per_split, splits = _split_plan(N, T, tiles, budget)
     whole_samples = tokens_per_split >= T
     partials = None
     if splits > 1 and (fisher is not None or not whole_samples):
@@ -355,7 +361,7 @@ def _squared_outer(L: torch.Tensor, R: torch.Tensor, *, fisher: torch.Tensor | N
     mask, stride_mn, stride_mt = _mask_arg(token_mask, placeholder)
     upcast, precision = _dot_flags(L.dtype, mixed=L.dtype != R.dtype)
     extra = {} if rank_block is None else {"BLOCK_B": rank_block}
-    kernel[lambda meta: (triton.cdiv(DA, meta["BLOCK_A"]), triton.cdiv(DB, meta["BLOCK_B"]), splits)](
+    kernel[lambda meta: (cdiv(DA, meta["BLOCK_A"]), cdiv(DB, meta["BLOCK_B"]), splits)](
         L, R, mask, tile_norms if target is None else target, placeholder if tile_norms is None else tile_norms,
         N, T, DA, DB, scale, samples_per_split, tokens_per_split,
         *L.stride(), *R.stride(), stride_mn, stride_mt, *target_strides,
@@ -367,13 +373,17 @@ def _squared_outer(L: torch.Tensor, R: torch.Tensor, *, fisher: torch.Tensor | N
         return tile_norms
     # Whole samples: N=1 group of `splits` Fisher sums. Token chunks: N groups, one per sample.
     groups = 1 if whole_samples else N
-    blocks = triton.cdiv(DA * DB, REDUCE_BLOCK)
+    # Blocks narrow enough to give every program slot one (small layers), as many splits at once
+    # as fit REDUCE_TILE.
+    block = min(REDUCE_BLOCK, max(128, next_power_of_2(cdiv(DA * DB, budget[0]))))
+    split_block = min(next_power_of_2(splits // groups), REDUCE_TILE // block)
+    blocks = cdiv(DA * DB, block)
     block_norms = torch.empty(blocks, N, dtype=torch.float32, device=L.device) if sqnorm and not whole_samples else None
     _reduce_splits_kernel[(blocks,)](
         partials, placeholder if fisher is None else fisher, placeholder if block_norms is None else block_norms,
         groups, splits // groups, DA * DB, DB, scale, *fisher_strides,
         SQUARE=not whole_samples, WRITE_FISHER=fisher is not None, ACCUMULATE=accumulate,
-        WRITE_SQNORM=block_norms is not None, BLOCK=REDUCE_BLOCK,
+        WRITE_SQNORM=block_norms is not None, BLOCK=block, SPLIT_BLOCK=split_block,
     )
     return tile_norms if whole_samples else block_norms
 
@@ -385,7 +395,7 @@ def _project(Z: torch.Tensor, W: torch.Tensor, W_strides: tuple[int, int], rank:
     out = torch.empty(N, T, rank, dtype=torch.float32, device=Z.device)
     mask, stride_mn, stride_mt = _mask_arg(token_mask, Z)
     upcast, precision = _dot_flags(Z.dtype, mixed=False)
-    _projection[lambda meta: (triton.cdiv(N * T, meta["BLOCK_M"]),)](
+    _projection[lambda meta: (cdiv(N * T, meta["BLOCK_M"]),)](
         Z, W, mask, out,
         N * T, T, K, rank,
         *Z.stride(), *W_strides, stride_mn, stride_mt,
@@ -413,7 +423,7 @@ def lora_fisher_diag(X: torch.Tensor, G: torch.Tensor, A: torch.Tensor, B: torch
                      accumulate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(F_A [r,I], F_B [O,r], sqnorm [N]) fp32 of LoRA factors A [r,I], B [O,r]; see module docstring."""
     I, O, r = X.shape[2], G.shape[2], A.shape[0]
-    rank_block = max(16, triton.next_power_of_2(r))
+    rank_block = max(16, next_power_of_2(r))
     if out is None:
         out = (torch.empty(r, I, dtype=torch.float32, device=X.device),
                torch.empty(O, r, dtype=torch.float32, device=X.device))

@@ -4,8 +4,9 @@ p is seen as a [n_rows, n_cols] matrix: an element mask or no mask uses one row 
 entries; a neuron mask over rows (mask_dim 0) or columns (mask_dim 1) uses p's own 2-D shape
 and is broadcast inside the kernel, so no full mask is ever built. Each program loads the mask
 first and uses it as the load/store mask of p, grad and the state: entries the mask leaves
-unset are neither read nor written. State is fp32; bf16/fp16 p is updated in fp32 and rounded.
-Imports nothing from fibec.
+unset are neither read nor written, and a tile with none set stops there (neuron masks leave
+most tiles empty). State is fp32; bf16/fp16 p is updated in fp32 and rounded. Imports nothing
+from fibec.
 """
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_power_of_2
+
 _NO_MASK, _ELEMENT, _ROWS, _COLS = 0, 1, 2, 3
+# Entries per program on a GPU (4 warps: 16 a thread; 4096 with 8 warps ran the 10% row mask at
+# 27% of copy_ bandwidth on an H200, against 60% for 2048). The interpreter runs each program as
+# numpy calls, so there few large tiles are much faster.
+TILE, INTERPRETER_TILE = 2048, 1 << 16
 
 
 @triton.jit
@@ -95,12 +102,11 @@ def _launch_geometry(p: torch.Tensor, mask: torch.Tensor | None, mask_dim: int |
     else:
         kind = _ROWS if mask_dim == 0 else _COLS
         n_rows, n_cols = p.shape
-    # The interpreter runs each program as numpy calls: few large tiles are much faster there.
-    tile = 1 << 16 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 2048
-    block_c = min(triton.next_power_of_2(max(n_cols, 1)), tile)
-    block_r = min(triton.next_power_of_2(max(n_rows, 1)), max(1, tile // block_c))
-    n_col_blocks = triton.cdiv(n_cols, block_c)
-    grid = (triton.cdiv(n_rows, block_r) * n_col_blocks,)
+    tile = INTERPRETER_TILE if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else TILE
+    block_c = min(next_power_of_2(max(n_cols, 1)), tile)
+    block_r = min(next_power_of_2(max(n_rows, 1)), max(1, tile // block_c))
+    n_col_blocks = cdiv(n_cols, block_c)
+    grid = (cdiv(n_rows, block_r) * n_col_blocks,)
     mask_bytes = p if mask is None else mask.view(torch.uint8)  # p stands in as an unread pointer
     return kind, mask_bytes, n_rows, n_cols, block_r, block_c, n_col_blocks, grid
 

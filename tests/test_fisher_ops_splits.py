@@ -18,12 +18,14 @@ from fibec.kernels import fisher as fisher_kernels
 
 SHAPE = (3, 37, 70, 67)  # N, T, I, O: 2 x 2 tiles of 64, T off every token block
 RANK = 5
-# (programs wanted, fewest tokens per split) -> how `_split_plan` shares out each tile's loop.
+# (programs wanted, fewest tokens per split[, REDUCE_TILE]) -> how `_split_plan` shares out each
+# tile's loop (and how many splits the second pass loads at once).
 BUDGETS = {
     "default": None,  # the interpreter's own budget
     "unsplit": (1, 1),  # one program per tile
     "one-sample-splits": (10**6, 10**6),  # one split per sample, squared in the first pass
     "token-chunks": (10**6, 16),  # 16-token chunks, squared after the second pass
+    "token-chunks-reduced-in-pairs": (10**6, 16, 256),  # 3 chunks a sample, summed 2 + 1 (masked)
 }
 
 
@@ -34,7 +36,9 @@ def triton_backend(monkeypatch):
 
 def use_budget(monkeypatch, budget):
     if budget is not None:
-        monkeypatch.setattr(fisher_kernels, "_split_budget", lambda device: budget)
+        monkeypatch.setattr(fisher_kernels, "_split_budget", lambda device: budget[:2])
+        if len(budget) == 3:
+            monkeypatch.setattr(fisher_kernels, "REDUCE_TILE", budget[2])
 
 
 def lora_expected(X, G, A, B, scaling, mask):

@@ -177,6 +177,28 @@ def test_unselected_entries_are_never_read_nor_written(backend, device, kind):
     assert torch.equal(_bits(buf[~full]), _bits(buf_before[~full]))
 
 
+@pytest.mark.parametrize("kind,density", [("element", 0.005), ("rows", 0.15), ("cols", 0.02)])
+def test_tiles_the_mask_leaves_empty_are_skipped_and_the_others_updated(monkeypatch, device, kind, density):
+    """Tiles of 64 entries and densities at which most tiles hold no selected entry: those programs
+    stop early, and every selected entry must still match torch."""
+    from fibec.kernels import masked_update
+
+    monkeypatch.setenv("FIBEC_BACKEND", "triton")
+    monkeypatch.setattr(masked_update, "TILE", 64)
+    monkeypatch.setattr(masked_update, "INTERPRETER_TILE", 64)
+    gen = torch.Generator().manual_seed(8)
+    shape = (9, 300)
+    mask, mask_dim, full = _random_mask(kind, shape, density, gen, device=device)
+    assert 0 < int(full.sum()) < full.numel()
+    p, grad, exp_avg = (_randn(shape, gen, device) for _ in range(3))
+    exp_avg_sq = _randn(shape, gen, device).abs()
+    want = _torch_adamw_step(p, grad, exp_avg, exp_avg_sq, 3, **ADAMW)
+    expected = [torch.where(full, new, old) for new, old in zip(want, (p, exp_avg, exp_avg_sq))]
+    masked_adamw_(p, grad, exp_avg, exp_avg_sq, mask, step=3, mask_dim=mask_dim, **ADAMW)
+    for got, reference in zip((p, exp_avg, exp_avg_sq), expected):
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_empty_mask_changes_nothing(backend, device, kind):
     gen = torch.Generator().manual_seed(6)
