@@ -4,9 +4,10 @@ Every op checks shapes, dtypes and devices before any kernel launch and raises
 ValueError/TypeError naming the offending argument. CUDA tensors run the Triton
 kernels in fibec.kernels; CPU tensors run fibec.reference (see fibec._backend).
 
-On CUDA the Fisher kernels are autotuned per shape on first use; results are bitwise
-reproducible within a process (fixed reduction order, no atomics), and FIBEC_AUTOTUNE=0 pins
-one config so that every process rounds alike.
+On CUDA the Fisher kernels are autotuned on first use per layer shape (the matrix sizes; batch
+and sequence length do not re-tune); results are bitwise reproducible within a process (fixed
+reduction order, no atomics), and FIBEC_AUTOTUNE=0 pins one config so that every process
+rounds alike.
 """
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ writes the sum of their squares, or a chunk of one sample's tokens and writes th
 unsquared partial gradient; `_reduce_splits_kernel` then adds the splits in a fixed order. The
 split count comes from the shapes and the SM count, never from the tuned config.
 
-Tile sizes, token block, warps and stages are autotuned per shape (one fixed config in the
-interpreter, and under FIBEC_AUTOTUNE=0). The launchers take tensors that fibec.ops has already
+Tile sizes, token block, warps and stages are autotuned per layer shape (one fixed config in
+the interpreter, and under FIBEC_AUTOTUNE=0). The launchers take tensors that fibec.ops has already
 validated. Imports nothing from fibec.
 """
 from __future__ import annotations
