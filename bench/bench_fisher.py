@@ -304,6 +304,26 @@ MATMUL = "bf16 torch.matmul, same FLOPs"
 AGREEMENT = {torch.bfloat16: 5e-2, torch.float32: 1e-3}  # peers in bf16 round per-sample grads to bf16
 
 
+# A diagnostic row: the same op with each tile's (sample, token) loop left whole, so no second
+# pass and two launches fewer. The op is bound by its launches at the LoRA case's shape (host
+# 0.45 ms a call, its kernels 0.08 ms on an H200); this row shows what fewer launches buy there.
+UNSPLIT_LORA = "fibec.lora_fisher_diag, loops unsplit"
+
+
+def unsplit(run: Runner) -> Runner:
+    """`run` with the Fisher kernels' split budget at one program per tile."""
+    from fibec.kernels import fisher as kernels
+
+    def call():
+        split_budget = kernels._split_budget
+        kernels._split_budget = lambda device: (1, 1)
+        try:
+            return run()
+        finally:
+            kernels._split_budget = split_budget
+    return call
+
+
 def gpu_plan() -> tuple[dict, dict, torch.dtype]:
     """(dense cases, LoRA cases, dtype): LLM sizes in bf16 on CUDA, tiny fp32 stand-ins on the CPU."""
     return (GPU_DENSE, GPU_LORA, torch.bfloat16) if DEVICE == "cuda" else (DRY_DENSE, DRY_LORA, torch.float32)
@@ -391,7 +411,8 @@ def gpu_case_methods(shape, peers, dtype) -> tuple[str, int, int, dict[str, Call
         return f"fisher_diag {shape}", 2 * N * T * I * O, 4 * O * I, methods
     inputs = make_lora_inputs(shape, dtype=dtype)
     N, T, I, O, r = shape
-    methods = {"fibec.lora_fisher_diag": lambda: fibec_lora(*inputs)}
+    methods = {"fibec.lora_fisher_diag": lambda: fibec_lora(*inputs),
+               UNSPLIT_LORA: lambda: unsplit(fibec_lora(*inputs))}
     methods.update({peer: (lambda make=GROUPS["lora"][2][peer]: make(*inputs)) for peer in peers})
     # projections XA, GB and the two per-sample products
     return f"lora_fisher_diag {shape}", 2 * N * T * r * (I + O) * 2, 4 * (r * I + O * r + N), methods
