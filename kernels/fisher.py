@@ -15,8 +15,8 @@ unsquared partial gradient; `_reduce_splits_kernel` then adds the splits in a fi
 split count comes from the shapes and the SM count, never from the tuned config.
 
 Tile sizes, token block, warps and stages are autotuned per layer shape (one fixed config in
-the interpreter, and under FIBEC_AUTOTUNE=0). The launchers take tensors that fibec.ops has already
-validated. Imports nothing from fibec.
+the interpreter, and under FIBEC_AUTOTUNE=0). The launchers take tensors that fibec.ops has
+already validated. Imports nothing from fibec.
 """
 from __future__ import annotations
 
