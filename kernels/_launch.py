@@ -1,4 +1,4 @@
-"""Integer arithmetic of launch planning on the host, in plain Python.
+"""Launch planning on the host, in plain Python: integer arithmetic, and whether Triton interprets.
 
 triton.cdiv and triton.next_power_of_2 go through Triton's constexpr machinery at several
 microseconds a call; a LoRA layer's launch plan made about twenty such calls, a third of the
@@ -6,6 +6,13 @@ launchers' own Python time under cProfile. (On an H200 the op's host time, 0.45 
 mostly Triton's launches, so this shows little there: bench/RESULTS.md.)
 """
 from __future__ import annotations
+
+import os
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET set and not 0)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def cdiv(a: int, b: int) -> int:

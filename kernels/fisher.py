@@ -27,7 +27,7 @@ import triton
 import triton.testing
 import triton.language as tl
 
-from ._launch import cdiv, next_power_of_2
+from ._launch import cdiv, interpreting, next_power_of_2
 
 TILES = (64, 128)
 TOKEN_BLOCKS = (32, 64, 128)
@@ -41,14 +41,10 @@ REDUCE_TILE = 4096
 ACCUMULATOR_REGISTERS = 128
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _autotuning() -> bool:
     """Off in the interpreter (it would time each config as numpy runs) and under FIBEC_AUTOTUNE=0
     (tests, or the same config, hence the same rounding, in every process)."""
-    return not _interpreting() and os.environ.get("FIBEC_AUTOTUNE", "1") not in ("", "0")
+    return not interpreting() and os.environ.get("FIBEC_AUTOTUNE", "1") not in ("", "0")
 
 
 def _max_shared_memory(device: torch.device) -> int:
@@ -61,7 +57,7 @@ def _dot_flags(dtype: torch.dtype, mixed: bool) -> tuple[bool, str]:
     The interpreter's tl.dot on bf16 operands is wrong, and an fp32 projection meeting bf16/fp16
     inputs needs one operand dtype. fp32 inputs keep full fp32 products ("ieee"), not tf32.
     """
-    upcast = mixed or (dtype == torch.bfloat16 and _interpreting())
+    upcast = mixed or (dtype == torch.bfloat16 and interpreting())
     return upcast, "ieee" if dtype == torch.float32 else "tf32"
 
 

@@ -10,13 +10,11 @@ from fibec.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_power_of_2
+from ._launch import cdiv, interpreting, next_power_of_2
 
 _NO_MASK, _ELEMENT, _ROWS, _COLS = 0, 1, 2, 3
 # Entries per program on a GPU (4 warps: 16 a thread; 4096 with 8 warps ran the 10% row mask at
@@ -37,15 +35,19 @@ def _selected_offsets(mask_ptr, n_rows, n_cols, n_col_blocks,
     in_cols = cols < n_cols
     offsets = rows[:, None] * n_cols + cols[None, :]
     selected = in_rows[:, None] & in_cols[None, :]
+    any_selected = True  # no mask: every tile of the grid holds entries to update
     if MASK_KIND == 1:
         selected = tl.load(mask_ptr + offsets, mask=selected, other=0) != 0
+        any_selected = tl.max(selected.to(tl.int32)) != 0
     elif MASK_KIND == 2:
         row_set = tl.load(mask_ptr + rows, mask=in_rows, other=0) != 0
         selected = selected & row_set[:, None]
+        any_selected = tl.max(row_set.to(tl.int32)) != 0
     elif MASK_KIND == 3:
         col_set = tl.load(mask_ptr + cols, mask=in_cols, other=0) != 0
         selected = selected & col_set[None, :]
-    return offsets, selected, tl.max(selected.to(tl.int32)) != 0
+        any_selected = tl.max(col_set.to(tl.int32)) != 0
+    return offsets, selected, any_selected
 
 
 @triton.jit
@@ -102,7 +104,7 @@ def _launch_geometry(p: torch.Tensor, mask: torch.Tensor | None, mask_dim: int |
     else:
         kind = _ROWS if mask_dim == 0 else _COLS
         n_rows, n_cols = p.shape
-    tile = INTERPRETER_TILE if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else TILE
+    tile = INTERPRETER_TILE if interpreting() else TILE
     block_c = min(next_power_of_2(max(n_cols, 1)), tile)
     block_r = min(next_power_of_2(max(n_rows, 1)), max(1, tile // block_c))
     n_col_blocks = cdiv(n_cols, block_c)
