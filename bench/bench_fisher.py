@@ -305,8 +305,9 @@ AGREEMENT = {torch.bfloat16: 5e-2, torch.float32: 1e-3}  # peers in bf16 round p
 
 
 # A diagnostic row: the same op with each tile's (sample, token) loop left whole, so no second
-# pass and two launches fewer. The op is bound by its launches at the LoRA case's shape (host
-# 0.45 ms a call, its kernels 0.08 ms on an H200); this row shows what fewer launches buy there.
+# pass and one launch fewer (two instead of three). The op was bound by its launches at the LoRA
+# case's shape (host 0.45 ms a call with six launches, its kernels 0.08 ms on an H200); this row
+# shows what one launch fewer buys there.
 UNSPLIT_LORA = "fibec.lora_fisher_diag, loops unsplit"
 
 

@@ -7,6 +7,8 @@ reduces its square into the diagonal Fisher sum_n (s L_n^T R_n)**2 [Da,Db] and/o
 per-sample partial squared norms (summed afterwards: deterministic, no atomics). Dense layers use
 (L, R) = (G, X); LoRA (y += s B A x) first projects XA = X A^T and GB = G B ([N,T,r], fp32, masked
 tokens zeroed) with `_project_kernel`, then runs (G, XA) -> F_B [O,r] and (X, GB) -> F_A^T [I,r].
+Each kernel takes LoRA's two problems in one launch: at LLM sizes the op's time is its launches
+(on an H200, 0.45 ms of host time a call against 0.08 ms of kernels with one launch per problem).
 
 Few tiles (LoRA's O/64, or a small dense layer) would leave most SMs idle, so each tile's loop
 over (sample, token) is split across programs (`_split_plan`): a split holds whole samples and
@@ -21,6 +23,7 @@ already validated. Imports nothing from fibec.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -102,7 +105,7 @@ def _prune_outer(configs, named_args, **kwargs):
         block_a, block_t = config.kwargs["BLOCK_A"], config.kwargs["BLOCK_T"]
         block_b = config.kwargs.get("BLOCK_B", kwargs.get("BLOCK_B"))
         staged = config.num_stages * block_t * (block_a * L.element_size() + block_b * R.element_size())
-        if (_oversized(block_a, named_args["DA"], TILES[0])
+        if (_oversized(block_a, max(named_args["DA"], named_args["DA2"]), TILES[0])
                 or ("BLOCK_B" in config.kwargs and _oversized(block_b, named_args["DB"], TILES[0]))
                 or _oversized(block_t, tokens, TOKEN_BLOCKS[0])
                 or 2 * block_a * block_b > ACCUMULATOR_REGISTERS * 32 * config.num_warps
@@ -116,7 +119,7 @@ def _prune_project(configs, named_args, **kwargs):
     Z, W = named_args["Z"], named_args["W"]
     shared = _max_shared_memory(Z.device)
     return [c for c in configs
-            if not _oversized(c.kwargs["BLOCK_K"], named_args["K"], TILES[0])
+            if not _oversized(c.kwargs["BLOCK_K"], max(named_args["K"], named_args["K2"]), TILES[0])
             and not _oversized(c.kwargs["BLOCK_M"], named_args["NT"], TILES[0])
             and c.num_stages * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] * Z.element_size()
                                                      + kwargs["BLOCK_R"] * W.element_size()) <= shared]
@@ -137,17 +140,23 @@ def _autotune(space: list[triton.Config], **options):
 
 @triton.jit
 def _squared_outer_kernel(
-    L, R, M, OUT, SQNORM,
-    N, T, DA, DB, scale, samples_per_split, tokens_per_split,
+    L, R, M, OUT, SQNORM, L2, R2, OUT2,
+    N, T, DA, DB, DA2, scale, samples_per_split, tokens_per_split,
     stride_ln, stride_lt, stride_la,
     stride_rn, stride_rt, stride_rb,
     stride_mn, stride_mt,
     stride_os, stride_oa, stride_ob,
+    stride_l2n, stride_l2t, stride_l2a,
+    stride_o2s, stride_o2a, stride_o2b,
     HAS_MASK: tl.constexpr, SQUARE: tl.constexpr, WRITE_OUT: tl.constexpr, ACCUMULATE: tl.constexpr,
     WRITE_SQNORM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One (BLOCK_A, BLOCK_B) tile of L_n^T R_n over split program_id(2) of the (sample, token) loop.
+
+    Two products share a launch (LoRA's two factors): the first cdiv(DA, BLOCK_A) programs of
+    axis 0 compute (L, R) -> OUT, the next cdiv(DA2, BLOCK_A) (L2, R2) -> OUT2, both with R's
+    strides and the same N, T, DB. DA2 = 0 leaves one product.
 
     SQUARE (the split holds whole samples): each sample's tile, scaled, is squared once its tokens
     are summed; the squares go to SQNORM[tile, n] (summed) and are summed over the split's samples
@@ -156,6 +165,19 @@ def _squared_outer_kernel(
     """
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
+    tile_row = pid_a * tl.num_programs(1) + pid_b
+    # Both branches bind every name: a stride the first product has as a compile-time 1 stays one
+    # (and its loads vectorised) only when the second has it too.
+    first_tiles = tl.cdiv(DA, BLOCK_A)
+    if pid_a < first_tiles:
+        lhs_base, rhs_base, out_base, rows = L, R, OUT, DA
+        stride_n, stride_t, stride_a = stride_ln, stride_lt, stride_la
+        out_s, out_a, out_b = stride_os, stride_oa, stride_ob
+    else:
+        lhs_base, rhs_base, out_base, rows = L2, R2, OUT2, DA2
+        stride_n, stride_t, stride_a = stride_l2n, stride_l2t, stride_l2a
+        out_s, out_a, out_b = stride_o2s, stride_o2a, stride_o2b
+        pid_a -= first_tiles
     split = tl.program_id(2)
     token_splits = tl.cdiv(T, tokens_per_split)
     n_start = (split // token_splits) * samples_per_split
@@ -165,7 +187,7 @@ def _squared_outer_kernel(
     samples = tl.minimum(samples_per_split, N - n_start)
     offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    a_in = offs_a < DA
+    a_in = offs_a < rows
     b_in = offs_b < DB
     total = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     grad = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
@@ -175,9 +197,9 @@ def _squared_outer_kernel(
         offs_t = t_start + (step % blocks_per_sample) * BLOCK_T + tl.arange(0, BLOCK_T)
         t_in = offs_t < t_stop
         # 64-bit sample offsets: n * stride can pass 2**31 on large batches.
-        lhs = tl.load(L + n.to(tl.int64) * stride_ln + offs_t[:, None] * stride_lt + offs_a[None, :] * stride_la,
+        lhs = tl.load(lhs_base + n.to(tl.int64) * stride_n + offs_t[:, None] * stride_t + offs_a[None, :] * stride_a,
                       mask=t_in[:, None] & a_in[None, :], other=0.0)
-        rhs = tl.load(R + n.to(tl.int64) * stride_rn + offs_t[:, None] * stride_rt + offs_b[None, :] * stride_rb,
+        rhs = tl.load(rhs_base + n.to(tl.int64) * stride_rn + offs_t[:, None] * stride_rt + offs_b[None, :] * stride_rb,
                       mask=t_in[:, None] & b_in[None, :], other=0.0)
         if HAS_MASK:
             keep = tl.load(M + n.to(tl.int64) * stride_mn + offs_t * stride_mt, mask=t_in, other=0) != 0
@@ -191,13 +213,13 @@ def _squared_outer_kernel(
                 grad = grad * scale
                 square = grad * grad
                 if WRITE_SQNORM:
-                    tl.store(SQNORM + (pid_a * tl.num_programs(1) + pid_b) * N + n, tl.sum(square))
+                    tl.store(SQNORM + tile_row * N + n, tl.sum(square))
                 total += square
             else:
                 total += grad
             grad = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     if WRITE_OUT:
-        out_ptrs = OUT + split.to(tl.int64) * stride_os + offs_a[:, None] * stride_oa + offs_b[None, :] * stride_ob
+        out_ptrs = out_base + split.to(tl.int64) * out_s + offs_a[:, None] * out_a + offs_b[None, :] * out_b
         out_in = a_in[:, None] & b_in[None, :]
         if ACCUMULATE:
             total += tl.load(out_ptrs, mask=out_in, other=0.0)
@@ -206,19 +228,20 @@ def _squared_outer_kernel(
 
 @triton.jit
 def _reduce_splits_kernel(
-    PART, F, SQNORM,
-    N, splits, size, DB, scale, stride_fa, stride_fb,
+    PART, F, F2, SQNORM,
+    N, splits, size, DA, DB, scale, stride_fa, stride_fb, stride_f2a, stride_f2b,
     SQUARE: tl.constexpr, WRITE_FISHER: tl.constexpr, ACCUMULATE: tl.constexpr, WRITE_SQNORM: tl.constexpr,
     BLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
 ):
-    """Finish a split `_squared_outer_kernel` launch on BLOCK entries of the [DA, DB] result.
+    """Finish a split `_squared_outer_kernel` launch on BLOCK entries of the [rows, DB] result.
 
-    PART is [N, splits, DA, DB] contiguous; SPLIT_BLOCK splits are loaded at once and summed by
-    tl.sum, chunk after chunk (a fixed order: deterministic, no atomics; one split at a time
-    made a long chain of dependent loads when a small layer has many token splits). With
-    SQUARE, sample n's gradient chunks are summed, scaled and squared (the squares' sum to
-    SQNORM[block, n]) before the samples are summed; else N is 1 and the splits are Fisher sums.
-    The result goes to F (strided; added to its values when ACCUMULATE).
+    PART is [N, splits, rows, DB] contiguous, rows = DA + DA2 when the launch held two products;
+    SPLIT_BLOCK splits are loaded at once and summed by tl.sum, chunk after chunk (a fixed
+    order: deterministic, no atomics; one split at a time made a long chain of dependent loads
+    when a small layer has many token splits). With SQUARE, sample n's gradient chunks are
+    summed, scaled and squared (the squares' sum to SQNORM[block, n]) before the samples are
+    summed; else N is 1 and the splits are Fisher sums. Rows below DA go to F, the others to F2
+    (both strided; added to their values when ACCUMULATE).
     """
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -238,36 +261,53 @@ def _reduce_splits_kernel(
                 tl.store(SQNORM + pid * N + n, tl.sum(value))
         fisher += value
     if WRITE_FISHER:
-        f_ptrs = F + (offs // DB) * stride_fa + (offs % DB) * stride_fb
+        row, column = offs // DB, offs % DB
+        in_first, in_second = inside & (row < DA), inside & (row >= DA)
+        f_ptrs = F + row * stride_fa + column * stride_fb
+        f2_ptrs = F2 + (row - DA) * stride_f2a + column * stride_f2b
         if ACCUMULATE:
-            fisher += tl.load(f_ptrs, mask=inside, other=0.0)
-        tl.store(f_ptrs, fisher, mask=inside)
+            fisher += tl.load(f_ptrs, mask=in_first, other=0.0) + tl.load(f2_ptrs, mask=in_second, other=0.0)
+        tl.store(f_ptrs, fisher, mask=in_first)
+        tl.store(f2_ptrs, fisher, mask=in_second)
 
 
 @triton.jit
 def _project_kernel(
-    Z, W, M, Y,
-    NT, T, K, RANK,
+    Z, W, Z2, W2, M, Y,
+    NT, T, K, K2, RANK,
     stride_zn, stride_zt, stride_zk,
     stride_wk, stride_wr,
+    stride_z2n, stride_z2t, stride_z2k,
+    stride_w2k, stride_w2r,
     stride_mn, stride_mt,
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Y[n,t,:] = Z[n,t,:] @ W in fp32 ([NT, RANK] contiguous), rows of masked tokens zeroed."""
+    """Y[p,n,t,:] = Z_p[n,t,:] @ W_p in fp32 (Y [2, NT, RANK] contiguous), rows of masked tokens
+    zeroed: p = program_id(1) picks (Z, W) or (Z2, W2), LoRA's two projections in one launch."""
+    # Both branches bind every name, so that unit strides stay compile-time constants.
+    if tl.program_id(1) == 0:
+        Z_p, W_p, K_p = Z, W, K
+        stride_n, stride_t, stride_k = stride_zn, stride_zt, stride_zk
+        stride_wk_p, stride_wr_p = stride_wk, stride_wr
+    else:
+        Z_p, W_p, K_p = Z2, W2, K2
+        stride_n, stride_t, stride_k = stride_z2n, stride_z2t, stride_z2k
+        stride_wk_p, stride_wr_p = stride_w2k, stride_w2r
+    Y += tl.program_id(1).to(tl.int64) * NT * RANK
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     m_in = offs_m < NT
     r_in = offs_r < RANK
     n = offs_m // T
     t = offs_m % T
-    row = n * stride_zn + t * stride_zt
+    row = n * stride_n + t * stride_t
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K_p, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_in = offs_k < K
-        z = tl.load(Z + row[:, None] + offs_k[None, :] * stride_zk, mask=m_in[:, None] & k_in[None, :], other=0.0)
-        w = tl.load(W + offs_k[:, None] * stride_wk + offs_r[None, :] * stride_wr,
+        k_in = offs_k < K_p
+        z = tl.load(Z_p + row[:, None] + offs_k[None, :] * stride_k, mask=m_in[:, None] & k_in[None, :], other=0.0)
+        w = tl.load(W_p + offs_k[:, None] * stride_wk_p + offs_r[None, :] * stride_wr_p,
                     mask=k_in[:, None] & r_in[None, :], other=0.0)
         if UPCAST:
             z = z.to(tl.float32)
@@ -282,14 +322,14 @@ def _project_kernel(
 # Keyed on the matrix sizes alone: the batches of a training run vary in samples and tokens, and
 # each new key would time the whole space again (seconds per layer shape). The pruner sees the
 # first batch's token count; a config chosen there is right, if not always fastest, for others.
-# OUT is restored after each timed run: with ACCUMULATE the kernel adds into it. Dense layers
-# tile both dimensions; LoRA's rank columns take one block chosen by the launcher.
-_OUTER_TUNING = dict(key=["DA", "DB"], prune_configs_by={"early_config_prune": _prune_outer},
-                     restore_value=["OUT"])
+# OUT and OUT2 are restored after each timed run: with ACCUMULATE the kernel adds into them.
+# Dense layers tile both dimensions; LoRA's rank columns take one block chosen by the launcher.
+_OUTER_TUNING = dict(key=["DA", "DB", "DA2"], prune_configs_by={"early_config_prune": _prune_outer},
+                     restore_value=["OUT", "OUT2"])
 _dense_outer = _autotune(_outer_space(tiled_columns=True), **_OUTER_TUNING)(_squared_outer_kernel)
 _lora_outer = _autotune(_outer_space(tiled_columns=False), **_OUTER_TUNING)(_squared_outer_kernel)
 # NT only sets the grid: it stays out of the key so that every batch reuses the choice.
-_projection = _autotune(_project_space(), key=["K", "RANK"],
+_projection = _autotune(_project_space(), key=["K", "K2", "RANK"],
                         prune_configs_by={"early_config_prune": _prune_project})(_project_kernel)
 
 
@@ -326,42 +366,58 @@ def _split_plan(N: int, T: int, tiles: int, budget: tuple[int, int]) -> tuple[in
     return 1, tokens, N * cdiv(T, tokens)
 
 
-def _squared_outer(L: torch.Tensor, R: torch.Tensor, *, fisher: torch.Tensor | None, fisher_strides: tuple[int, int],
-                   token_mask: torch.Tensor | None, scale: float, accumulate: bool, sqnorm: bool,
-                   rank_block: int | None = None) -> torch.Tensor | None:
-    """sum_n (scale L_n^T R_n)**2 into `fisher` (given by strides; added to it when `accumulate`),
-    and/or the [rows, N] partial squared norms when `sqnorm` (the caller sums the rows).
+class _Product(NamedTuple):
+    """One L^T R of a `_squared_outer` launch: L [N,T,DA], R [N,T,DB] and where its Fisher goes
+    (None, or a [DA,DB] view given by its strides)."""
+    L: torch.Tensor
+    R: torch.Tensor
+    fisher: torch.Tensor | None
+    fisher_strides: tuple[int, int]
 
-    rank_block: the one column block of LoRA's rank columns; None tiles both dimensions.
+
+def _squared_outer(products: tuple[_Product, ...], *, token_mask: torch.Tensor | None, scale: float,
+                   accumulate: bool, sqnorm: bool, rank_block: int | None = None) -> torch.Tensor | None:
+    """sum_n (scale L_n^T R_n)**2 into each product's `fisher` (added to it when `accumulate`),
+    and/or the [rows, N] partial squared norms of all products when `sqnorm` (the caller sums
+    the rows), in one launch and at most one second pass.
+
+    One or two products; two (LoRA's factors) share N, T, DB, L's dtype and R's strides, and
+    either both have a Fisher buffer or neither. rank_block: the one column block of LoRA's rank
+    columns; None tiles both dimensions.
     """
+    (L, R, fisher, fisher_strides), (L2, R2, fisher2, fisher2_strides) = products[0], products[-1]
     N, T, DA = L.shape
     DB = R.shape[2]
+    DA2 = L2.shape[2] if len(products) == 2 else 0
     kernel = _dense_outer if rank_block is None else _lora_outer
     # Grid and norm rows are counted with the smallest tile of the space: an autotuned larger
     # tile uses fewer programs and rows (the rest stay zero), never more.
-    tiles = cdiv(DA, TILES[0]) * cdiv(DB, rank_block or TILES[0])
+    tiles = (cdiv(DA, TILES[0]) + cdiv(DA2, TILES[0])) * cdiv(DB, rank_block or TILES[0])
     budget = _split_budget(L.device)
     samples_per_split, tokens_per_split, splits = _split_plan(N, T, tiles, budget)
     whole_samples = tokens_per_split >= T
     partials = None
     if splits > 1 and (fisher is not None or not whole_samples):
-        partials = torch.empty(splits, DA, DB, dtype=torch.float32, device=L.device)
+        # The products' rows stacked: [splits, DA + DA2, DB].
+        partials = torch.empty(splits, DA + DA2, DB, dtype=torch.float32, device=L.device)
     tile_norms = torch.zeros(tiles, N, dtype=torch.float32, device=L.device) if sqnorm and whole_samples else None
     if partials is not None:
-        target, target_strides = partials, partials.stride()
+        target, target2 = partials, partials[:, DA:]
+        target_strides = target2_strides = partials.stride()
     elif fisher is not None:
-        target, target_strides = fisher, (0, *fisher_strides)
+        target, target2 = fisher, fisher2
+        target_strides, target2_strides = (0, *fisher_strides), (0, *fisher2_strides)
     else:  # norms only: OUT (restored around each autotuning run) is pointed at the small norm buffer
-        target, target_strides = None, (0, 0, 0)
+        target, target2, target_strides, target2_strides = tile_norms, tile_norms, (0, 0, 0), (0, 0, 0)
     placeholder = L  # stands in for pointers a launch never reads
     mask, stride_mn, stride_mt = _mask_arg(token_mask, placeholder)
     upcast, precision = _dot_flags(L.dtype, mixed=L.dtype != R.dtype)
     extra = {} if rank_block is None else {"BLOCK_B": rank_block}
-    kernel[lambda meta: (cdiv(DA, meta["BLOCK_A"]), cdiv(DB, meta["BLOCK_B"]), splits)](
-        L, R, mask, tile_norms if target is None else target, placeholder if tile_norms is None else tile_norms,
-        N, T, DA, DB, scale, samples_per_split, tokens_per_split,
-        *L.stride(), *R.stride(), stride_mn, stride_mt, *target_strides,
-        HAS_MASK=token_mask is not None, SQUARE=whole_samples, WRITE_OUT=target is not None,
+    kernel[lambda meta: (cdiv(DA, meta["BLOCK_A"]) + cdiv(DA2, meta["BLOCK_A"]), cdiv(DB, meta["BLOCK_B"]), splits)](
+        L, R, mask, target, placeholder if tile_norms is None else tile_norms, L2, R2, target2,
+        N, T, DA, DB, DA2, scale, samples_per_split, tokens_per_split,
+        *L.stride(), *R.stride(), stride_mn, stride_mt, *target_strides, *L2.stride(), *target2_strides,
+        HAS_MASK=token_mask is not None, SQUARE=whole_samples, WRITE_OUT=partials is not None or fisher is not None,
         ACCUMULATE=accumulate and partials is None, WRITE_SQNORM=tile_norms is not None,
         UPCAST=upcast, PRECISION=precision, **extra,
     )
@@ -369,32 +425,35 @@ def _squared_outer(L: torch.Tensor, R: torch.Tensor, *, fisher: torch.Tensor | N
         return tile_norms
     # Whole samples: N=1 group of `splits` Fisher sums. Token chunks: N groups, one per sample.
     groups = 1 if whole_samples else N
+    size = (DA + DA2) * DB
     # Blocks narrow enough to give every program slot one (small layers), as many splits at once
     # as fit REDUCE_TILE.
-    block = min(REDUCE_BLOCK, max(128, next_power_of_2(cdiv(DA * DB, budget[0]))))
+    block = min(REDUCE_BLOCK, max(128, next_power_of_2(cdiv(size, budget[0]))))
     split_block = min(next_power_of_2(splits // groups), REDUCE_TILE // block)
-    blocks = cdiv(DA * DB, block)
+    blocks = cdiv(size, block)
     block_norms = torch.empty(blocks, N, dtype=torch.float32, device=L.device) if sqnorm and not whole_samples else None
     _reduce_splits_kernel[(blocks,)](
-        partials, placeholder if fisher is None else fisher, placeholder if block_norms is None else block_norms,
-        groups, splits // groups, DA * DB, DB, scale, *fisher_strides,
+        partials, placeholder if fisher is None else fisher, placeholder if fisher2 is None else fisher2,
+        placeholder if block_norms is None else block_norms,
+        groups, splits // groups, size, DA, DB, scale, *fisher_strides, *fisher2_strides,
         SQUARE=not whole_samples, WRITE_FISHER=fisher is not None, ACCUMULATE=accumulate,
         WRITE_SQNORM=block_norms is not None, BLOCK=block, SPLIT_BLOCK=split_block,
     )
     return tile_norms if whole_samples else block_norms
 
 
-def _project(Z: torch.Tensor, W: torch.Tensor, W_strides: tuple[int, int], rank: int,
-             token_mask: torch.Tensor | None, rank_block: int) -> torch.Tensor:
-    """Z [N,T,K] @ W [K,rank] (given by strides) -> [N,T,rank] fp32 with masked tokens' rows zero."""
-    N, T, K = Z.shape
-    out = torch.empty(N, T, rank, dtype=torch.float32, device=Z.device)
-    mask, stride_mn, stride_mt = _mask_arg(token_mask, Z)
-    upcast, precision = _dot_flags(Z.dtype, mixed=False)
-    _projection[lambda meta: (cdiv(N * T, meta["BLOCK_M"]),)](
-        Z, W, mask, out,
-        N * T, T, K, rank,
-        *Z.stride(), *W_strides, stride_mn, stride_mt,
+def _project(X: torch.Tensor, G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, token_mask: torch.Tensor | None,
+             rank_block: int) -> torch.Tensor:
+    """[XA, GB] = [X A^T, G B] -> [2, N, T, r] fp32 with masked tokens' rows zero, in one launch."""
+    N, T, I = X.shape
+    O, rank = G.shape[2], A.shape[0]
+    out = torch.empty(2, N, T, rank, dtype=torch.float32, device=X.device)
+    mask, stride_mn, stride_mt = _mask_arg(token_mask, X)
+    upcast, precision = _dot_flags(X.dtype, mixed=False)
+    _projection[lambda meta: (cdiv(N * T, meta["BLOCK_M"]), 2)](
+        X, A, G, B, mask, out,
+        N * T, T, I, O, rank,
+        *X.stride(), A.stride(1), A.stride(0), *G.stride(), *B.stride(), stride_mn, stride_mt,
         HAS_MASK=token_mask is not None, UPCAST=upcast, PRECISION=precision, BLOCK_R=rank_block,
     )
     return out
@@ -409,32 +468,33 @@ def fisher_diag(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | Non
     O, I = G.shape[2], X.shape[2]
     if out is None:
         out = torch.empty(O, I, dtype=torch.float32, device=X.device)
-    _squared_outer(G, X, fisher=out, fisher_strides=out.stride(), token_mask=token_mask, scale=1.0,
-                   accumulate=accumulate, sqnorm=False)
+    _squared_outer((_Product(G, X, out, out.stride()),), token_mask=token_mask, scale=1.0, accumulate=accumulate,
+                   sqnorm=False)
     return out
 
 
 def lora_fisher_diag(X: torch.Tensor, G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                      token_mask: torch.Tensor | None = None, *, out: tuple[torch.Tensor, torch.Tensor] | None = None,
                      accumulate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(F_A [r,I], F_B [O,r], sqnorm [N]) fp32 of LoRA factors A [r,I], B [O,r]; see module docstring."""
+    """(F_A [r,I], F_B [O,r], sqnorm [N]) fp32 of LoRA factors A [r,I], B [O,r]; see module docstring.
+
+    Three launches at most (both projections, both squared outer products, their second pass):
+    at LLM sizes the op is bound by its launches, not by its kernels.
+    """
     I, O, r = X.shape[2], G.shape[2], A.shape[0]
     rank_block = max(16, next_power_of_2(r))
     if out is None:
         out = (torch.empty(r, I, dtype=torch.float32, device=X.device),
                torch.empty(O, r, dtype=torch.float32, device=X.device))
     fisher_A, fisher_B = out
-    XA = _project(X, A, (A.stride(1), A.stride(0)), r, token_mask, rank_block)
-    GB = _project(G, B, B.stride(), r, token_mask, rank_block)
-    norms_B = _squared_outer(G, XA, fisher=fisher_B, fisher_strides=fisher_B.stride(), token_mask=None,
-                             scale=scaling, accumulate=accumulate, sqnorm=True, rank_block=rank_block)
-    norms_A = _squared_outer(X, GB, fisher=fisher_A, fisher_strides=(fisher_A.stride(1), fisher_A.stride(0)),
-                             token_mask=None, scale=scaling, accumulate=accumulate, sqnorm=True,
-                             rank_block=rank_block)
-    return fisher_A, fisher_B, norms_A.sum(0) + norms_B.sum(0)
+    XA, GB = _project(X, G, A, B, token_mask, rank_block)
+    norms = _squared_outer((_Product(G, XA, fisher_B, fisher_B.stride()),
+                            _Product(X, GB, fisher_A, (fisher_A.stride(1), fisher_A.stride(0)))),
+                           token_mask=None, scale=scaling, accumulate=accumulate, sqnorm=True, rank_block=rank_block)
+    return fisher_A, fisher_B, norms.sum(0)
 
 
 def sample_sqnorms(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """||G_n^T X_n||_F^2 -> [N] fp32 by the direct path: per-tile partial sums, then reduced."""
-    return _squared_outer(G, X, fisher=None, fisher_strides=(0, 0), token_mask=token_mask, scale=1.0,
-                          accumulate=False, sqnorm=True).sum(0)
+    return _squared_outer((_Product(G, X, None, (0, 0)),), token_mask=token_mask, scale=1.0, accumulate=False,
+                          sqnorm=True).sum(0)

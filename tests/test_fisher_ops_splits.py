@@ -96,7 +96,7 @@ def test_prune_keeps_configs_that_fit_and_pay_off(monkeypatch):
 
     def kept(dtype, T, DA, DB):
         L, R = torch.empty(1, 1, 1, dtype=dtype), torch.empty(1, 1, 1, dtype=dtype)
-        named = {"L": L, "R": R, "T": T, "tokens_per_split": T, "DA": DA, "DB": DB}
+        named = {"L": L, "R": R, "T": T, "tokens_per_split": T, "DA": DA, "DB": DB, "DA2": 0}
         return {(c.kwargs["BLOCK_A"], c.kwargs["BLOCK_B"], c.kwargs["BLOCK_T"], c.num_warps, c.num_stages)
                 for c in fisher_kernels._prune_outer(space, named)}
 
@@ -149,6 +149,38 @@ def test_lora_fisher_diag_every_split_mode(monkeypatch, device, poisoned_empty, 
     ops.lora_fisher_diag(X, G, A, B, 1.5, token_mask=mask, out=out)
     assert_close(out[0], init_A.double() + fisher_A, dtype)
     assert_close(out[1], init_B.double() + fisher_B, dtype)
+
+
+class CountedLaunches:
+    """Wraps a kernel (or autotuner): `kernel[grid](...)` launches it and counts the launch."""
+
+    def __init__(self, kernel, counts, name):
+        self.kernel, self.counts, self.name = kernel, counts, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.counts[self.name] = self.counts.get(self.name, 0) + 1
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("budget,launches", [
+    ("unsplit", {"_projection": 1, "_lora_outer": 1}),
+    ("one-sample-splits", {"_projection": 1, "_lora_outer": 1, "_reduce_splits_kernel": 1}),
+    ("token-chunks", {"_projection": 1, "_lora_outer": 1, "_reduce_splits_kernel": 1}),
+])
+def test_lora_fisher_diag_launches_each_kernel_once_for_both_factors(monkeypatch, device, budget, launches):
+    """The op is bound by its launches at LLM sizes: both factors share every launch."""
+    use_budget(monkeypatch, BUDGETS[budget])
+    counts = {}
+    for name in ("_projection", "_lora_outer", "_dense_outer", "_reduce_splits_kernel"):
+        monkeypatch.setattr(fisher_kernels, name, CountedLaunches(getattr(fisher_kernels, name), counts, name))
+    X, G, mask = make_inputs(SHAPE, torch.float32, True, seed=16, device=device)
+    A, B = make_lora_factors(RANK, SHAPE[2], SHAPE[3], torch.float32, seed=16, device=device)
+    got = fisher_kernels.lora_fisher_diag(X, G, A, B, 0.7, mask)
+    assert counts == launches
+    for value, want in zip(got, lora_expected(X, G, A, B, 0.7, mask)):
+        assert_close(value, want, torch.float32)
 
 
 # ---- determinism ------------------------------------------------------------------------------
