@@ -461,8 +461,7 @@ class FisherCollector:
         if layer.adapter is None:
             if grad_scale != 1:
                 G3 = G3 * grad_scale
-            ops.fisher_diag(X3, G3, token_mask=mask, out=fisher["weight"])
-            sqnorm = ops.sample_sqnorms(X3, G3, token_mask=mask)
+            _, sqnorm = ops.fisher_diag(X3, G3, token_mask=mask, out=fisher["weight"], with_sqnorms=True)
         else:
             weights = layer.weights()
             A, B = (weights[key].detach().to(X3.dtype) for key in ("lora_A", "lora_B"))

@@ -51,22 +51,31 @@ def _check_out(name: str, out: object, shape: tuple[int, ...], device: torch.dev
 
 
 def fisher_diag(X: torch.Tensor, G: torch.Tensor, *, token_mask: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None,
+                with_sqnorms: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Diagonal empirical Fisher of a linear layer's weight, sum_n (G_n^T X_n)**2, as [O,I] fp32.
 
     X [N,T,I] and G [N,T,O] share one dtype of fp32/bf16/fp16; token_mask [N,T] (bool or 0/1)
     drops padding tokens. Per-sample gradients are never materialised. With `out` ([O,I] fp32,
-    contiguous) the result is added into `out`, which is returned.
+    contiguous) the result is added into `out`, which is returned. With `with_sqnorms` the
+    return is (fisher, sqnorm) with sqnorm [N] fp32 = ||G_n^T X_n||_F^2, what `sample_sqnorms`
+    gives, taken from the same per-sample gradients instead of a second pass over X and G.
     """
     N, T, I, O = _check_layer_inputs(X, G, token_mask)
     if out is not None:
         _check_out("out", out, (O, I), X.device)
+    if not isinstance(with_sqnorms, bool):
+        raise TypeError(f"with_sqnorms must be a bool, got {type(with_sqnorms).__name__}")
     if use_triton(X):
         from fibec.kernels import fisher as kernels
 
-        return kernels.fisher_diag(X, G, token_mask, out=out, accumulate=out is not None)
-    fisher = reference.fisher_diag(X, G, token_mask)
-    return fisher if out is None else out.add_(fisher)
+        return kernels.fisher_diag(X, G, token_mask, out=out, accumulate=out is not None, with_sqnorms=with_sqnorms)
+    result = reference.fisher_diag(X, G, token_mask, with_sqnorms=with_sqnorms)
+    if out is None:
+        return result
+    if with_sqnorms:
+        return out.add_(result[0]), result[1]
+    return out.add_(result)
 
 
 def lora_fisher_diag(X: torch.Tensor, G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,

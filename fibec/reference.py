@@ -31,14 +31,18 @@ def _fp32_chunk(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | Non
     return x, g
 
 
-def fisher_diag(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+def fisher_diag(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | None = None, *,
+                with_sqnorms: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Diagonal empirical Fisher of a linear layer's weight: sum_n (G_n^T X_n)**2.
 
-    X [N,T,I], G [N,T,O] (fp32/bf16/fp16), token_mask [N,T] bool or 0/1 -> [O,I] fp32.
+    X [N,T,I], G [N,T,O] (fp32/bf16/fp16), token_mask [N,T] bool or 0/1 -> [O,I] fp32; with
+    `with_sqnorms` also the per-sample squared norms ||G_n^T X_n||^2 [N] fp32, taken from the same
+    per-sample gradients.
     """
     N, T, I = X.shape
     O = G.shape[-1]
     fisher = torch.zeros(O, I, dtype=torch.float32, device=X.device)
+    sqnorm = torch.empty(N, dtype=torch.float32, device=X.device)
     chunk = _samples_per_chunk(X, G, token_mask, O * I)
     grads = torch.empty(min(chunk, N), O, I, dtype=torch.float32, device=X.device)
     for start in range(0, N, chunk):
@@ -47,7 +51,10 @@ def fisher_diag(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | Non
         dW = torch.bmm(g.transpose(1, 2), x, out=grads[: stop - start])
         for dW_n in dW:
             fisher.addcmul_(dW_n, dW_n)
-    return fisher
+        if with_sqnorms:
+            flat = dW.flatten(1)
+            sqnorm[start:stop] = torch.linalg.vecdot(flat, flat)
+    return (fisher, sqnorm) if with_sqnorms else fisher
 
 
 def lora_fisher_diag(X: torch.Tensor, G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,

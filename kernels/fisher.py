@@ -463,14 +463,16 @@ def _project(X: torch.Tensor, G: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
 
 
 def fisher_diag(X: torch.Tensor, G: torch.Tensor, token_mask: torch.Tensor | None = None, *,
-                out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
-    """sum_n (G_n^T X_n)**2 -> [O,I] fp32, written into `out` (added to it when `accumulate`)."""
+                out: torch.Tensor | None = None, accumulate: bool = False,
+                with_sqnorms: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """sum_n (G_n^T X_n)**2 -> [O,I] fp32, written into `out` (added to it when `accumulate`);
+    with `with_sqnorms` also ||G_n^T X_n||^2 -> [N] fp32 from the same pass."""
     O, I = G.shape[2], X.shape[2]
     if out is None:
         out = torch.empty(O, I, dtype=torch.float32, device=X.device)
-    _squared_outer((_Product(G, X, out, out.stride()),), token_mask=token_mask, scale=1.0, accumulate=accumulate,
-                   sqnorm=False)
-    return out
+    norms = _squared_outer((_Product(G, X, out, out.stride()),), token_mask=token_mask, scale=1.0,
+                           accumulate=accumulate, sqnorm=with_sqnorms)
+    return (out, norms.sum(0)) if with_sqnorms else out
 
 
 def lora_fisher_diag(X: torch.Tensor, G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,

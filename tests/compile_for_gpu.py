@@ -63,6 +63,7 @@ def record_launches(sms: int, shared: int) -> list:
         mask = torch.ones(N, T, dtype=torch.bool) if masked else None
         fisher.fisher_diag(X, G, mask)
         fisher.fisher_diag(X, G, mask, out=torch.zeros(80, 96), accumulate=True)
+        fisher.fisher_diag(X, G, mask, with_sqnorms=True)
         fisher.sample_sqnorms(X, G, mask)
         for rank in (5, 16, 64):
             A, B = torch.zeros(rank, 96, dtype=dtype), torch.zeros(80, rank, dtype=dtype)

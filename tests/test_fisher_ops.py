@@ -24,6 +24,28 @@ def test_fisher_diag_matches_per_sample_grads_squared(backend, device, poisoned_
     assert_close(ops.fisher_diag(X, G, token_mask=mask), expected, dtype)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fisher_diag_with_sqnorms_gives_both_from_one_pass(backend, device, poisoned_empty, shape, dtype, masked):
+    X, G, mask = make_inputs(shape, dtype, masked, seed=hash((shape, masked, 1)) % 2**31, device=device)
+    dW = per_sample_weight_grads(X, G, mask)
+    fisher, sqnorm = ops.fisher_diag(X, G, token_mask=mask, with_sqnorms=True)
+    assert_close(fisher, dW.square().sum(0), dtype)
+    assert_close(sqnorm, dW.square().sum((1, 2)), dtype)
+
+
+def test_fisher_diag_with_sqnorms_accumulates_the_fisher_only(backend, device):
+    X, G, mask = make_inputs((3, 37, 70, 67), torch.float32, True, seed=3, device=device)
+    dW = per_sample_weight_grads(X, G, mask)
+    initial = torch.rand(67, 70) * dW.square().sum(0).max().float()
+    out = initial.to(device, copy=True)
+    fisher, sqnorm = ops.fisher_diag(X, G, token_mask=mask, out=out, with_sqnorms=True)
+    assert fisher is out
+    assert_close(out, initial.double() + dW.square().sum(0), torch.float32)
+    assert_close(sqnorm, dW.square().sum((1, 2)), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fisher_diag_accumulates_into_out(backend, device, dtype):
     X, G, mask = make_inputs((3, 37, 70, 67), dtype, True, seed=1, device=device)
@@ -107,10 +129,11 @@ def test_sqnorm_method_picks_fewer_flops(T, I, O, method):
 def test_reference_gives_same_result_one_sample_per_chunk(monkeypatch, device, dtype):
     X, G, mask = make_inputs((4, 37, 70, 67), dtype, True, seed=7, device=device)
     A, B = make_lora_factors(5, 70, 67, dtype, seed=7, device=device)
-    whole = (reference.fisher_diag(X, G, mask), *reference.lora_fisher_diag(X, G, A, B, 0.3, mask),
-             reference.sample_sqnorms(X, G, mask, method="gram"), reference.sample_sqnorms(X, G, mask, method="direct"))
+    def every_output():
+        return (*reference.fisher_diag(X, G, mask, with_sqnorms=True), *reference.lora_fisher_diag(X, G, A, B, 0.3, mask),
+                reference.sample_sqnorms(X, G, mask, method="gram"), reference.sample_sqnorms(X, G, mask, method="direct"))
+    whole = every_output()
     monkeypatch.setattr(reference, "_CHUNK_BYTES", 1)
-    chunked = (reference.fisher_diag(X, G, mask), *reference.lora_fisher_diag(X, G, A, B, 0.3, mask),
-               reference.sample_sqnorms(X, G, mask, method="gram"), reference.sample_sqnorms(X, G, mask, method="direct"))
+    chunked = every_output()
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)

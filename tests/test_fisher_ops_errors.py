@@ -127,6 +127,11 @@ def test_bad_lora_out_is_rejected_naming_it(backend, device, name, error, out):
     assert_raises_naming(name, error, lambda: call_lora(on(device, good()), out=on(device, out)))
 
 
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_non_bool_with_sqnorms_is_rejected(backend, device, value):
+    assert_raises_naming("with_sqnorms", TypeError, lambda: call_fisher_diag(on(device, good()), with_sqnorms=value))
+
+
 def test_unknown_sqnorm_method_is_rejected(backend, device):
     assert_raises_naming("method", ValueError, lambda: call_sqnorms(on(device, good()), method="fast"))
 

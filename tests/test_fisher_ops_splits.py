@@ -128,6 +128,10 @@ def test_fisher_diag_every_split_mode(monkeypatch, device, poisoned_empty, shape
     assert_close(out, initial.double() + expected, dtype)
     assert_close(ops.sample_sqnorms(X, G, token_mask=mask, method="direct"),
                  per_sample_weight_grads(X, G, mask).square().sum((1, 2)), dtype)
+    fused_out = torch.full((O, I), float("nan"), device=device)
+    _, sqnorm = fisher_kernels.fisher_diag(X, G, mask, out=fused_out, with_sqnorms=True)
+    assert_close(fused_out, expected, dtype)
+    assert_close(sqnorm, per_sample_weight_grads(X, G, mask).square().sum((1, 2)), dtype)
 
 
 @pytest.mark.parametrize("budget", BUDGETS.values(), ids=BUDGETS.keys())
