@@ -311,6 +311,12 @@ AGREEMENT = {torch.bfloat16: 5e-2, torch.float32: 1e-3}  # peers in bf16 round p
 UNSPLIT_LORA = "fibec.lora_fisher_diag, loops unsplit"
 
 
+# Diagnostic rows: what a dense layer costs the Fisher collector, which needs the Fisher and the
+# per-sample norms: two ops (the collector before 2026-11-27) against one pass.
+FISHER_AND_NORMS_TWO_OPS = "fibec.fisher_diag + sample_sqnorms (two ops)"
+FISHER_AND_NORMS_ONE_OP = "fibec.fisher_diag(with_sqnorms=True)"
+
+
 def unsplit(run: Runner) -> Runner:
     """`run` with the Fisher kernels' split budget at one program per tile."""
     from fibec.kernels import fisher as kernels
@@ -407,7 +413,9 @@ def gpu_case_methods(shape, peers, dtype) -> tuple[str, int, int, dict[str, Call
         N, T, I, O = shape
         rhs = torch.randn(I, O, device=DEVICE, dtype=dtype)
         methods = {"fibec.fisher_diag": lambda: fibec_fisher(X, G),
-                   MATMUL: lambda: lambda: X.reshape(N * T, I) @ rhs}
+                   MATMUL: lambda: lambda: X.reshape(N * T, I) @ rhs,
+                   FISHER_AND_NORMS_TWO_OPS: lambda: lambda: (ops.fisher_diag(X, G), ops.sample_sqnorms(X, G)),
+                   FISHER_AND_NORMS_ONE_OP: lambda: lambda: ops.fisher_diag(X, G, with_sqnorms=True)}
         methods.update({peer: (lambda make=GROUPS["fisher"][2][peer]: make(X, G)) for peer in peers})
         return f"fisher_diag {shape}", 2 * N * T * I * O, 4 * O * I, methods
     inputs = make_lora_inputs(shape, dtype=dtype)
