@@ -187,6 +187,25 @@ def test_lora_fisher_diag_launches_each_kernel_once_for_both_factors(monkeypatch
         assert_close(value, want, torch.float32)
 
 
+@pytest.mark.parametrize("budget,launches", [
+    ("unsplit", {"_dense_outer": 1}),
+    ("one-sample-splits", {"_dense_outer": 1, "_reduce_splits_kernel": 1}),
+    ("token-chunks", {"_dense_outer": 1, "_reduce_splits_kernel": 1}),
+])
+def test_fisher_diag_with_sqnorms_is_one_pass(monkeypatch, device, budget, launches):
+    """The per-sample norms come from the Fisher's own pass, not from a second one."""
+    use_budget(monkeypatch, BUDGETS[budget])
+    counts = {}
+    for name in ("_dense_outer", "_reduce_splits_kernel"):
+        monkeypatch.setattr(fisher_kernels, name, CountedLaunches(getattr(fisher_kernels, name), counts, name))
+    X, G, mask = make_inputs(SHAPE, torch.float32, True, seed=17, device=device)
+    fisher, sqnorm = fisher_kernels.fisher_diag(X, G, mask, with_sqnorms=True)
+    assert counts == launches
+    dW = per_sample_weight_grads(X, G, mask)
+    assert_close(fisher, dW.square().sum(0), torch.float32)
+    assert_close(sqnorm, dW.square().sum((1, 2)), torch.float32)
+
+
 # ---- determinism ------------------------------------------------------------------------------
 
 
