@@ -1,6 +1,7 @@
 """experiments/grid.py, smoke size: one data set, two rounds, two methods; resumable; a report."""
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,16 @@ def fabricated_record(key: str, accuracies: list[float], uploaded_per_round: int
                "client_compute_s": {"0": 1.0}, "client_uploaded_bytes": {"0": uploaded_per_round}}
               for i, acc in enumerate(accuracies)]
     return {"key": key, "rounds": rounds}
+
+
+def test_summary_gives_the_first_two_evaluations_for_a_slow_start(grid_module):
+    record = fabricated_record("d-a0.5-s0-fibecfed--", [0.3, 0.6, 0.8, 0.9], 1_000)
+    del record["rounds"][0]["global_accuracy"]  # round 1 not evaluated
+    row = grid_module.summary(record, None)
+    assert (row["global_eval1"], row["global_eval2"], row["global"]) == (0.6, 0.8, 0.9)
+    once = fabricated_record("d-a0.5-s0-fedavg--", [0.7], 1_000)
+    assert grid_module.summary(once, None)["global_eval1"] == 0.7
+    assert math.isnan(grid_module.summary(once, None)["global_eval2"])
 
 
 def test_target_table_gives_each_variant_its_own_row(grid_module):
