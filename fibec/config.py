@@ -27,7 +27,7 @@ EVAL_SPLITS = ("test", "validation")
 ENGINES = ("inprocess", "flower")
 # Settings added after runs were saved, each with the value that reproduces such a run: a saved
 # config (or checkpoint) without the setting is read with this value.
-VALUES_BEFORE_ADDED: dict[str, object] = {"scale_steps": False}
+VALUES_BEFORE_ADDED: dict[str, object] = {"scale_steps": False, "server_lr": 1.0}
 
 
 class ConfigError(ValueError):
@@ -92,6 +92,9 @@ class FedConfig:
     batch_size: int = setting(16, "batch size", low=1)
     max_length: int = setting(48, "max tokens per sample", low=2)
     lr: float = setting(5e-3, "AdamW learning rate", low=0.0, low_open=True)
+    server_lr: float = setting(1.0, "server learning rate: the aggregated layers move by this multiple of the "
+                                    "clients' sample-weighted mean delta (1: FedAvg's plain mean)",
+                               low=0.0, low_open=True)
     logit_adjust: float = setting(1.0, "tau of the logit-adjusted local loss: cross-entropy of logits + "
                                        "tau * log(the client's label prior), against label skew (0: plain)",
                                   low=0.0)

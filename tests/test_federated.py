@@ -226,6 +226,23 @@ def test_an_update_far_larger_than_the_rounds_median_is_rejected(tiny_bert, task
         torch.testing.assert_close(fed.server.state[n], value)
 
 
+@pytest.mark.parametrize("server_lr", [1.0, 2.5])
+def test_aggregation_moves_the_sent_layers_by_server_lr_times_the_weighted_mean_delta(tiny_bert, task, tmp_path,
+                                                                                      server_lr):
+    cfg, fed = federation(tiny_bert, task, tmp_path, server_lr=server_lr)
+    plan = first_plan(fed, fed.clients[0])
+    payload = fed.server.payload(plan)
+    updates = [c.fit(fed.model, payload, plan) for c in fed.clients[:2]]
+    before = {n: t.clone() for n, t in fed.server.state.items()}
+    assert fed.server.aggregate(plan, updates).accepted == [u.cid for u in updates]
+    sent = set(fed.server.sent_names(plan))
+    total = sum(u.num_samples for u in updates)
+    for n in before:
+        mean = sum(codec.decode(u.payload)[n] * u.num_samples for u in updates) / total if n in sent else 0.0
+        torch.testing.assert_close(fed.server.state[n], before[n] + server_lr * mean)
+    assert any(not torch.equal(before[n], fed.server.state[n]) for n in sent)
+
+
 def test_a_round_with_fewer_accepted_updates_than_min_updates_changes_nothing(tiny_bert, task, tmp_path):
     cfg, fed = federation(tiny_bert, task, tmp_path, min_updates=2)
     plan = first_plan(fed, fed.clients[0])

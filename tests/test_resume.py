@@ -152,7 +152,9 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_the_value_it_was_made
         del config[name], state["state"]["config"][name]
     (finished_run / "config.json").write_text(json.dumps(config))
     state_file.write_text(json.dumps(state))
-    assert saved_config(finished_run).scale_steps is False
+    saved = saved_config(finished_run)
+    assert all(getattr(saved, name) == value for name, value in VALUES_BEFORE_ADDED.items())
+    assert saved.scale_steps is False  # the default is True now: the legacy value, not the default, is read
     before = (finished_run / "metrics_fibecfed.jsonl").read_text()
     main(["run", "--resume", str(finished_run), "--quiet"])  # no "mismatched checkpoint"
     assert (finished_run / "metrics_fibecfed.jsonl").read_text() == before

@@ -173,7 +173,8 @@ class Server:
         return {n: sum(t[n].to(torch.float32) * (w / total) for t, w in zip(tensors, weights)) for n in names}
 
     def aggregate(self, plan: RoundPlan, updates: list[ClientUpdate]) -> AggregateResult:
-        """Check every update, then add the sample-weighted mean delta to the sent layers and head.
+        """Check every update, then add `server_lr` times the sample-weighted mean delta to the sent
+        layers and head.
 
         Rejected, each with a logged reason: an update that fails to decode or does not match the
         plan (names, shapes, finiteness, sample count), and one whose delta norm exceeds
@@ -208,7 +209,7 @@ class Server:
         names = self.sent_names(plan)
         mean = self._weighted_mean([d for _, d in checked], [float(u.num_samples) for u, _ in checked], names)
         for name in names:
-            self.state[name] += mean[name]
+            self.state[name] += self.cfg.server_lr * mean[name]
         if plan.want_scores:
             ranked = self._ranked([(u.cid, u.scores, float(u.num_samples)) for u, _ in checked if u.scores])
             if ranked is not None:
