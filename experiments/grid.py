@@ -19,8 +19,10 @@ A grid file (TOML) names the runs:
     clients = 10
     [variants.fisher]                      # optional: named overrides, each run for every method
     gal_ranker = "fisher"                  # but those in `shared_methods` (run once, variant "-")
-    # methods = ["fibecfed"]               # a variant may name the methods it applies to
+    # methods = ["fibecfed"]               # a variant may name the methods it applies to (a shared
+                                           # method too: it then runs as "-" and as this variant)
     # datasets = ["trec"]                  # and the data sets
+    # seeds = [0, 1]                       # and the seeds
     [method_settings.fedavg]               # optional: settings of one method (under the variants')
     values = "fp32"
 
@@ -94,8 +96,11 @@ def runs_of(grid: dict) -> list[Run]:
     # Seeds outermost: a grid cut short still covers every cell on its first seeds.
     for seed, cell, method in itertools.product(grid["seeds"], grid["cells"], grid["methods"]):
         names = [v for v, spec in variants.items()
-                 if method in spec.get("methods", [method]) and cell["data"] in spec.get("datasets", [cell["data"]])]
-        for variant in (["-"] if method in shared or not variants else names):
+                 if method in spec.get("methods", [method]) and cell["data"] in spec.get("datasets", [cell["data"]])
+                 and seed in spec.get("seeds", [seed])]
+        if method in shared:  # its one run, and the variants that name it
+            names = ["-"] + [v for v in names if method in variants[v].get("methods", [])]
+        for variant in (names if variants else ["-"]):
             runs.append(Run(cell["data"], float(cell["alpha"]), int(seed), method, variant))
     return runs
 
@@ -115,7 +120,7 @@ def config_of(grid: dict, run: Run):
     from fibec.config import FedConfig
 
     variant = {k: v for k, v in grid.get("variants", {}).get(run.variant, {}).items()
-               if k not in ("methods", "datasets")}
+               if k not in ("methods", "datasets", "seeds")}
     settings = {**grid.get("settings", {}), **grid.get("method_settings", {}).get(run.method, {}), **variant}
     settings.update(data=run.data, alpha=run.alpha, seed=run.seed, method=run.method,
                     out=str(ROOT / grid["runs"] / run.key))

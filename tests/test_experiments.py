@@ -132,6 +132,18 @@ def test_committed_grid_files_expand_into_valid_run_settings(grid_module, path):
         assert grid_module.config_of(loaded, run).method == run.method
 
 
+def test_a_variant_may_name_a_shared_method_and_keep_to_some_seeds(grid_module):
+    grid = {"name": "g", "runs": "runs/g", "cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1, 2],
+            "methods": ["fibecfed", "fedavg"],
+            "shared_methods": ["fedavg"],
+            "variants": {"plain": {}, "fast": {"methods": ["fibecfed", "fedavg"], "seeds": [0, 2], "lr": 0.01}}}
+    keys = {run.key for run in grid_module.runs_of(grid)}
+    assert keys == {f"d-a0.5-s{s}-fibecfed-plain" for s in (0, 1, 2)} | {f"d-a0.5-s{s}-fedavg--" for s in (0, 1, 2)} \
+        | {f"d-a0.5-s{s}-{m}-fast" for s in (0, 2) for m in ("fibecfed", "fedavg")}
+    fast = grid_module.Run("d", 0.5, 2, "fedavg", "fast")
+    assert grid_module.config_of(grid, fast).lr == 0.01
+
+
 def fabricated_record(key: str, accuracies: list[float], uploaded_per_round: int) -> dict:
     """A record with the fields the report reads, one client, a second of compute per round."""
     rounds = [{"round": i + 1, "global_accuracy": acc, "personal_accuracy": acc, "majority_accuracy": 0.5,
