@@ -335,7 +335,10 @@ def report(grid: dict) -> Path:
              "clients of a round in parallel, compute as measured; *uplink for 2x*: the fastest uplink "
              f"(downlink 5x it) at which the link-model speed-up to 95% reaches {TARGET_SPEEDUP:g}x, out of "
              f"{UPLINK_SWEEP_MBIT[0]:g}-{UPLINK_SWEEP_MBIT[-1]:g} Mbit/s, from the same measured compute and "
-             "payload lengths: the links on which fewer bytes would pay for the time target.", ""]
+             "payload lengths: the links on which fewer bytes would pay for the time target. The link-model "
+             "speed-up depends only on the link rates relative to the clients' compute speed: clients k times "
+             "faster than the machine that measured the compute reach the same speed-up at k times the "
+             "uplink.", ""]
     if grid.get("target_method"):
         lines += targets(grid, done, grid["target_method"], baseline)
     if grid.get("findings"):

@@ -164,6 +164,18 @@ def test_summary_gives_the_first_two_evaluations_for_a_slow_start(grid_module):
     assert math.isnan(grid_module.summary(once, None)["global_eval2"])
 
 
+def test_link_model_time_scales_with_compute_when_the_links_scale_with_it(grid_module):
+    # What the report's header states: clients k times faster reach the same speed-up at k times the uplink.
+    record = fabricated_record("d-a0.5-s0-fibecfed--", [0.5], 30_000)["rounds"][0]
+    record["clients"] = [0, 1]
+    record["client_compute_s"] = {"0": 2.0, "1": 3.0}
+    record["client_uploaded_bytes"] = {"0": 50_000, "1": 10_000}
+    faster = {**record, "client_compute_s": {c: s / 4 for c, s in record["client_compute_s"].items()}}
+    slow_links = grid_module.link_seconds(record, 10_000.0, 50_000.0)
+    assert slow_links == 2.0 + 50_000 / 10_000 + 500 / 50_000  # client 0 is the slowest: its upload
+    assert grid_module.link_seconds(faster, 40_000.0, 200_000.0) == pytest.approx(slow_links / 4)
+
+
 def test_target_table_gives_each_variant_its_own_row(grid_module):
     grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0], "methods": ["fibecfed", "fedavg"],
             "shared_methods": ["fedavg"], "variants": {"slow": {}, "fast": {}}}
