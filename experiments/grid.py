@@ -95,12 +95,12 @@ def runs_of(grid: dict) -> list[Run]:
     runs = []
     # Seeds outermost: a grid cut short still covers every cell on its first seeds.
     for seed, cell, method in itertools.product(grid["seeds"], grid["cells"], grid["methods"]):
+        # A variant without `methods` applies to every method but the shared ones, which run as "-"
+        # and as the variants that name them.
         names = [v for v, spec in variants.items()
-                 if method in spec.get("methods", [method]) and cell["data"] in spec.get("datasets", [cell["data"]])
-                 and seed in spec.get("seeds", [seed])]
-        if method in shared:  # its one run, and the variants that name it
-            names = ["-"] + [v for v in names if method in variants[v].get("methods", [])]
-        for variant in (names if variants else ["-"]):
+                 if (method in spec["methods"] if "methods" in spec else method not in shared)
+                 and cell["data"] in spec.get("datasets", [cell["data"]]) and seed in spec.get("seeds", [seed])]
+        for variant in (["-"] + names if method in shared or not variants else names):
             runs.append(Run(cell["data"], float(cell["alpha"]), int(seed), method, variant))
     return runs
 
