@@ -17,7 +17,7 @@ from fibec import reference
 from fibec._backend import use_triton
 from fibec._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_shape, check_tensor
 
-# ---- Fisher information (kernels/fisher.py) ---------------------------------------------
+# ---- Fisher information (fibec/kernels/fisher.py) ---------------------------------------------
 # X [N,T,I] layer inputs, G [N,T,O] loss gradients w.r.t. the layer outputs, token_mask [N,T].
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, *FLOAT_DTYPES)
 
@@ -136,7 +136,7 @@ def sample_sqnorms(X: torch.Tensor, G: torch.Tensor, *, token_mask: torch.Tensor
     return reference.sample_sqnorms(X, G, token_mask, method=method)
 
 
-# ---- Masked optimizer steps (kernels/masked_update.py) ----------------------------------
+# ---- Masked optimizer steps (fibec/kernels/masked_update.py) ----------------------------------
 # p [..] parameter, grad like p; fp32 optimizer state of p's shape; mask: None (dense), an element
 # mask of p's shape, or a neuron mask over the rows (mask_dim 0) or columns (mask_dim 1) of a 2-D p.
 _UPDATE_MASK_DTYPES = (torch.bool, torch.uint8)

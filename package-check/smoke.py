@@ -1,4 +1,4 @@
-"""Smoke test of an installed fibec, run from outside the repository by packaging/check.sh.
+"""Smoke test of an installed fibec, run from outside the repository by package-check/check.sh.
 
 Checks that the import resolves to the installed package (not a checkout), then a codec round
 trip with a corrupted copy, fisher_diag and masked_adamw_ on the CPU against plain PyTorch.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The package as a user gets it: the sdist, a wheel built from that sdist (not from the tree),
 # that wheel installed into a fresh virtual environment, and a smoke test run from outside the
-# repository. Usage: packaging/check.sh [python]  (default: .venv/bin/python, which has `build`).
+# repository. Usage: package-check/check.sh [python]  (default: .venv/bin/python, which has `build`).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${1:-$repo/.venv/bin/python}"
@@ -19,7 +19,7 @@ grep -q "Building wheel from sdist" "$work/step.log" || { echo "the wheel was no
 tail -n 1 "$work/step.log"
 sdist=("$work"/dist/fibec-*.tar.gz) wheel=("$work"/dist/fibec-*.whl)
 tar tzf "${sdist[0]}" > "$work/sdist.txt"
-for required in csrc/crc32c.h kernels/fisher.py LICENSE docs/PAYLOAD.md; do
+for required in csrc/crc32c.h fibec/kernels/fisher.py LICENSE docs/PAYLOAD.md; do
     grep -qx "fibec-[^/]*/$required" "$work/sdist.txt" || { echo "the sdist lacks $required"; exit 1; }
 done
 
@@ -32,12 +32,12 @@ quietly "$work/venv/bin/pip" install "${wheel[0]}" "$torch_pin"
 
 echo "== smoke test from outside the repository"
 cd "$work"
-"$work/venv/bin/python" "$repo/packaging/smoke.py"
+"$work/venv/bin/python" "$repo/package-check/smoke.py"
 "$work/venv/bin/fibec" --help > /dev/null
 "$work/venv/bin/fibec" run --help | grep -q -- "--gal-size"
 
 echo "== the same without triton (as on platforms where it does not install)"
 quietly "$work/venv/bin/pip" uninstall -y triton
-"$work/venv/bin/python" "$repo/packaging/smoke.py"
+"$work/venv/bin/python" "$repo/package-check/smoke.py"
 "$work/venv/bin/fibec" --help > /dev/null
 echo "package check passed: $(basename "${wheel[0]}")"

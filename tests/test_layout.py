@@ -1,0 +1,78 @@
+"""The repository root shadows no dependency.
+
+Every Python started from the root (`python -m pytest`, `python -c ...`) has the root first on
+sys.path, so a package or module there takes the place of any installed one of the same name.
+transformers 5.25 imports Hugging Face's `kernels` whenever it is installed, and a top-level
+kernels/ of ours once broke every fresh install that way. A folder without __init__.py loses to a
+regular package of the same name, but merges with a namespace package of it.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The only regular package or module at the root that Python can import: fibec itself, and the
+# build script setuptools runs.
+ROOT_MODULES = {"fibec", "setup"}
+
+
+def importable_root_names() -> dict[str, Path]:
+    """{name: path} of every root entry that `import name` could find with the root on sys.path."""
+    names = {}
+    for path in ROOT.iterdir():
+        name = path.name.split(".")[0] if path.is_file() else path.name
+        if not name.isidentifier():
+            continue
+        if path.is_dir() or path.suffix in (".py", ".so", ".pyc"):
+            names[name] = path
+    return names
+
+
+def test_the_only_root_packages_and_modules_are_fibec_and_setup():
+    regular = {name for name, path in importable_root_names().items()
+               if path.is_file() or (path / "__init__.py").exists()}
+    assert regular <= ROOT_MODULES, f"regular packages or modules at the repository root: {sorted(regular - ROOT_MODULES)}"
+
+
+def test_no_root_folder_or_module_shares_a_name_with_an_installed_distribution():
+    provided = importlib.metadata.packages_distributions()
+    clashes = {name: provided[name] for name in importable_root_names()
+               if name in provided and set(provided[name]) != {"fibec"}}
+    assert not clashes, f"root names that installed distributions also provide: {clashes}"
+
+
+def run_from_root(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` with the repository root first on sys.path, as `python -m pytest` has it."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_kernels_does_not_resolve_inside_the_repository_from_its_root():
+    probe = run_from_root("import importlib.util, sys; print(sys.path[0] == ''); "
+                          "spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else None)")
+    assert probe.returncode == 0, probe.stderr
+    root_first, origin = probe.stdout.split()
+    assert root_first == "True"
+    # An installed `kernels` may sit in a virtual environment inside the checkout (.venv).
+    assert origin == "None" or "site-packages" in Path(origin).parts, origin
+
+
+def test_transformers_hub_kernels_integration_imports_from_the_root():
+    pytest.importorskip("transformers")
+    probe = run_from_root("import transformers.integrations.hub_kernels")
+    assert probe.returncode == 0, probe.stderr[-2000:]
+
+
+def test_the_triton_kernels_import_nothing_from_fibec():
+    for source in (ROOT / "fibec" / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1 and not (node.module or "").startswith("fibec"), (source.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("fibec") for alias in node.names), source.name
+
