@@ -394,7 +394,7 @@ def tuned_configs() -> dict[str, dict[str, str]]:
     """The configs the autotuners chose, per kernel and tuning key."""
     from fibec.kernels import fisher as kernels
 
-    return {name: {str(key): str(config) for key, config in getattr(kernels, name).cache.items()}
+    return {name: {str(key): str(config) for key, config in getattr(kernels, name).kernel.cache.items()}
             for name in ("_dense_outer", "_lora_outer", "_projection")}
 
 
@@ -500,8 +500,9 @@ def _precompile_slice(job: tuple[int, int]) -> int:
              [make_lora_inputs(shape, dtype=dtype) for shape in lora]
     failed = 0
     for index in range(worker, max(len(space) for _, space in spaces), workers):
-        for kernel, space in spaces:
-            kernel.configs = [space[index % len(space)]]
+        for launcher, space in spaces:
+            launcher.kernel.configs = [space[index % len(space)]]
+            launcher.forget()
         for args in inputs:
             try:
                 (ops.fisher_diag if len(args) == 2 else ops.lora_fisher_diag)(*args)

@@ -52,10 +52,11 @@ def record_launches(sms: int, shared: int) -> list:
     launches: list = []
     fisher._split_budget = lambda device: (4 * sms, 128)
     fisher._max_shared_memory = lambda device: shared
-    for name in ("_dense_outer", "_lora_outer", "_projection", "_reduce_splits_kernel"):
-        setattr(fisher, name, Recorder(getattr(fisher, name), launches))
-    for name in ("_masked_adamw_kernel", "_masked_sgd_kernel"):
-        setattr(masked_update, name, Recorder(getattr(masked_update, name), launches))
+    # Each launcher is a CachedLaunch: its `kernel` is the JIT function or autotuner to compile.
+    for name in ("_dense_outer", "_lora_outer", "_projection", "_reduce_splits"):
+        setattr(fisher, name, Recorder(getattr(fisher, name).kernel, launches))
+    for name in ("_masked_adamw", "_masked_sgd"):
+        setattr(masked_update, name, Recorder(getattr(masked_update, name).kernel, launches))
 
     # (N, T): many samples (whole samples per split) and few long ones (token chunks, second pass).
     for dtype, (N, T), masked in itertools.product(FLOATS, [(64, 16), (2, 1024)], [False, True]):

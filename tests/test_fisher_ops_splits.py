@@ -170,14 +170,14 @@ class CountedLaunches:
 
 @pytest.mark.parametrize("budget,launches", [
     ("unsplit", {"_projection": 1, "_lora_outer": 1}),
-    ("one-sample-splits", {"_projection": 1, "_lora_outer": 1, "_reduce_splits_kernel": 1}),
-    ("token-chunks", {"_projection": 1, "_lora_outer": 1, "_reduce_splits_kernel": 1}),
+    ("one-sample-splits", {"_projection": 1, "_lora_outer": 1, "_reduce_splits": 1}),
+    ("token-chunks", {"_projection": 1, "_lora_outer": 1, "_reduce_splits": 1}),
 ])
 def test_lora_fisher_diag_launches_each_kernel_once_for_both_factors(monkeypatch, device, budget, launches):
     """The op is bound by its launches at LLM sizes: both factors share every launch."""
     use_budget(monkeypatch, BUDGETS[budget])
     counts = {}
-    for name in ("_projection", "_lora_outer", "_dense_outer", "_reduce_splits_kernel"):
+    for name in ("_projection", "_lora_outer", "_dense_outer", "_reduce_splits"):
         monkeypatch.setattr(fisher_kernels, name, CountedLaunches(getattr(fisher_kernels, name), counts, name))
     X, G, mask = make_inputs(SHAPE, torch.float32, True, seed=16, device=device)
     A, B = make_lora_factors(RANK, SHAPE[2], SHAPE[3], torch.float32, seed=16, device=device)
@@ -189,14 +189,14 @@ def test_lora_fisher_diag_launches_each_kernel_once_for_both_factors(monkeypatch
 
 @pytest.mark.parametrize("budget,launches", [
     ("unsplit", {"_dense_outer": 1}),
-    ("one-sample-splits", {"_dense_outer": 1, "_reduce_splits_kernel": 1}),
-    ("token-chunks", {"_dense_outer": 1, "_reduce_splits_kernel": 1}),
+    ("one-sample-splits", {"_dense_outer": 1, "_reduce_splits": 1}),
+    ("token-chunks", {"_dense_outer": 1, "_reduce_splits": 1}),
 ])
 def test_fisher_diag_with_sqnorms_is_one_pass(monkeypatch, device, budget, launches):
     """The per-sample norms come from the Fisher's own pass, not from a second one."""
     use_budget(monkeypatch, BUDGETS[budget])
     counts = {}
-    for name in ("_dense_outer", "_reduce_splits_kernel"):
+    for name in ("_dense_outer", "_reduce_splits"):
         monkeypatch.setattr(fisher_kernels, name, CountedLaunches(getattr(fisher_kernels, name), counts, name))
     X, G, mask = make_inputs(SHAPE, torch.float32, True, seed=17, device=device)
     fisher, sqnorm = fisher_kernels.fisher_diag(X, G, mask, with_sqnorms=True)
@@ -254,9 +254,10 @@ CONFIGS = {  # (dense tile, LoRA tile, projection): every tile size and token bl
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("configs", CONFIGS.values(), ids=CONFIGS.keys())
 def test_every_tile_and_token_block_matches_reference(monkeypatch, device, configs, dtype):
-    for kernel, config in zip((fisher_kernels._dense_outer, fisher_kernels._lora_outer, fisher_kernels._projection),
-                              configs):
-        monkeypatch.setattr(kernel, "configs", [config])
+    for launcher, config in zip((fisher_kernels._dense_outer, fisher_kernels._lora_outer,
+                                 fisher_kernels._projection), configs):
+        monkeypatch.setattr(launcher.kernel, "configs", [config])
+        launcher.forget()
     X, G, mask = make_inputs(SHAPE, dtype, True, seed=14, device=device)
     A, B = make_lora_factors(RANK, SHAPE[2], SHAPE[3], dtype, seed=14, device=device)
     fisher, fisher_A, fisher_B, lora_sqnorm, sqnorm = run_all_ops(X, G, A, B, mask)
@@ -271,10 +272,11 @@ def test_every_tile_and_token_block_matches_reference(monkeypatch, device, confi
 def test_autotuning_over_the_whole_space_matches_reference(monkeypatch, device):
     """Every config the pruner keeps is compiled and timed. One sample gives one split, whose
     kernel adds into `out` itself: that must be restored after each timed run."""
-    for kernel, space in ((fisher_kernels._dense_outer, DENSE_SPACE), (fisher_kernels._lora_outer, LORA_SPACE),
-                          (fisher_kernels._projection, PROJECT_SPACE)):
-        monkeypatch.setattr(kernel, "configs", space)
-        monkeypatch.setattr(kernel, "cache", {})
+    for launcher, space in ((fisher_kernels._dense_outer, DENSE_SPACE), (fisher_kernels._lora_outer, LORA_SPACE),
+                            (fisher_kernels._projection, PROJECT_SPACE)):
+        monkeypatch.setattr(launcher.kernel, "configs", space)
+        monkeypatch.setattr(launcher.kernel, "cache", {})
+        launcher.forget()
     shape = (1, 20, 60, 50)
     X, G, mask = make_inputs(shape, torch.bfloat16, True, seed=15, device=device)
     A, B = make_lora_factors(RANK, 60, 50, torch.bfloat16, seed=15, device=device)
@@ -286,4 +288,4 @@ def test_autotuning_over_the_whole_space_matches_reference(monkeypatch, device):
     for got, want in zip(ops.lora_fisher_diag(X, G, A, B, 0.7, token_mask=mask),
                          lora_expected(X, G, A, B, 0.7, mask)):
         assert_close(got, want, torch.bfloat16)
-    assert fisher_kernels._dense_outer.cache and fisher_kernels._lora_outer.cache  # tuned, not pinned
+    assert fisher_kernels._dense_outer.kernel.cache and fisher_kernels._lora_outer.kernel.cache  # tuned, not pinned

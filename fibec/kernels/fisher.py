@@ -30,6 +30,7 @@ import triton
 import triton.testing
 import triton.language as tl
 
+from ._cache import CachedLaunch
 from ._launch import cdiv, interpreting, next_power_of_2
 
 TILES = (64, 128)
@@ -326,11 +327,12 @@ def _project_kernel(
 # Dense layers tile both dimensions; LoRA's rank columns take one block chosen by the launcher.
 _OUTER_TUNING = dict(key=["DA", "DB", "DA2"], prune_configs_by={"early_config_prune": _prune_outer},
                      restore_value=["OUT", "OUT2"])
-_dense_outer = _autotune(_outer_space(tiled_columns=True), **_OUTER_TUNING)(_squared_outer_kernel)
-_lora_outer = _autotune(_outer_space(tiled_columns=False), **_OUTER_TUNING)(_squared_outer_kernel)
+_dense_outer = CachedLaunch(_autotune(_outer_space(tiled_columns=True), **_OUTER_TUNING)(_squared_outer_kernel))
+_lora_outer = CachedLaunch(_autotune(_outer_space(tiled_columns=False), **_OUTER_TUNING)(_squared_outer_kernel))
 # NT only sets the grid: it stays out of the key so that every batch reuses the choice.
-_projection = _autotune(_project_space(), key=["K", "K2", "RANK"],
-                        prune_configs_by={"early_config_prune": _prune_project})(_project_kernel)
+_projection = CachedLaunch(_autotune(_project_space(), key=["K", "K2", "RANK"],
+                                     prune_configs_by={"early_config_prune": _prune_project})(_project_kernel))
+_reduce_splits = CachedLaunch(_reduce_splits_kernel)
 
 
 # ---- launch planning ----------------------------------------------------------------------------
@@ -432,7 +434,7 @@ def _squared_outer(products: tuple[_Product, ...], *, token_mask: torch.Tensor |
     split_block = min(next_power_of_2(splits // groups), REDUCE_TILE // block)
     blocks = cdiv(size, block)
     block_norms = torch.empty(blocks, N, dtype=torch.float32, device=L.device) if sqnorm and not whole_samples else None
-    _reduce_splits_kernel[(blocks,)](
+    _reduce_splits[(blocks,)](
         partials, placeholder if fisher is None else fisher, placeholder if fisher2 is None else fisher2,
         placeholder if block_norms is None else block_norms,
         groups, splits // groups, size, DA, DB, scale, *fisher_strides, *fisher2_strides,

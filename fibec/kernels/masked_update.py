@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cache import CachedLaunch
 from ._launch import cdiv, interpreting, next_power_of_2
 
 _NO_MASK, _ELEMENT, _ROWS, _COLS = 0, 1, 2, 3
@@ -95,6 +96,10 @@ def _masked_sgd_kernel(p_ptr, grad_ptr, buf_ptr, mask_ptr,
         tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=selected)
 
 
+_masked_adamw = CachedLaunch(_masked_adamw_kernel)
+_masked_sgd = CachedLaunch(_masked_sgd_kernel)
+
+
 def _launch_geometry(p: torch.Tensor, mask: torch.Tensor | None, mask_dim: int | None):
     """(mask kind, mask as bytes, n_rows, n_cols, BLOCK_R, BLOCK_C, n_col_blocks, grid)."""
     if mask is None:
@@ -122,7 +127,7 @@ def masked_adamw(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp
     kind, mask_bytes, n_rows, n_cols, block_r, block_c, n_col_blocks, grid = _launch_geometry(p, mask, mask_dim)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    _masked_adamw_kernel[grid](
+    _masked_adamw[grid](
         p, grad, exp_avg, exp_avg_sq, mask_bytes, n_rows, n_cols, n_col_blocks,
         1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, bias_correction2**0.5, eps, -(lr / bias_correction1),
         MASK_KIND=kind, BLOCK_R=block_r, BLOCK_C=block_c,
@@ -136,7 +141,7 @@ def masked_sgd(p: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None, m
         return
     kind, mask_bytes, n_rows, n_cols, block_r, block_c, n_col_blocks, grid = _launch_geometry(p, mask, mask_dim)
     has_momentum = momentum != 0
-    _masked_sgd_kernel[grid](
+    _masked_sgd[grid](
         p, grad, buf if has_momentum else p, mask_bytes, n_rows, n_cols, n_col_blocks,
         -lr, momentum, weight_decay,
         HAS_MOMENTUM=has_momentum, NESTEROV=nesterov, MASK_KIND=kind, BLOCK_R=block_r, BLOCK_C=block_c,
