@@ -191,6 +191,8 @@ class FisherCollector:
         if loss_reduction not in _REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {_REDUCTIONS}, got {loss_reduction!r}")
         self._layers = _select_layers(model, layers)
+        self._layer_index = {layer.name: index for index, layer in enumerate(self._layers)}
+        self._trace_orders: dict[tuple[int, ...], torch.Tensor] = {}
         self._loss_reduction = loss_reduction
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._lora_inputs: dict[str, torch.Tensor] = {}
@@ -214,7 +216,7 @@ class FisherCollector:
 
     @property
     def layer_traces(self) -> dict[str, float]:
-        return {name: float(trace) for name, trace in self._traces.items()}
+        return dict(zip(self.layer_names, self._trace_sums.tolist()))
 
     @property
     def num_samples(self) -> int:
@@ -228,13 +230,12 @@ class FisherCollector:
     def reset(self) -> None:
         """Start the running sums again (fresh tensors: dicts read earlier keep their values)."""
         self._fisher = {}
-        self._traces = {}
         for layer in self._layers:
-            weights = layer.weights()
             self._fisher[layer.name] = {key: torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-                                        for key, w in weights.items()}
-            device = next(iter(weights.values())).device
-            self._traces[layer.name] = torch.zeros((), dtype=torch.float32, device=device)
+                                        for key, w in layer.weights().items()}
+        # Each layer's trace, in layer order, on the first layer's device; added to once per pass.
+        first = next(iter(self._layers[0].weights().values()))
+        self._trace_sums = torch.zeros(len(self._layers), dtype=torch.float32, device=first.device)
         self._sample_scores: torch.Tensor | None = None
         self._num_samples = 0
         self._end_backward_state()
@@ -253,6 +254,7 @@ class FisherCollector:
                     raise ValueError("token_mask must be bool or hold only 0 and 1")
                 mask = mask != 0
         self._token_mask = mask
+        self._masks_on_device: dict[torch.device, torch.Tensor] = {}
 
     # ---- context --------------------------------------------------------------------------
     def __enter__(self) -> FisherCollector:
@@ -350,7 +352,7 @@ class FisherCollector:
 
     def _count_call(self, layer: _Layer) -> None:
         """Without the private end-of-backward callback: note a hooked call that awaits its gradient."""
-        if self._pass_scores is not None:
+        if self._pass_size is not None:
             self._fail(f"layer {layer.name!r} ran while the backward pass before it still awaited the gradients "
                        f"of hooked layer calls {sorted(self._pending_layers)}: they did not reach the loss, or "
                        "this is a recomputation inside backward (gradient checkpointing). This torch lacks the "
@@ -377,11 +379,20 @@ class FisherCollector:
         if mask.shape[1] != T:
             raise ValueError(f"token_mask has {mask.shape[1]} tokens but layer {layer.name!r} got input "
                              f"{tuple(X.shape)} with {T} positions per sample")
-        return mask.to(X.device, non_blocking=True)
+        # One copy per batch and device, not one per layer: a copy from pageable host memory waits
+        # for the device's queue, so each would stall the backward pass. Pinned, it does not.
+        moved = self._masks_on_device.get(X.device)
+        if moved is None:
+            if mask.device != X.device and mask.device.type == "cpu" and X.device.type == "cuda":
+                mask = mask.pin_memory()
+            moved = self._masks_on_device[X.device] = mask.to(X.device, non_blocking=True)
+        return moved
 
     # ---- backward: one fused op call per layer call ---------------------------------------
     def _end_backward_state(self) -> None:
-        self._pass_scores: torch.Tensor | None = None
+        # The running pass: its batch size (None: no pass), and each collected layer's (index, [N] norms).
+        self._pass_size: int | None = None
+        self._pass_norms: list[tuple[int, torch.Tensor]] = []
         self._pass_layers: set[str] = set()
         self._pass_end_queued = False
         # Only without the private API: hooked calls awaiting their gradient, in this generation of
@@ -401,20 +412,31 @@ class FisherCollector:
 
     def _end_counted_pass(self) -> None:
         """Without the private API, a pass whose gradients stopped arriving ends when read or left."""
-        if self._counts_passes and self._pass_scores is not None:
+        if self._counts_passes and self._pass_size is not None:
             self._finish_backward()
 
     def _finish_backward(self) -> None:
-        if self._gradless_layers and self._pass_scores is not None:
+        if self._gradless_layers and self._pass_size is not None:
             self._fail(f"layers {sorted(self._gradless_layers)} ran without gradients (torch.no_grad() or "
                        "reentrant gradient checkpointing) and not again with gradients before this backward "
                        "pass. This torch lacks the private torch._C._current_graph_task_id, so fibec cannot "
                        "tell whether they are still to be recomputed inside the pass: run no-grad forwards "
                        "outside the FisherCollector context, and do not use gradient checkpointing")
-        if self._pass_scores is not None:
-            self._sample_scores = self._pass_scores
-            self._num_samples += self._pass_scores.shape[0]
+        if self._pass_norms:
+            self._sample_scores = self._close_pass()
+            self._num_samples += self._pass_size
         self._end_backward_state()
+
+    def _close_pass(self) -> torch.Tensor:
+        """The pass's per-sample scores [N] fp32, after adding each layer's trace to the running sums:
+        a few launches for the whole pass, not a few per layer."""
+        device = self._pass_norms[0][1].device
+        stacked = torch.stack([norms.to(device) for _, norms in self._pass_norms])  # [layers, N]
+        order = tuple(index for index, _ in self._pass_norms)
+        if order not in self._trace_orders:  # backward meets the layers in the same order every pass
+            self._trace_orders[order] = torch.tensor(order, device=self._trace_sums.device)
+        self._trace_sums.index_add_(0, self._trace_orders[order], stacked.sum(1).to(self._trace_sums.device))
+        return stacked.sum(0)
 
     def _fail(self, message: str) -> None:
         self._end_backward_state()
@@ -445,12 +467,12 @@ class FisherCollector:
         X3 = _as_ntd(X.detach())
         G3 = _as_ntd(G.detach()).to(X3.dtype)
         N = X3.shape[0]
-        if self._pass_scores is None:
-            self._pass_scores = torch.zeros(N, dtype=torch.float32, device=X3.device)
+        if self._pass_size is None:
+            self._pass_size = N
             self._queue_end_of_pass()
-        elif self._pass_scores.shape[0] != N:
+        elif self._pass_size != N:
             self._fail(f"layer {layer.name!r} got a batch of {N} samples but another hooked layer got "
-                       f"{self._pass_scores.shape[0]} in the same backward pass")
+                       f"{self._pass_size} in the same backward pass")
         if layer.name in self._pass_layers:
             self._fail(f"layer {layer.name!r} reached the same backward pass twice (called more than once "
                        "in the graph); per-sample gradients of shared layers are not supported")
@@ -468,5 +490,4 @@ class FisherCollector:
             scaling = float(layer.module.scaling[layer.adapter]) * grad_scale
             _, _, sqnorm = ops.lora_fisher_diag(X3, G3, A, B, scaling, token_mask=mask,
                                                 out=(fisher["lora_A"], fisher["lora_B"]))
-        self._traces[layer.name] += sqnorm.sum().to(self._traces[layer.name].device)
-        self._pass_scores += sqnorm.to(self._pass_scores.device)
+        self._pass_norms.append((self._layer_index[layer.name], sqnorm))

@@ -568,3 +568,60 @@ def test_disabled_adapters_contribute_nothing():
         _sample_losses(arch, model(**_model_inputs(batch)).logits, batch).sum().backward()
     model.zero_grad(set_to_none=True)
     assert fc.sample_scores is None and fc.num_samples == 0
+
+
+# ---- host work per pass ---------------------------------------------------------------------
+class _TorchCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the torch calls made under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# Calls that launch work on a device (the rest are views and metadata).
+_LAUNCHING = {"add", "add_", "sum", "copy_", "_to_copy", "index_add_", "stack", "cat", "zeros", "zero_", "mul",
+              "mul_", "fill_", "clone", "contiguous"}
+
+
+@pytest.mark.parametrize("arch", ["llama-cls", "bert-cls"])
+def test_the_collector_adds_no_torch_call_per_layer_beside_the_op_and_a_few_per_pass(monkeypatch, arch):
+    """On a GPU each small torch call costs host time: the per-layer norms are kept and added up
+    once per backward pass, and the token mask goes to the layer's device once per batch."""
+    import fibec.fisher as fisher_module
+
+    model, batch = _lora_model(arch), _batch(3, 7, padded=True)
+    calls, masks = [], []
+    real_op = fisher_module.ops.lora_fisher_diag
+
+    def recorded_op(*args, **kwargs):
+        masks.append(kwargs["token_mask"])
+        with torch.utils._python_dispatch._disable_current_modes():
+            return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(fisher_module.ops, "lora_fisher_diag", recorded_op)
+    accumulate, close = FisherCollector._accumulate, FisherCollector._close_pass
+
+    def counted(method):
+        def run(self, *args):
+            with _TorchCalls() as mode:
+                result = method(self, *args)
+            calls.append((method.__name__, [name for name in mode.names if name in _LAUNCHING]))
+            return result
+        return run
+
+    monkeypatch.setattr(FisherCollector, "_accumulate", counted(accumulate))
+    monkeypatch.setattr(FisherCollector, "_close_pass", counted(close))
+    with FisherCollector(model, "lora", token_mask=batch["attention_mask"]) as fc:
+        model(**{k: v for k, v in batch.items() if k != "labels"}).logits.sum().backward()
+        scores = fc.sample_scores
+    layers = len(fc.layer_names)
+    assert [name for name, _ in calls] == ["_accumulate"] * layers + ["_close_pass"]
+    assert all(launched == [] for _, launched in calls[:-1]), calls  # per layer: views only, and the op
+    assert len(calls[-1][1]) <= 4, calls  # per pass: a stack, two sums, the traces' index_add_
+    assert len({id(m) for m in masks}) == 1 and len(masks) == layers  # one device copy of the mask per batch
+    assert scores.shape == (3,) and torch.isfinite(scores).all() and (scores > 0).all()
