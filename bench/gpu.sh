@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU run of fibec's kernels, in one call on a GPU machine (H100/H200, 16 cores); everything
-# it writes goes under $OUT (7 files; bench/README.md, "GPU run"):
+# it writes goes under $OUT (8 files; bench/README.md, "GPU run"):
 #   gpu.log             everything printed, step by step
 #   env.txt             nvidia-smi, CPU, Python and package versions, the commit
 #   fisher.json         fisher_diag / lora_fisher_diag at LLM sizes vs matmul and the peers (bench_fisher.py)
 #   masked_update.json  masked_adamw_ at 64M entries vs copy_ bandwidth (bench_masked_update.py)
 #   codec.json          codec on CUDA tensors through pinned buffers vs host-device copies (bench_codec.py)
+#   collector.json      a LoRA training step with and without FisherCollector, syncs a step (bench_collector.py)
 #   rounds.json         `fibec compare` time per round with MiniLM on real data (bench_rounds.py)
 #   summary.json        each step's exit code and seconds, and every target's measured ratio
 # Steps, each under its own time limit, in order of importance: set-up, versions, the op tests on CUDA
@@ -109,6 +110,7 @@ step environment 30 bash -c environment
 step tests 150 env FIBEC_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -n "$JOBS" \
     tests/test_fisher_ops.py tests/test_fisher_ops_errors.py tests/test_fisher_ops_splits.py tests/test_masked_update.py
 step fisher 180 "$PY" bench/bench_fisher.py --gpu-json "$OUT/fisher.json" "$WORKERS"
+step collector 60 "$PY" bench/bench_collector.py --json "$OUT/collector.json"
 step masked_update 40 "$PY" bench/bench_masked_update.py --gpu-json "$OUT/masked_update.json"
 step codec 30 "$PY" bench/bench_codec.py --gpu-json "$OUT/codec.json"
 if [ -f "$CARRY/minilm/model.safetensors" ] && [ -d "$CARRY/data/sms_spam" ]; then
@@ -127,7 +129,7 @@ summary = {"seconds": seconds, "steps": {}, "targets": {}}
 for entry in steps:
     name, rc, spent = entry.split()
     summary["steps"][name] = {"exit": rc, "seconds": int(spent)}
-for name in ("fisher", "masked_update", "codec"):
+for name in ("fisher", "collector", "masked_update", "codec"):
     path = out / f"{name}.json"
     if path.exists():
         figures = json.loads(path.read_text())

@@ -5,6 +5,6 @@
 # Usage: package-check/constraints.sh PYTHON   (its environment must have torch already)
 set -euo pipefail
 lock="$(cd "$(dirname "$0")/.." && pwd)/constraints.txt"
-read -r torch_pin build < <("$1" -c "import torch; print('torch==' + torch.__version__.split('+')[0], 'cuda' if torch.version.cuda else 'cpu')")
+read -r torch_pin build < <("$1" -W ignore -c "import torch; print('torch==' + torch.__version__.split('+')[0], 'cuda' if torch.version.cuda else 'cpu')")
 echo "$torch_pin"
 if [ "$build" = cpu ]; then grep -v '^#' "$lock"; else grep -v -e '^#' -e '^triton==' "$lock"; fi
