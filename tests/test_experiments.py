@@ -188,10 +188,39 @@ def test_target_table_gives_each_variant_its_own_row(grid_module):
     assert sorted(by_variant) == ["fast", "slow"]
     assert by_variant["slow"][3] == "1" and by_variant["fast"][3] == "1"
     assert by_variant["slow"][4] == "-0.030" and by_variant["fast"][4] == "0.020"  # global acc − fedavg
-    assert by_variant["slow"][7] == "10.000" and by_variant["fast"][7] == "20.000"  # fedavg up ÷ up
+    assert by_variant["slow"][5] == "-0.030" and by_variant["fast"][5] == "+0.020"  # one seed: no interval
+    assert by_variant["slow"][8] == "10.000" and by_variant["fast"][8] == "20.000"  # fedavg up ÷ up
     # fedavg reaches 0.95 x 0.8 = 0.76 in round 3; slow in round 4, fast in round 1.
-    assert by_variant["slow"][8] == "0.750" and by_variant["fast"][8] == "3.000"
+    assert by_variant["slow"][9] == "0.750" and by_variant["fast"][9] == "3.000"
     # Link model to 95% at uplink u bytes/s (downlink 5u): fedavg 3 (1 + 1000 / 5u + 10000 / u), slow
     # 4 (1 + 1000 / 5u + 1000 / u): twice as fast for u <= 4200 B/s = 0.0336 Mbit/s, of which the sweep
     # (40 rates a decade from 0.01) holds 10^-1.475 = 0.0335. fast is 3x sooner on compute alone.
-    assert by_variant["slow"][11] == "0.0335 |" and by_variant["fast"][11] == "1e+03 |"
+    assert by_variant["slow"][12] == "0.0335 |" and by_variant["fast"][12] == "1e+03 |"
+
+
+def test_spreads_are_sample_std_and_paired_differences_get_a_t_interval(grid_module):
+    assert grid_module.mean_std([1.0, 2.0, 3.0]) == "2.000 ± 1.000"  # ddof 1: sqrt(2 / 2)
+    # Differences 0.01, 0.03, 0.02, 0.04, 0.00: mean 0.02, s = 0.0158, t(0.975, 4) = 2.776, half = 0.0196.
+    text = grid_module.paired_interval([0.01, 0.03, 0.02, 0.04, 0.00])
+    assert text == "+0.020 [+0.000, +0.040], 4/5 above 0"
+    assert grid_module.t_interval([0.01, 0.03, 0.02, 0.04, 0.00])[0] == pytest.approx(0.02 - 2.7764 * 0.0158114 / 5 ** 0.5,
+                                                                                      abs=1e-6)
+
+
+def test_the_target_table_credits_the_transport_to_the_baseline_that_has_it(grid_module):
+    grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1], "methods": ["fibecfed", "fedavg"],
+            "shared_methods": ["fibecfed", "fedavg"], "transport_baseline_variant": "transport",
+            "variants": {"transport": {"methods": ["fedavg"]}}}
+    done = {}
+    for seed, (target, plain, transported) in enumerate([(0.80, 0.82, 0.81), (0.84, 0.85, 0.83)]):
+        done[f"d-a0.5-s{seed}-fedavg--"] = fabricated_record("x", [plain], 10_000)
+        done[f"d-a0.5-s{seed}-fedavg-transport"] = fabricated_record("x", [transported], 2_000)
+        done[f"d-a0.5-s{seed}-fibecfed--"] = fabricated_record("x", [target], 1_000)
+    lines = grid_module.targets(grid, done, "fibecfed", "fedavg")
+    header, row = ([cell.strip(" |") for cell in line.split(" | ")] for line in lines
+                   if line.startswith(("| data |", "| d | 0.5 |")))
+    column = dict(zip(header, row))
+    assert column["baseline up ÷ up"] == "10.000 ± 0.000"
+    assert column["baseline, same transport: up ÷ up"].startswith("2.000 ± 0.000")  # the method's own share
+    # Paired differences to the same-transport baseline: -0.01 and +0.01.
+    assert column["global acc − baseline, same transport: paired mean [95% CI]"].startswith("+0.000 [")
