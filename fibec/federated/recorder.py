@@ -9,6 +9,14 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
 
+# The fields of a round's record that measure time: identical runs differ in them and nowhere else.
+TIMING_FIELDS = ("wall_time", "elapsed", "compute_s", "cum_compute_s", "client_compute_s", "scoring_s")
+
+
+def without_timings(record: dict) -> dict:
+    """A round's record without its TIMING_FIELDS, to compare runs."""
+    return {k: v for k, v in record.items() if k not in TIMING_FIELDS}
+
 
 class Recorder:
     """Appends each round's record to `path` (flushed and fsynced) and moves the progress bar.

@@ -120,9 +120,13 @@ class Coordinator:
         record["rejected"] = {str(k): v for k, v in result.rejected.items()}
         if result.skipped:
             record["skipped"] = result.skipped
-        for key in ("train_loss", "curriculum_fraction", "masked_fraction", "local_steps"):
+        for key in ("train_loss", "curriculum_fraction", "masked_fraction", "local_steps", "fisher_scored"):
             values = [u.metrics[key] for u in updates]
             record[key] = float(np.mean(values)) if values else float("nan")
+        # Per client: the share of its data with a measured Fisher score (the rest: the prior's
+        # estimate), and the seconds of its compute spent on the scoring pass over all its data.
+        record["client_fisher_scored"] = {str(u.cid): u.metrics["fisher_scored"] for u in updates}
+        record["scoring_s"] = float(sum(u.metrics["scoring_s"] for u in updates))
         return result
 
     def enter(self, values: list[tuple[int, bytes, float]]) -> None:
