@@ -6,7 +6,8 @@ replaced by recorders; every distinct recorded launch (argument dtypes and compi
 constants) is then compiled by Triton's CUDA backend, ptxas included, for the target
 architecture: with the fixed config (FIBEC_AUTOTUNE=0 and the interpreter use it) and with the
 largest config the autotuner's pruner keeps for that GPU. A compiled kernel must fit the GPU's
-shared memory. Must run without TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
+shared memory, and a kernel launched without fp fusion (the int8 quantiser, which must round as the
+C++ encoder does) must hold no fused multiply-add. Must run without TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
 
     python tests/compile_for_gpu.py [--arch 90] [--every-config]
 """
@@ -27,7 +28,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fibec.kernels import fisher, masked_update  # noqa: E402
+from fibec.kernels import fisher, masked_update, quantize  # noqa: E402
 
 # Per GPU architecture: (SMs, shared memory per block with opt-in, in bytes).
 DEVICES = {80: (108, 166912), 90: (132, 232448)}
@@ -57,6 +58,7 @@ def record_launches(sms: int, shared: int) -> list:
         setattr(fisher, name, Recorder(getattr(fisher, name).kernel, launches))
     for name in ("_masked_adamw", "_masked_sgd"):
         setattr(masked_update, name, Recorder(getattr(masked_update, name).kernel, launches))
+    quantize._int8_blocks = Recorder(quantize._int8_blocks.kernel, launches)
 
     # (N, T): many samples (whole samples per split) and few long ones (token chunks, second pass).
     for dtype, (N, T), masked in itertools.product(FLOATS, [(64, 16), (2, 1024)], [False, True]):
@@ -78,6 +80,8 @@ def record_launches(sms: int, shared: int) -> list:
         for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):
             masked_update.masked_sgd(p, p, mask, mask_dim, lr=1e-3, momentum=momentum, buf=state,
                                      weight_decay=0.0, nesterov=nesterov)
+    for dtype in FLOATS:
+        quantize.int8_blocks(torch.zeros(1000, dtype=dtype))
     return launches
 
 
@@ -94,10 +98,13 @@ def triton_type(value) -> str:
 def variants(launches: list, every_config: bool) -> set:
     """{(kernel, signature, constants, warps, stages)} over the distinct launches and configs."""
     found = set()
-    for kernel, args, constants in launches:
+    for kernel, args, launch_kwargs in launches:
         tuned = isinstance(kernel, triton.runtime.Autotuner)
         jit = kernel.fn if tuned else kernel
         named = dict(zip(jit.arg_names, args))
+        # Keyword arguments that name no parameter are compile options (enable_fp_fusion).
+        constants = {k: v for k, v in launch_kwargs.items() if k in jit.arg_names}
+        options = tuple(sorted((k, v) for k, v in launch_kwargs.items() if k not in jit.arg_names))
         configs = [None]
         if tuned:
             kept = kernel.early_config_prune(kernel.configs, {**named, **constants}, **constants)
@@ -110,7 +117,7 @@ def variants(launches: list, every_config: bool) -> set:
             signature = tuple((name, "constexpr" if param.is_constexpr else triton_type(named[name]))
                               for name, param in zip(jit.arg_names, jit.params))
             key = (jit, signature, tuple(sorted(all_constants.items())),
-                   config.num_warps if config else 4, config.num_stages if config else 3)
+                   config.num_warps if config else 4, config.num_stages if config else 3, options)
             found.add(key)
     return found
 
@@ -124,15 +131,18 @@ def main() -> int:
     target = GPUTarget("cuda", args.arch, 32)
     found = variants(record_launches(sms, shared), args.every_config)
     start, failures = time.perf_counter(), 0
-    for jit, signature, constants, warps, stages in sorted(found, key=str):
-        label = f"{jit.__name__} {dict(signature)} {dict(constants)} warps={warps} stages={stages}"
+    for jit, signature, constants, warps, stages, options in sorted(found, key=str):
+        label = f"{jit.__name__} {dict(signature)} {dict(constants)} warps={warps} stages={stages} {dict(options)}"
         try:
             compiled = triton.compile(ASTSource(jit, dict(signature), dict(constants)), target=target,
-                                      options={"num_warps": warps, "num_stages": stages})
+                                      options={"num_warps": warps, "num_stages": stages, **dict(options)})
         except Exception as err:  # noqa: BLE001 (report every failing variant, then fail)
             failures += 1
             print(f"FAILED {label}: {type(err).__name__}: {str(err).strip()[:2000]}", flush=True)
             continue
+        if dict(options).get("enable_fp_fusion") is False and "fma." in compiled.asm["ptx"]:
+            failures += 1
+            print(f"FAILED {label}: compiled without fp fusion, yet its PTX holds a fused multiply-add")
         if compiled.metadata.shared > shared:
             failures += 1
             print(f"FAILED {label}: {compiled.metadata.shared} bytes of shared memory, sm_{args.arch} has {shared}")
