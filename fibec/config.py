@@ -27,7 +27,8 @@ EVAL_SPLITS = ("test", "validation")
 ENGINES = ("inprocess", "flower")
 # Settings added after runs were saved, each with the value that reproduces such a run: a saved
 # config (or checkpoint) without the setting is read with this value.
-VALUES_BEFORE_ADDED: dict[str, object] = {"scale_steps": False, "server_lr": 1.0, "score_batch_size": 16}
+VALUES_BEFORE_ADDED: dict[str, object] = {"scale_steps": False, "server_lr": 1.0, "score_batch_size": 16,
+                                          "secure": False}
 
 
 class ConfigError(ValueError):
@@ -120,6 +121,8 @@ class FedConfig:
     engine: str = setting("inprocess", "run every client in this process, or on Flower (a SuperLink and "
                                        "SuperNodes on this machine)", choices=ENGINES)
     round_timeout: float = setting(600.0, "Flower: seconds to wait for nodes and replies", low=0.0, low_open=True)
+    secure: bool = setting(False, "Flower engine: TLS (a throwaway CA and SuperLink certificate) and SuperNode "
+                                  "authentication (a key per SuperNode, registered before the run) (true|false)")
     out: str = setting("runs/fibec", "output directory")
     resume: bool = setting(False, "continue the run saved under out (the CLI: --resume OUT)", flag=False)
 
@@ -168,6 +171,8 @@ class FedConfig:
         if self.clients_per_round > self.clients:
             raise ConfigError(f"--clients-per-round ({self.clients_per_round}) must not exceed "
                               f"--clients ({self.clients})")
+        if self.secure and self.engine != "flower":
+            raise ConfigError("--secure secures the Flower engine: add --engine flower")
         if self.min_updates > self.clients_per_round:
             raise ConfigError(f"--min-updates ({self.min_updates}) must not exceed "
                               f"--clients-per-round ({self.clients_per_round})")

@@ -36,6 +36,7 @@ def exit_code_and_error(capsys, argv):
     (["run", "--clients", "2", "--clients-per-round", "3"], "must not exceed --clients"),
     (["run", "--values", "fp8"], "--values must be one of"),
     (["run", "--model", "/nonexistent/model"], "--model"),
+    (["run", "--secure", "true"], "--secure secures the Flower engine: add --engine flower"),
 ])
 def test_bad_settings_exit_2_with_one_line_and_no_traceback(capsys, argv, expected):
     code, err = exit_code_and_error(capsys, argv)

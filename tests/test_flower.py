@@ -8,6 +8,8 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -506,3 +508,130 @@ def test_a_supernode_killed_mid_run_is_recorded_as_failed_and_the_run_finishes_w
     assert list(second["failed"]) == ["1"] and "train" in second["failed"]["1"]
     assert second["accepted"] == [0] and "skipped" not in second
     assert final_state(cfg).keys()
+
+
+# ---- secure: TLS and SuperNode authentication -------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_secure_run_over_tls_with_authenticated_supernodes_gives_the_insecure_runs_records(tiny_bert, tmp_path,
+                                                                                            monkeypatch):
+    from fibec.cli import run
+
+    federations = []
+
+    class Recorded(flower_local.LocalFederation):
+        def __enter__(self):
+            federations.append(self)
+            return super().__enter__()
+
+    monkeypatch.setattr(flower_local, "LocalFederation", Recorded)
+    reference = small_config(tiny_bert, tmp_path / "inprocess", rounds=1)
+    run_in_process(reference)
+    cfg = reference.replace(out=str(tmp_path / "flower"), engine="flower", secure=True)
+    run(cfg, progress=False)
+    assert_same_run(cfg, reference)
+    (federation,) = federations
+    logs = Path(cfg.out) / "flower" / "fibecfed"
+    assert "Uvicorn running on https://127.0.0.1" in (logs / "superlink.log").read_text()  # TLS
+    for pid in range(cfg.clients):
+        assert "registered successfully" in (logs / f"register-{pid}.log").read_text()
+
+
+def start_supernode(federation: flower_local.LocalFederation, name: str, *security: str) -> subprocess.Popen:
+    """One more SuperNode of `federation`'s SuperLink, with the given security flags, that gives up after
+    three attempts to connect."""
+    link = federation.superlink.args[federation.superlink.args.index("--port") + 1]
+    return federation._start(name, "flower-supernode", *security, "--superlink", f"127.0.0.1:{link}",
+                             "--host", "127.0.0.1", "--port", str(flower_local._free_ports(1)[0]),
+                             "--max-retries", "3", "--node-config", "partition-id=0 num-partitions=1")
+
+
+def online_nodes(federation: flower_local.LocalFederation) -> int:
+    listed = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "list", "local", "--format",
+                             "json"], env=federation.env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    return sum(node["status"] == "online" for node in json.loads(listed.stdout)["nodes"])
+
+
+@pytest.mark.slow
+def test_strangers_get_nowhere_on_a_secure_superlink(tmp_path):
+    """A SuperNode whose key was never registered is refused; one on the insecure channel, or without
+    the CA certificate, fails with a clear error instead of hanging; only the registered node is online."""
+    with flower_local.LocalFederation(1, tmp_path / "logs", secure=True) as federation:
+        unregistered_key, _ = flower_local.credentials.make_supernode_key(tmp_path / "stranger", "stranger")
+        strangers = {
+            "unregistered": start_supernode(federation, "unregistered", "--root-certificates",
+                                            str(federation.credentials.ca), "--auth-supernode-private-key",
+                                            str(unregistered_key)),
+            "insecure": start_supernode(federation, "insecure", "--insecure"),
+            "no-ca": start_supernode(federation, "no-ca", "--auth-supernode-private-key", str(unregistered_key)),
+        }
+        for name, process in strangers.items():
+            assert process.wait(timeout=90) != 0, name
+        logs = {name: (tmp_path / "logs" / f"{name}.log").read_text() for name in strangers}
+        assert "Failed to activate SuperNode" in logs["unregistered"]
+        assert "could not establish a connection to the SuperLink" in logs["insecure"]
+        assert "CERTIFICATE_VERIFY_FAILED" in logs["no-ca"]
+        deadline = time.monotonic() + 60
+        while online_nodes(federation) < 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert online_nodes(federation) == 1
+
+
+@pytest.mark.slow
+def test_a_refused_supernode_leaves_its_partition_failed_and_the_run_goes_on(tiny_bert, tmp_path):
+    cfg = small_config(tiny_bert, tmp_path / "flower", method="fedavg", engine="flower", secure=True,
+                       round_timeout=25)
+    with flower_local.LocalFederation(cfg.clients, tmp_path / "logs", secure=True, unregistered=(1,)) as federation:
+        submitted = federation.submit(flower_local.app_pyproject(cfg))
+        assert submitted.wait(timeout=300) == 0, (tmp_path / "logs" / "flwr-run.log").read_text()[-3000:]
+        assert list(federation.exited_supernodes()) == [1]
+        assert "Failed to activate SuperNode" in federation.exited_supernodes()[1]
+    for record in read_records(cfg):
+        assert record["accepted"] == [0]
+        assert "no node" in record["failed"]["1"]
+    assert final_state(cfg).keys()
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def recipe_block(name: str) -> str:
+    """The bash block after `<!-- recipe: name -->` in the README."""
+    text = README.read_text()
+    start = text.index(f"<!-- recipe: {name} -->")
+    body = text.index("```bash\n", start) + len("```bash\n")
+    return text[body:text.index("```", body)]
+
+
+@pytest.mark.slow
+def test_the_readmes_multi_host_recipe_runs_as_written_on_loopback(tiny_bert, tmp_path):
+    """Each host's commands of README's "Across machines", in order, on 127.0.0.1 with free ports:
+    credentials, a SuperLink admitting registered SuperNodes only, two SuperNodes, a submitted run."""
+    work = tmp_path / "hosts"
+    work.mkdir()
+    (work / "examples").symlink_to(Path(__file__).resolve().parents[1] / "examples")
+    link, *runtime = flower_local._free_ports(3)
+    run_config = (f'method="fedavg" rounds=1 clients=2 clients-per-round=2 gal-size=2 model="{tiny_bert}" '
+                  'default-train=64 default-test=32 local-steps=2 batch-size=8 max-length=24 eval-samples=16 '
+                  'round-timeout=120 out="runs/flower"')
+    per_node = lambda block: "".join(f"P={p} RUNTIME_PORT={runtime[p]}\n{recipe_block(block)}" for p in range(2))
+    script = "\n".join(["set -euo pipefail", recipe_block("superlink"), "sleep 8", per_node("supernode key"),
+                        recipe_block("cli config"), per_node("register"), per_node("supernode"),
+                        recipe_block("run")])
+    env = {**os.environ, "SUPERLINK_HOST": "127.0.0.1", "SUPERLINK_PORT": str(link), "PARTITIONS": "2",
+           "RUN_CONFIG": run_config, "FLWR_HOME": str(tmp_path / "flwr"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = tmp_path / "recipe.log"
+    with log.open("w") as out:  # a file: the background SuperLink and SuperNodes would hold a pipe open
+        process = subprocess.Popen(["bash", "-c", script], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            process.wait(timeout=400)
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)  # the SuperLink and SuperNodes it left running
+    output = log.read_text()
+    assert process.returncode == 0, output[-4000:]
+    assert "registered successfully" in output
+    records = [json.loads(line) for line in (work / "runs" / "flower" / "metrics_fedavg.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["accepted"] == [0, 1] and "failed" not in records[0]

@@ -383,10 +383,15 @@ class FibecFedStrategy(Strategy):
     # ---- exchanges -----------------------------------------------------------------------------
 
     def _messages(self, partitions: Iterable[int], message_type: str, content: RecordDict) -> list[Message]:
-        partitions = list(partitions)
-        self._asked = {self.nodes[p]: p for p in partitions}
+        reachable = []
+        for pid in partitions:
+            if pid in self.nodes:
+                reachable.append(pid)
+            else:
+                self._fail(pid, "has no node: its SuperNode never connected (refused, or not started)")
+        self._asked = {self.nodes[p]: p for p in reachable}
         group = str(self.coordinator.rounds_done + 1)
-        return [Message(content, self.nodes[p], message_type, group_id=group) for p in partitions]
+        return [Message(content, self.nodes[p], message_type, group_id=group) for p in reachable]
 
     def _fail(self, pid: int, reason: str) -> None:
         log.warning("round %d: partition %d %s", self.coordinator.rounds_done + 1, pid, reason)
@@ -485,14 +490,15 @@ class FibecFedStrategy(Strategy):
 
 
 def connect_nodes(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
-    """{partition: node id}: waits up to `timeout` for `clients` nodes, then asks each its partition."""
+    """{partition: node id} of the nodes connected once all `clients` are, or after `timeout`: each
+    is asked which partition it holds. A partition no node holds (its SuperNode was refused, or never
+    came) is recorded as failed in every round that samples it; the run needs at least one node."""
     deadline = time.monotonic() + timeout
-    while len(list(grid.get_node_ids())) < clients:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(list(grid.get_node_ids()))} of {clients} nodes connected within "
-                               f"round-timeout={timeout:g}s")
+    while len(list(grid.get_node_ids())) < clients and time.monotonic() < deadline:
         time.sleep(0.5)
     node_ids = list(grid.get_node_ids())
+    if not node_ids:
+        raise TimeoutError(f"no node connected within round-timeout={timeout:g}s")
     messages = [Message(RecordDict(), node, PARTITION_QUERY, group_id="0") for node in node_ids]
     nodes: dict[int, int] = {}
     answered = set()
@@ -510,7 +516,8 @@ def connect_nodes(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
         raise TimeoutError(f"nodes {silent[:5]} did not say which partition they hold within {timeout:g}s")
     missing = sorted(set(range(clients)) - set(nodes))
     if missing:
-        raise ValueError(f"no connected node holds partitions {missing[:5]}")
+        log.warning("no node holds partitions %s (%d of %d nodes connected within round-timeout=%gs): they are "
+                    "recorded as failed in every round that samples them", missing, len(nodes), clients, timeout)
     return nodes
 
 

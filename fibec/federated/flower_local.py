@@ -1,7 +1,10 @@
 """`fibec run --engine flower`: the run on Flower on this machine, fibec starting and stopping it.
 
 For each method, `LocalFederation` starts a SuperLink and one SuperNode per client (node config
-`partition-id` / `num-partitions`) on 127.0.0.1, insecure, on free ports; `flwr run --stream`
+`partition-id` / `num-partitions`) on 127.0.0.1 on free ports: insecure, or with `--secure` over
+TLS with SuperNode authentication (a throwaway CA, a certificate for the SuperLink and a key per
+SuperNode, made by fibec.federated.credentials; each key registered before its SuperNode starts,
+so that the SuperLink admits no other); `flwr run --stream`
 submits a temporary app whose pyproject.toml is generated from the run's FedConfig
 (`app_pyproject`: fibec.federated.flower's ServerApp and ClientApp, one method). Every Flower
 process runs in this working directory, so relative paths (`out`, `model`, `data`) mean the same.
@@ -23,7 +26,7 @@ import time
 from pathlib import Path
 
 from ..config import FedConfig, flower_app_config
-from . import runner
+from . import credentials, runner
 from .recorder import Recorder
 
 # How long a process may take to start listening, or to stop after SIGTERM.
@@ -89,16 +92,23 @@ class LocalFederation:
     `superlink` and `supernodes` are the Popen objects; `submit` runs `flwr run` against the
     SuperLink. While it is open, SIGTERM to this process exits through the context manager too, so
     that no Flower process outlives fibec.
+
+    secure: TLS and SuperNode authentication, with throwaway credentials under the federation's
+    temporary home; the SuperNodes of `unregistered` partitions get a key the SuperLink was never
+    told of (the SuperLink refuses them: a test of the refusal).
     """
 
-    def __init__(self, clients: int, logs: Path) -> None:
+    def __init__(self, clients: int, logs: Path, *, secure: bool = False, unregistered: tuple[int, ...] = ()) -> None:
         self.clients = clients
         self.logs = Path(logs)
+        self.secure = secure
+        self.unregistered = set(unregistered)
         self.superlink: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen] = []
         self._processes: list[subprocess.Popen] = []
         self._previous_sigterm = None
         self._home = tempfile.TemporaryDirectory(prefix="fibec-flower-")
+        self.credentials: credentials.LocalCredentials | None = None
         bin_dir = Path(sys.executable).parent  # flower-superexec and flwr-*app are found on PATH
         self.env = {**os.environ, "FLWR_HOME": str(Path(self._home.name) / "flwr"), "HF_HUB_OFFLINE": "1",
                     "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -119,14 +129,22 @@ class LocalFederation:
             link, *node_ports = _free_ports(1 + self.clients)
             home = Path(self.env["FLWR_HOME"])
             home.mkdir()
+            if self.secure:
+                self.credentials = credentials.make_local(Path(self._home.name) / "credentials", self.clients)
+                channel = f'root-certificates = "{self.credentials.ca}"'
+                link_security = ("--ssl-ca-certfile", str(self.credentials.ca), "--ssl-certfile",
+                                 str(self.credentials.superlink_certificate), "--ssl-keyfile",
+                                 str(self.credentials.superlink_key), "--enable-supernode-auth")
+            else:
+                channel, link_security = "insecure = true", ("--insecure",)
             (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-                                              f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+                                              f'address = "127.0.0.1:{link}"\n{channel}\n')
             # fibec is installed here: no per-run dependency install of the app.
-            self.superlink = self._start("superlink", "flower-superlink", "--insecure",
+            self.superlink = self._start("superlink", "flower-superlink", *link_security,
                                          "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
                                          "--port", str(link))
             self._wait_for_port(link)
-            self.supernodes = [self._start(f"supernode-{pid}", "flower-supernode", "--insecure",
+            self.supernodes = [self._start(f"supernode-{pid}", "flower-supernode", *self._node_security(pid),
                                            "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1",
                                            "--port", str(port), "--node-config",
                                            f"partition-id={pid} num-partitions={self.clients}")
@@ -135,6 +153,39 @@ class LocalFederation:
             self.stop()
             raise
         return self
+
+    def _node_security(self, pid: int) -> tuple[str, ...]:
+        """A SuperNode's flags: --insecure, or the CA it trusts and its key (registered first)."""
+        if not self.secure:
+            return ("--insecure",)
+        private, public = self.credentials.supernode_keys[pid]
+        if pid in self.unregistered:
+            private, _ = credentials.make_supernode_key(private.parent / "unregistered", f"supernode-{pid}")
+        else:
+            self._register(pid, public)
+        return "--root-certificates", str(self.credentials.ca), "--auth-supernode-private-key", str(private)
+
+    def _register(self, pid: int, public_key: Path) -> None:
+        """`flwr supernode register` of a SuperNode's public key with the running SuperLink."""
+        log = self.logs / f"register-{pid}.log"
+        with log.open("w") as out:
+            done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "register",
+                                   str(public_key), "local"], env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, timeout=START_TIMEOUT)
+        if done.returncode:
+            raise RuntimeError(f"registering SuperNode {pid}'s key failed (exit code {done.returncode}); "
+                               f"{log} ends:\n{_tail(log)}")
+
+    def exited_supernodes(self) -> dict[int, str]:
+        """{partition: why, from its log} of the SuperNodes that exited: refused or crashed. Flower logs
+        the cause as ERROR lines, followed by the shutdown of the node's helpers."""
+        exited = {}
+        for pid, process in enumerate(self.supernodes):
+            if process.poll() is not None:
+                lines = _tail(self.logs / f"supernode-{pid}.log", 20000).splitlines()
+                first_error = next((i for i, line in enumerate(lines) if "ERROR" in line), max(0, len(lines) - 8))
+                exited[pid] = "\n".join(lines[first_error:first_error + 8])
+        return exited
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -203,10 +254,16 @@ def run_method(cfg: FedConfig, done: list[dict], *, progress: bool = True) -> li
     logs = out / "flower" / cfg.method
     recorder = Recorder(None, cfg.method, cfg.rounds, progress=progress, records=done)
     shown = len(done)
+    reported: set[int] = set()
     try:
-        with LocalFederation(cfg.clients, logs) as federation:
+        with LocalFederation(cfg.clients, logs, secure=cfg.secure) as federation:
             submitted = federation.submit(app_pyproject(cfg))
             while submitted.poll() is None:
+                for pid, log_end in federation.exited_supernodes().items():
+                    if pid not in reported:  # the run goes on without it: its rounds record the partition as failed
+                        reported.add(pid)
+                        print(f"fibec: the SuperNode of partition {pid} exited; its log "
+                              f"{logs / f'supernode-{pid}.log'} ends:\n{log_end}", file=sys.stderr)
                 if federation.superlink.poll() is not None:
                     raise RuntimeError(f"the SuperLink exited (code {federation.superlink.returncode}) during the "
                                        f"run; its log {logs / 'superlink.log'} ends:\n{_tail(logs / 'superlink.log')}")
@@ -249,6 +306,4 @@ _EXAMPLE_NOTE = """\
 
 if __name__ == "__main__":
     # Regenerates the example app after a FedConfig change.
-    import sys
-
     Path(sys.argv[1]).write_text(_EXAMPLE_NOTE + app_pyproject(FedConfig(engine="flower"), out="runs/fibec-flower"))

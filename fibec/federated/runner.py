@@ -30,7 +30,7 @@ from .transport import InProcessTransport
 
 CONFIG_FILE = "config.json"
 # Settings that say how a run is executed, not what it computes: a resumed run may differ in them.
-RUN_MODE_SETTINGS = ("out", "engine", "threads", "round_timeout", "resume", "device")
+RUN_MODE_SETTINGS = ("out", "engine", "threads", "round_timeout", "resume", "device", "secure")
 
 
 @dataclass
