@@ -1,9 +1,13 @@
 """Argument checks shared by the public ops: each error names the argument."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+
+from .config import bounds_text, within_bounds
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -44,16 +48,35 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
 
 
-def check_finite_scalar(name: str, value: object, *, low: float | None = None, high: float | None = None,
-                        low_inclusive: bool = True, high_inclusive: bool = True) -> float:
-    """Raise TypeError/ValueError naming `name` unless `value` is a finite number in range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """`value` as a finite float within [low, high] (an end open when low_open / high_open); TypeError
+    or ValueError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value < low or (value == low and not low_inclusive)):
-        raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {value}")
-    if high is not None and (value > high or (value == high and not high_inclusive)):
-        raise ValueError(f"{name} must be {'<=' if high_inclusive else '<'} {high}, got {value}")
+    if not within_bounds(value, low, high, low_open, high_open):
+        raise ValueError(f"{name} must be {bounds_text(low, high, low_open, high_open)}, got {value}")
     return value
+
+
+def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
+    """`value` as an int (numpy integers too, bool not) within [low, high]; TypeError or ValueError
+    naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if not within_bounds(value, low, high):
+        raise ValueError(f"{name} must be {bounds_text(low, high)}, got {value}")
+    return value
+
+
+def fraction_count(fraction: float, n: int) -> int:
+    """How many of n items a fraction keeps: ceil(fraction * n), at least 1 and at most n.
+
+    The one rounding rule of every such count (clients a round, curriculum pools and steps, GAL
+    size, neurons, upload entries): the product is rounded to 6 places first, so that float noise
+    (0.28 * 25 = 7.000000000000001) never adds an item."""
+    return min(n, max(1, math.ceil(round(fraction * n, 6))))

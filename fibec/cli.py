@@ -8,12 +8,12 @@ OUT with its saved settings.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from ._checks import check_number, fraction_count
 from .config import ConfigError, FedConfig, add_arguments, from_arguments, load_toml
 from .federated.checkpoint import CheckpointError
 from .federated.methods import METHODS
@@ -51,12 +51,13 @@ def build_config(args: argparse.Namespace) -> FedConfig:
     base = load_toml(args.config) if args.config else {}
     if args.command == "compare" and args.method is None and not any(k in base for k in ("method", "methods")):
         base = {**base, "method": "fibecfed,fedavg"}
-    fraction = args.fraction if args.fraction is not None else base.pop("fraction", None)
     cfg = from_arguments(args, base)
-    if fraction is not None:
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ConfigError(f"--fraction must be in (0, 1], got {fraction}")
-        cfg = cfg.replace(clients_per_round=max(1, math.ceil(fraction * cfg.clients)))
+    if args.fraction is not None:  # a flag only, not a setting: it sets clients_per_round
+        try:
+            fraction = check_number("--fraction", args.fraction, low=0.0, high=1.0, low_open=True)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+        cfg = cfg.replace(clients_per_round=fraction_count(fraction, cfg.clients))
     return cfg
 
 

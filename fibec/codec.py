@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 
 from fibec import _codec, _compat
-from fibec._checks import FLOAT_DTYPES, check_tensor
+from fibec._checks import FLOAT_DTYPES, check_int, check_tensor
 
 __all__ = ["PayloadError", "encode", "decode", "inspect", "release_cached_memory", "VALUE_FORMATS"]
 
@@ -68,8 +68,8 @@ def encode(
         raise TypeError(f"tensors must be a mapping of name -> Tensor, got {type(tensors).__name__}")
     if values not in _VALUE_CODES:
         raise ValueError(f"values must be one of {VALUE_FORMATS}, got {values!r}")
-    if level is not None and (isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22):
-        raise ValueError(f"level must be None or an int in 1..22, got {level!r}")
+    if level is not None:
+        check_int("level", level, low=1, high=22)
     if masks is None:
         masks = {}
     elif not isinstance(masks, Mapping):
@@ -220,8 +220,8 @@ def _parse(payload: object, max_output_bytes: int | None) -> "_codec.Section":
     view = _byte_view(payload)
     if max_output_bytes is None:
         max_output_bytes = max(MIN_OUTPUT_BYTES, OUTPUT_BYTES_PER_PAYLOAD_BYTE * view.nbytes)
-    elif isinstance(max_output_bytes, bool) or not isinstance(max_output_bytes, int) or max_output_bytes < 0:
-        raise ValueError(f"max_output_bytes must be None or a non-negative int, got {max_output_bytes!r}")
+    else:
+        check_int("max_output_bytes", max_output_bytes, low=0)
     max_output_bytes = min(max_output_bytes, 2**64 - 1)
     flags, n_tensors, offset, section_len, raw_len = _call(_codec.read_frame, view, False)
     compressed = bool(flags & _FLAG_ZSTD)

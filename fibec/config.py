@@ -17,9 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .curriculum import PACING_KINDS
-from .federated.methods import METHODS
 
+# The names the settings choose from, declared here so that this module imports nothing from fibec:
+# fibec.curriculum implements each pacing kind, fibec.federated.methods each method (a test checks
+# that they name the same).
+PACING_KINDS: tuple[str, ...] = ("linear", "root", "geometric", "step")
+METHOD_NAMES: tuple[str, ...] = ("fibecfed", "fedavg", "no-curriculum", "no-gal", "no-sparse", "ffa-lora",
+                                 "fedsa-lora")
 RANKERS = ("sensitivity", "fisher")
 VALUE_FORMATS = ("fp32", "fp16", "bf16", "int8")
 DIFFICULTY_PRIORS = ("length", "full")
@@ -69,7 +73,7 @@ class FedConfig:
     clients_per_round: int = setting(3, "clients sampled per round", low=1)
     rounds: int = setting(8, "communication rounds", low=1)
     alpha: float = setting(1.0, "Dirichlet label-skew concentration (smaller: more skew)", low=0.0, low_open=True)
-    method: str = setting("fibecfed", f"method or comma list: {', '.join(METHODS)}")
+    method: str = setting("fibecfed", f"method or comma list: {', '.join(METHOD_NAMES)}")
     lora_r: int = setting(8, "LoRA rank", low=1)
     lora_alpha: float = setting(16.0, "LoRA alpha (scaling = alpha / r)", low=0.0, low_open=True)
     lora_dropout: float = setting(0.0, "LoRA dropout", low=0.0, high=1.0, high_open=True)
@@ -161,13 +165,14 @@ class FedConfig:
             meta = f.metadata
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(meta['choices'])}, got {value!r}")
-            if kind in (int, float) and not _in_bounds(value, meta):
-                raise ConfigError(f"{_flag(f.name)} must be {_bounds_text(kind, meta)}, got {value!r}")
+            bounds = (meta["low"], meta["high"], meta["low_open"], meta["high_open"])
+            if kind in (int, float) and not within_bounds(value, *bounds):
+                raise ConfigError(f"{_flag(f.name)} must be {bounds_text(*bounds)}, got {value!r}")
         methods = self.methods
-        unknown = [m for m in methods if m not in METHODS]
+        unknown = [m for m in methods if m not in METHOD_NAMES]
         if unknown or not methods:
             raise ConfigError(f"--method: unknown method {unknown[0] if unknown else ''!r}; "
-                              f"choose from {', '.join(METHODS)}")
+                              f"choose from {', '.join(METHOD_NAMES)}")
         if self.clients_per_round > self.clients:
             raise ConfigError(f"--clients-per-round ({self.clients_per_round}) must not exceed "
                               f"--clients ({self.clients})")
@@ -302,21 +307,22 @@ def _coerce(f: dataclasses.Field, value: object) -> object:
     raise ConfigError(f"{_flag(f.name)} must be {_WORDS[kind]}, got {value!r}")
 
 
-def _in_bounds(value: float, meta: Mapping) -> bool:
-    low, high = meta["low"], meta["high"]
-    if low is not None and (value < low or (meta["low_open"] and value == low)):
+def within_bounds(value: float, low: float | None, high: float | None, low_open: bool = False,
+                  high_open: bool = False) -> bool:
+    """Whether `value` lies within [low, high] (an end open when low_open / high_open; None: no bound).
+    The one bound rule of every check in fibec (settings here, arguments in fibec._checks)."""
+    if low is not None and (value < low or (low_open and value == low)):
         return False
-    return not (high is not None and (value > high or (meta["high_open"] and value == high)))
+    return not (high is not None and (value > high or (high_open and value == high)))
 
 
-def _bounds_text(kind: type, meta: Mapping) -> str:
-    low, high = meta["low"], meta["high"]
-    noun = "an integer" if kind is int else "a number"
+def bounds_text(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
+    """The bounds as an error message says them: "in (0, 1]", ">= 0", "< 1"."""
     if low is not None and high is not None:
-        return f"in {'(' if meta['low_open'] else '['}{low:g}, {high:g}{')' if meta['high_open'] else ']'}"
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if low is not None:
-        return f"{noun} {'>' if meta['low_open'] else '>='} {low:g}"
-    return f"{noun} {'<' if meta['high_open'] else '<='} {high:g}"
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"{'<' if high_open else '<='} {high:g}"
 
 
 def _yes_no(text: str) -> bool:

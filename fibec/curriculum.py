@@ -13,18 +13,13 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from ._checks import check_finite_scalar
+from ._checks import check_int, check_number, fraction_count
+from .config import PACING_KINDS
+from .data import model_inputs
+from .fisher import FisherCollector
 
 __all__ = ["PACING_KINDS", "pacing_fraction", "difficulty_scores", "DifficultyTracker", "within_label_rank",
            "CurriculumSampler"]
-
-PACING_KINDS: tuple[str, ...] = ("linear", "root", "geometric", "step")
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def pacing_fraction(kind: str, round_idx: int, *, lambda0: float, full_at: int, steps: int = 4) -> float:
@@ -39,10 +34,10 @@ def pacing_fraction(kind: str, round_idx: int, *, lambda0: float, full_at: int, 
     """
     if kind not in PACING_KINDS:
         raise ValueError(f"kind: unknown pacing {kind!r}; known: {', '.join(PACING_KINDS)}")
-    t = _check_int("round_idx", round_idx, 0)
-    l0 = check_finite_scalar("lambda0", lambda0, low=0.0, high=1.0, low_inclusive=False)
-    big_t = _check_int("full_at", full_at, 1)
-    n_steps = _check_int("steps", steps, 1)
+    t = check_int("round_idx", round_idx, low=0)
+    l0 = check_number("lambda0", lambda0, low=0.0, high=1.0, low_open=True)
+    big_t = check_int("full_at", full_at, low=1)
+    n_steps = check_int("steps", steps, low=1)
     if t >= big_t:
         return 1.0
     u = t / big_t
@@ -82,9 +77,6 @@ def difficulty_scores(model: torch.nn.Module, data_batches: Iterable[Mapping[str
     "lora_B": [O,r]}}, fp32 sums over all scored samples) and `layer_traces` ({layer: float}).
     The model's train/eval mode and every parameter's .grad are restored afterwards.
     """
-    from .fisher import FisherCollector  # imported late: fisher.py pulls in the ops stack
-    from .data import model_inputs
-
     was_training = model.training
     saved_grads = {p: p.grad for p in model.parameters()}
     chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -134,7 +126,7 @@ class CurriculumSampler:
 
     def __init__(self, scores: torch.Tensor | np.ndarray, *, batch_size: int, pacing: str = "linear",
                  lambda0: float = 0.3, full_at: int = 5, steps: int = 4, seed: int = 0) -> None:
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.batch_size = check_int("batch_size", batch_size, low=1)
         self.pacing, self.lambda0, self.full_at, self.steps = pacing, lambda0, full_at, steps
         pacing_fraction(pacing, 0, lambda0=lambda0, full_at=full_at, steps=steps)  # validates the schedule
         self.seed = int(seed)
@@ -166,7 +158,7 @@ class CurriculumSampler:
         if order.size != len(self) or not np.array_equal(np.sort(order), np.arange(len(self))):
             raise ValueError(f"state['order'] must be a permutation of range({len(self)})")
         pacing_fraction(state["pacing"], 0, lambda0=state["lambda0"], full_at=state["full_at"], steps=state["steps"])
-        self.batch_size = _check_int("batch_size", state["batch_size"], 1)
+        self.batch_size = check_int("batch_size", state["batch_size"], low=1)
         self.pacing, self.lambda0 = state["pacing"], float(state["lambda0"])
         self.full_at, self.steps, self.seed = int(state["full_at"]), int(state["steps"]), int(state["seed"])
         self._order = order
@@ -176,12 +168,11 @@ class CurriculumSampler:
 
     def pool(self, round_idx: int) -> list[int]:
         """The indices of round round_idx's pool, easiest first."""
-        m = math.ceil(self.fraction(round_idx) * len(self) - 1e-9)
-        return self._order[:max(1, m)].tolist()
+        return self._order[:fraction_count(self.fraction(round_idx), len(self))].tolist()
 
     def batches(self, round_idx: int, num_batches: int) -> list[list[int]]:
         """num_batches index lists for round round_idx, all drawn from its pool."""
-        wanted = _check_int("num_batches", num_batches, 0)
+        wanted = check_int("num_batches", num_batches, low=0)
         pool = np.asarray(self.pool(round_idx), dtype=np.int64)
         rng = np.random.default_rng([self.seed, int(round_idx)])
         out: list[list[int]] = []

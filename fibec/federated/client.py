@@ -8,7 +8,6 @@ difficulty scores stay here; `state_dict()` / `load_state_dict()` carry them acr
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -16,9 +15,11 @@ import numpy as np
 import torch
 
 from .. import codec
+from .._checks import fraction_count
 from ..config import FedConfig
 from ..curriculum import CurriculumSampler, DifficultyTracker, difficulty_scores, within_label_rank
 from ..data import TextClassificationData, make_batches, model_inputs
+from ..fisher import FisherCollector
 from ..modeling import AdapterLayout, get_state, set_state
 from ..optim import MaskedAdamW
 from ..selection import NeuronImportance, layer_sensitivity, select_neurons
@@ -68,7 +69,7 @@ def encode_layer_scores(scores: dict[str, float], layers: tuple[str, ...]) -> by
 
 def _largest_entries(values: torch.Tensor, density: float) -> torch.Tensor:
     """bool mask of values' shape keeping its ceil(density * size) entries of largest magnitude."""
-    k = max(1, math.ceil(round(density * values.numel(), 6)))
+    k = fraction_count(density, values.numel())
     mask = torch.zeros(values.numel(), dtype=torch.bool)
     mask[torch.topk(values.abs().flatten(), k, sorted=False).indices] = True
     return mask.view_as(values)
@@ -191,8 +192,6 @@ class Client:
         collect = self.method.curriculum or self.method.sparse or (plan.want_scores and cfg.gal_ranker == "fisher")
         traces: dict[str, float] = {}
         if collect:
-            from ..fisher import FisherCollector
-
             with FisherCollector(model, "lora", loss_reduction="mean") as collector:
                 losses = self._train(model, optimizer, batches, collector)
                 traces = collector.layer_traces
@@ -251,7 +250,7 @@ class Client:
         """local_steps; with scale_steps, a curriculum round's share of them, ceil(lambda(t) * local_steps)."""
         if not (self.cfg.scale_steps and self.method.curriculum):
             return self.cfg.local_steps
-        return max(1, math.ceil(self.sampler.fraction(round_idx) * self.cfg.local_steps - 1e-9))
+        return fraction_count(self.sampler.fraction(round_idx), self.cfg.local_steps)
 
     def _sent_names(self, plan: RoundPlan) -> list[str]:
         return self.method.sent_names(self.layout, plan.sent) + list(self.layout.head)

@@ -43,6 +43,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from .. import codec
+from .._checks import check_int
 from ..config import ConfigError, FedConfig
 from . import checkpoint, runner
 from .client import Client, ClientUpdate, RoundPlan
@@ -91,9 +92,7 @@ def partition_id(node_config: Mapping[str, object], clients: int) -> int:
     if PARTITION_ID not in node_config:
         raise ValueError(f"node config has no {PARTITION_ID!r} (start the SuperNode with "
                          f"--node-config 'partition-id=0 num-partitions={clients}')")
-    pid = node_config[PARTITION_ID]
-    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < clients:
-        raise ValueError(f"node config: {PARTITION_ID} must be an int in [0, {clients}), got {pid!r}")
+    pid = check_int(f"node config: {PARTITION_ID}", node_config[PARTITION_ID], low=0, high=clients - 1)
     if NUM_PARTITIONS in node_config and node_config[NUM_PARTITIONS] != clients:
         raise ValueError(f"node config: {NUM_PARTITIONS}={node_config[NUM_PARTITIONS]!r} differs from the "
                          f"run's clients={clients}")
