@@ -1,4 +1,4 @@
-"""Every private torch API fibec uses, each behind a function with a public fallback.
+"""Every private torch API and every peft internal fibec uses, each behind a function.
 
 Private names can vanish in any torch release. Each one is looked up when it is used, so a torch
 without it, or a test that removes it, takes the fallback. Where no public API can give the same
@@ -7,7 +7,9 @@ rather than a wrong number.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -93,3 +95,26 @@ def dlpack_converter() -> Callable[[object], torch.Tensor]:
     Fallback: torch.from_dlpack, the same tensor.
     """
     return getattr(torch._C, "_from_dlpack", None) or torch.from_dlpack
+
+
+class PeftLora(NamedTuple):
+    """peft's LoRA layer classes: `layer` (any LoRA layer), `linear` (lora.Linear), `tuner` (the base
+    of every adapter layer, whose submodules belong to it)."""
+
+    layer: type
+    linear: type
+    tuner: type
+
+
+def peft_lora() -> PeftLora | None:
+    """peft's LoRA layer classes, or None when peft was never imported: a model can hold peft layers
+    only once peft is imported, so fibec does not import it for a model that has none.
+
+    Internal: peft.tuners.lora.{LoraLayer, Linear} and peft.tuners.tuners_utils.BaseTunerLayer are
+    not part of peft's documented API; fibec reaches them here only."""
+    if "peft" not in sys.modules:
+        return None
+    from peft.tuners.lora import Linear, LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return PeftLora(LoraLayer, Linear, BaseTunerLayer)

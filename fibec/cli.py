@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 from ._checks import check_number, fraction_count
-from .config import ConfigError, FedConfig, add_arguments, from_arguments, load_toml
+from .config import METHOD_NAMES, ConfigError, FedConfig, add_arguments, from_arguments, load_toml
 from .federated.checkpoint import CheckpointError
-from .federated.methods import METHODS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         add_arguments(p)
         if name == "compare":
-            p.add_argument("--methods", dest="method", help=f"comma list of methods: {', '.join(METHODS)}")
+            p.add_argument("--methods", dest="method", help=f"comma list of methods: {', '.join(METHOD_NAMES)}")
     sub.add_parser("bench", help="run the microbenchmarks (pytest bench)")
     return parser
 

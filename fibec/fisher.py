@@ -40,7 +40,6 @@ weights count: biases are not part of the Fisher.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -70,19 +69,6 @@ class _Layer:
         return {"lora_A": self.module.lora_A[self.adapter].weight, "lora_B": self.module.lora_B[self.adapter].weight}
 
 
-def _peft_classes() -> tuple[type, type] | tuple[None, None]:
-    """(peft lora.Linear, BaseTunerLayer), or Nones when peft was never imported.
-
-    A model can only hold peft layers once peft is imported, so fibec does not import it itself.
-    """
-    if "peft" not in sys.modules:
-        return None, None
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return LoraLinear, BaseTunerLayer
-
-
 def _collected_adapter(name: str, module: nn.Module) -> str:
     """The one active, vanilla-LoRA, unmerged adapter of a peft lora.Linear, else a ValueError."""
     active = [a for a in module.active_adapters if a in module.lora_A]
@@ -99,7 +85,8 @@ def _collected_adapter(name: str, module: nn.Module) -> str:
 
 
 def _select_layers(model: nn.Module, layers: str | Iterable[str]) -> list[_Layer]:
-    lora_cls, tuner_cls = _peft_classes()
+    peft = _compat.peft_lora()
+    lora_cls, tuner_cls = (peft.linear, peft.tuner) if peft is not None else (None, None)
     modules = dict(model.named_modules())
 
     def lora_layer(name: str, m: nn.Module) -> _Layer:

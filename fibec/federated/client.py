@@ -164,7 +164,7 @@ class Client:
         start = time.perf_counter()
         cfg = self.cfg
         received = codec.decode(payload)
-        sent_names = self._sent_names(plan)
+        sent_names = self.method.payload_names(self.layout, plan.sent)
         expected = set(sent_names)
         if set(received) != expected:
             raise codec.PayloadError(f"server payload has tensors {sorted(set(received) ^ expected)[:4]} "
@@ -192,7 +192,7 @@ class Client:
         collect = self.method.curriculum or self.method.sparse or (plan.want_scores and cfg.gal_ranker == "fisher")
         traces: dict[str, float] = {}
         if collect:
-            with FisherCollector(model, "lora", loss_reduction="mean") as collector:
+            with FisherCollector(model, self.layout.layers, loss_reduction="mean") as collector:
                 losses = self._train(model, optimizer, batches, collector)
                 traces = collector.layer_traces
                 if self.method.sparse:
@@ -251,9 +251,6 @@ class Client:
         if not (self.cfg.scale_steps and self.method.curriculum):
             return self.cfg.local_steps
         return fraction_count(self.sampler.fraction(round_idx), self.cfg.local_steps)
-
-    def _sent_names(self, plan: RoundPlan) -> list[str]:
-        return self.method.sent_names(self.layout, plan.sent) + list(self.layout.head)
 
     def _encode_with_error_feedback(self, delta: dict[str, torch.Tensor],
                                     masks: dict[str, tuple[torch.Tensor, int]]) -> bytes:

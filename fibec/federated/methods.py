@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FACTORS = ("lora_A", "lora_B")
+from ..config import METHOD_NAMES
+from ..modeling import LORA_FACTORS, AdapterLayout
 
 
 @dataclass(frozen=True)
@@ -24,26 +25,25 @@ class Method:
     gal: bool
     sparse: bool
     ranked: bool = True
-    trained: tuple[str, ...] = FACTORS
-    sent: tuple[str, ...] = FACTORS
+    trained: tuple[str, ...] = LORA_FACTORS
+    sent: tuple[str, ...] = LORA_FACTORS
 
     @property
     def personalised(self) -> bool:
         """Clients keep LoRA weights of their own, so each client's model differs from the global one."""
         return self.gal or set(self.trained) - set(self.sent) != set()
 
-    def trained_names(self, layout, layers) -> list[str]:
+    def trained_names(self, layout: AdapterLayout, layers) -> list[str]:
         """Parameter names of the trained factors of `layers`, in layout order."""
-        return _factor_names(layout, layers, self.trained)
+        return layout.param_names(layers, self.trained)
 
-    def sent_names(self, layout, layers) -> list[str]:
+    def sent_names(self, layout: AdapterLayout, layers) -> list[str]:
         """Parameter names of the travelling factors of `layers`, in layout order."""
-        return _factor_names(layout, layers, self.sent)
+        return layout.param_names(layers, self.sent)
 
-
-def _factor_names(layout, layers, factors: tuple[str, ...]) -> list[str]:
-    wanted = set(layers)
-    return [layout.factors[layer][k] for layer in layout.layers if layer in wanted for k in factors]
+    def payload_names(self, layout: AdapterLayout, layers) -> list[str]:
+        """What a payload of `layers` carries: their travelling factors, then the head (always sent)."""
+        return self.sent_names(layout, layers) + list(layout.head)
 
 
 METHODS: dict[str, Method] = {
@@ -57,3 +57,6 @@ METHODS: dict[str, Method] = {
                        sent=("lora_B",)),
     "fedsa-lora": Method(curriculum=False, gal=False, sparse=False, ranked=False, sent=("lora_A",)),
 }
+if tuple(METHODS) != METHOD_NAMES:  # the config declares the names its settings choose from
+    raise ImportError(f"fibec.config.METHOD_NAMES {METHOD_NAMES} must list fibec.federated.methods.METHODS "
+                      f"{tuple(METHODS)}")

@@ -132,18 +132,14 @@ class Server:
         return RoundPlan(round_idx, everything if self.aggregate_all else self.gal,
                          everything if self.dense_all else self.gal, want)
 
-    def sent_names(self, plan: RoundPlan) -> list[str]:
-        return self.method.sent_names(self.layout, plan.sent) + list(self.layout.head)
-
     def shared_names(self) -> list[str]:
         """What every client holds from the server after a round: the aggregated layers' travelling
         factors and the head."""
-        layers = self.layout.layers if self.aggregate_all else self.gal
-        return self.method.sent_names(self.layout, layers) + list(self.layout.head)
+        return self.method.payload_names(self.layout, self.layout.layers if self.aggregate_all else self.gal)
 
     def payload(self, plan: RoundPlan) -> bytes:
         """The weights the clients load this round: the sent LoRA layers and the head."""
-        return codec.encode({n: self.state[n] for n in self.sent_names(plan)}, values=self.cfg.values)
+        return codec.encode({n: self.state[n] for n in self.method.payload_names(self.layout, plan.sent)}, values=self.cfg.values)
 
     def _decoded(self, payload: bytes, names: list[str]) -> dict[str, torch.Tensor]:
         """`payload` decoded and checked to hold exactly `names`, with the state's shapes, finite floats."""
@@ -162,7 +158,7 @@ class Server:
         return tensors
 
     def _check(self, plan: RoundPlan, update: ClientUpdate) -> dict[str, torch.Tensor]:
-        delta = self._decoded(update.payload, self.sent_names(plan))
+        delta = self._decoded(update.payload, self.method.payload_names(self.layout, plan.sent))
         if isinstance(update.num_samples, bool) or not (isinstance(update.num_samples, int) and update.num_samples > 0):
             raise codec.PayloadError(f"num_samples must be a positive int, got {update.num_samples!r}")
         return delta
@@ -206,7 +202,7 @@ class Server:
                               f"the global state is unchanged")
             log.warning("round %d: %s", plan.round_idx + 1, result.skipped)
             return result
-        names = self.sent_names(plan)
+        names = self.method.payload_names(self.layout, plan.sent)
         mean = self._weighted_mean([d for _, d in checked], [float(u.num_samples) for u, _ in checked], names)
         for name in names:
             self.state[name] += self.cfg.server_lr * mean[name]
