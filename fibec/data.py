@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from ._checks import check_int, check_number
-from .config import ConfigError
 
 __all__ = [
     "TextClassificationData",
@@ -34,7 +33,8 @@ __all__ = [
     "train_test_split",
     "make_batches",
     "model_inputs",
-    "load_data",
+    "sentence_key",
+    "stratified_holdout",
 ]
 
 
@@ -524,20 +524,20 @@ _GROUPS = (("easy", _easy), ("medium", _medium), ("hard", _hard))
 _MAX_DRAWS = 1000
 
 
-def _sentence_key(text: str) -> str:
+def sentence_key(text: str) -> str:
     """What makes two sentences the same: equal after collapsing whitespace and ignoring case."""
     return " ".join(text.split()).casefold()
 
 
 def _generate(n: int, rng: random.Random, exclude: frozenset[str] = frozenset()) -> TextClassificationData:
-    """n samples, none of whose _sentence_key is in `exclude` (such draws are redrawn)."""
+    """n samples, none of whose sentence_key is in `exclude` (such draws are redrawn)."""
     texts, labels, groups = [], [], []
     for i in range(n):
         label = i % 2  # balanced: exactly half positive (odd n: one more negative)
         group, make = _GROUPS[(i // 2) % 3]  # each group equally often and label-balanced
         for _ in range(_MAX_DRAWS):
             text = make(rng, label)
-            if _sentence_key(text) not in exclude:
+            if sentence_key(text) not in exclude:
                 break
         else:
             raise ValueError(f"the {group} {['negative', 'positive'][label]} templates gave only sentences of the "
@@ -570,11 +570,25 @@ def default_task(seed: int = 0, n_train: int = 1200, n_test: int = 400) -> tuple
     for arg, value in (("n_train", n_train), ("n_test", n_test)):
         check_int(arg, value, low=2)
     train = _generate(n_train, random.Random(f"{seed}/train"))
-    seen = frozenset(map(_sentence_key, train.texts))
+    seen = frozenset(map(sentence_key, train.texts))
     return train, _generate(n_test, random.Random(f"{seed}/test"), exclude=seen)
 
 
 # ---- Splits and partitions ---------------------------------------------------------------------
+
+def stratified_holdout(labels: Sequence[int], units: list[list[int]], fraction: float,
+                       rng: np.random.Generator) -> list[int]:
+    """The sample indices held out: for each label in turn, round(fraction * its units) of its units,
+    drawn by one rng.permutation. A unit is a list of samples of one label that stay together (one
+    sample, or every copy of a text); units of a label are taken in the order given."""
+    labels = np.asarray(labels)
+    held: list[int] = []
+    for label in range(int(labels.max()) + 1 if labels.size else 0):
+        of_label = [unit for unit in units if labels[unit[0]] == label]
+        for j in rng.permutation(len(of_label))[: int(round(fraction * len(of_label)))]:
+            held += of_label[j]
+    return held
+
 
 def train_test_split(data: TextClassificationData, test_fraction: float,
                      seed: int = 0) -> tuple[TextClassificationData, TextClassificationData]:
@@ -586,12 +600,7 @@ def train_test_split(data: TextClassificationData, test_fraction: float,
     if len(data) < 2:
         raise ValueError(f"data needs at least 2 samples to split, has {len(data)}")
     rng = np.random.default_rng(seed)
-    labels = np.asarray(data.labels)
-    test_idx: list[int] = []
-    for label in range(data.num_labels):
-        members = np.flatnonzero(labels == label)
-        take = int(round(frac * len(members)))
-        test_idx += rng.permutation(members)[:take].tolist()
+    test_idx = stratified_holdout(data.labels, [[i] for i in range(len(data))], frac, rng)
     if not test_idx:
         test_idx = [int(rng.integers(len(data)))]
     if len(test_idx) == len(data):
@@ -690,41 +699,3 @@ def make_batches(data: TextClassificationData, tokenizer, indices: Sequence[int]
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch without fibec's bookkeeping keys ("index"), ready for `model(**...)`."""
     return {k: v for k, v in batch.items() if k != "index"}
-
-
-# ---- A run's data from its settings -------------------------------------------------------------
-
-def load_data(cfg) -> tuple[TextClassificationData, TextClassificationData]:
-    """(train, test) for a run's `cfg.data` (a fibec.config.FedConfig); ConfigError naming the flag.
-
-    cfg.data is "default" (the built-in task), a folder name of the shared data directory, a
-    CSV/TSV/JSONL file, a folder written by Hugging Face `save_to_disk`, or a Hugging Face Hub
-    dataset name (needs network). Sources without a test split are split with cfg.test_fraction.
-    """
-    source = cfg.data
-    if source == "default":
-        return default_task(cfg.seed, n_train=cfg.default_train, n_test=cfg.default_test)
-    path = Path(source)
-    columns = dict(text_column=cfg.text_column, label_column=cfg.label_column, text_pair_column=cfg.text_pair_column)
-    try:
-        if source in SHARED_DATASETS and not path.exists():
-            return load_shared(source)
-        if path.is_file():
-            train, test = load_table(path, **columns), None
-        elif path.is_dir() or "/" in source:
-            train, test = load_hf_dataset(source, **columns)
-        else:
-            raise ConfigError(f"--data: {source!r} is neither 'default', a dataset in ../shared/data "
-                              f"({', '.join(SHARED_DATASETS)}), a file, a Hugging Face save_to_disk folder "
-                              f"nor a Hub name (owner/name)")
-    except ConfigError:
-        raise
-    except (ValueError, FileNotFoundError, ImportError, ConnectionError, OSError) as err:
-        message = str(err).replace("text_column:", "--text-column:").replace("label_column:", "--label-column:")
-        message = message.replace("text_pair_column:", "--text-pair-column:")
-        raise ConfigError(f"--data: {message}".replace("--data: --", "--")) from None
-    if train.num_labels < 2:
-        raise ConfigError(f"--data: {source} has fewer than 2 labels")
-    if test is None:
-        train, test = train_test_split(train, cfg.test_fraction, seed=cfg.seed)
-    return train, test

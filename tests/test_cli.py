@@ -131,7 +131,7 @@ def test_every_setting_is_checked_from_its_declared_bounds_and_choices(capsys, a
 
 def test_validation_split_is_carved_from_training_and_never_touches_test():
     from fibec.config import FedConfig
-    from fibec.federated.runner import load_run_data
+    from fibec.federated.assembly import load_run_data
 
     cfg = FedConfig(default_train=200, default_test=60, eval_on="validation", validation_fraction=0.2)
     data = load_run_data(cfg)

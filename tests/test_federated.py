@@ -13,7 +13,8 @@ from fibec.data import default_task, dirichlet_partition, make_batches, model_in
 from fibec.federated.client import ClientUpdate, encode_layer_scores
 from fibec.federated.recorder import Recorder, without_timings
 from fibec.federated.rounds import Coordinator, run_rounds
-from fibec.federated.runner import RunData, build_federation, run_method
+from fibec.federated.assembly import RunData, RunModel, build_federation
+from fibec.federated.runner import run_method
 from fibec.modeling import AdapterLayout, load_classifier, set_state
 from tiny_models import save_tiny_model
 
@@ -40,7 +41,8 @@ def run_data(cfg: FedConfig, task) -> RunData:
 
 def federation(model, task, tmp_path, method="fibecfed", **changes):
     cfg = small_config(model, tmp_path, **changes)
-    return cfg, build_federation(cfg, method, run_data(cfg, task))
+    data = run_data(cfg, task)
+    return cfg, build_federation(cfg, method, data, RunModel(cfg, data.train.num_labels))
 
 
 def coordinator(cfg, fed, method="fibecfed", on_round_end=None) -> Coordinator:
@@ -51,7 +53,8 @@ def coordinator(cfg, fed, method="fibecfed", on_round_end=None) -> Coordinator:
 
 def run(model, task, tmp_path, method="fibecfed", **changes):
     cfg = small_config(model, tmp_path, **changes)
-    return run_method(cfg, method, run_data(cfg, task), progress=False)
+    data = run_data(cfg, task)
+    return run_method(cfg, method, data, RunModel(cfg, data.train.num_labels), progress=False)
 
 
 def without_times(records):
@@ -455,3 +458,31 @@ def test_sparse_uploads_send_the_largest_entries_and_error_feedback_keeps_the_re
     # A zero delta next round still sends what the residual holds, largest first.
     second = codec.decode(client._encode_with_error_feedback({n: torch.zeros_like(t) for n, t in first.items()}, {}))
     assert (second[lora] != 0).sum() == kept.sum() and not ((second[lora] != 0) & kept).any()
+
+
+def test_the_run_model_loads_once_and_gives_each_method_the_start_a_fresh_load_gives(tiny_bert, tmp_path):
+    cfg = small_config(tiny_bert, tmp_path)
+    loaded = RunModel(cfg, 2)
+    after_load = torch.rand(3)  # what the next random draw of a fresh load would be
+    model, _, layout, initial = loaded.fresh()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    torch.rand(5)
+    model, _, _, _ = loaded.fresh()
+    assert all(torch.equal(p.detach(), initial[n]) for n, p in model.named_parameters() if n in initial)
+    assert torch.equal(torch.rand(3), after_load)
+    again = RunModel(cfg, 2)
+    assert torch.equal(torch.rand(3), after_load)
+    assert all(torch.equal(again.initial[n], initial[n]) for n in initial)
+
+
+def test_every_stream_of_a_run_is_named_and_reproduces_the_recorded_ones():
+    from fibec.federated import seeds
+
+    assert seeds.seed_for("client", 3, client=2, round_idx=5) == (3 * 1_000_003 + 2 * 10_007 + 5) % 2**31
+    assert seeds.seed_for("evaluation shares", 3) == [3, 1] and seeds.seed_for("validation split", 3) == [3, 2]
+    assert all(seeds.seed_for(p, 3) == 3 for p in ("client sampling", "test split", "partition", "model init"))
+    assert seeds.generator("partition", 7).integers(1 << 30) == np.random.default_rng(7).integers(1 << 30)
+    with pytest.raises(ValueError, match="purpose"):
+        seeds.seed_for("dropout", 1)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from fibec import codec  # noqa: E402
 from fibec.config import ConfigError, FedConfig, flower_app_config  # noqa: E402
-from fibec.federated import checkpoint, flower, flower_local, runner  # noqa: E402
+from fibec.federated import assembly, checkpoint, flower, flower_local, runner  # noqa: E402
 from fibec.federated.client import Client, encode_layer_scores  # noqa: E402
 from fibec.federated.recorder import without_timings  # noqa: E402
 
@@ -248,7 +248,7 @@ def test_recorded_bytes_are_the_uint8_arrays_that_crossed_the_wire(fibecfed_runs
 
 def test_only_gal_layers_and_head_change_on_the_flower_server(fibecfed_runs, tiny_bert):
     cfg, _, _ = fibecfed_runs
-    _, _, layout, initial = runner.build_model(cfg, runner.load_run_data(cfg).train.num_labels)
+    _, _, layout, initial = assembly.RunModel(cfg, assembly.load_run_data(cfg).train.num_labels).fresh()
     state, gal = final_state(cfg), read_records(cfg)[-1]["gal"]
     assert 0 < len(gal) < len(layout.layers)
     for layer in layout.layers:
@@ -318,7 +318,7 @@ def test_bad_updates_are_rejected_and_a_round_short_of_min_updates_is_skipped_on
 def test_a_client_app_exception_reaches_the_server_as_an_error_reply(tiny_bert, tmp_path):
     cfg = small_config(tiny_bert, tmp_path)
     grid = LoopbackGrid(cfg.to_run_config(), cfg.clients)
-    head = runner.build_model(cfg, runner.load_run_data(cfg).train.num_labels)[2].head[0]
+    head = assembly.RunModel(cfg, assembly.load_run_data(cfg).train.num_labels).layout.head[0]
     misshapen = codec.encode({head: torch.zeros(3)})
     content = RecordDict({"fibec.bytes": ArrayRecord({"payload": flower.bytes_array(misshapen)}),
                           "fibec.task": ConfigRecord({"round": 0})})

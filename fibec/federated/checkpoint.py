@@ -15,6 +15,9 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 FORMAT = "fibec-checkpoint"
 VERSION = 1
@@ -84,8 +87,6 @@ def _fsync_dir(directory: Path) -> None:
 def save(directory: str | Path, round_done: int, state: dict) -> Path:
     """Write `state` (nested dicts of tensors and JSON values) as the checkpoint after `round_done`
     rounds; returns the path of state.json."""
-    from safetensors.torch import save as save_tensors
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     skeleton, tensors = flatten(state)
@@ -107,9 +108,6 @@ def exists(directory: str | Path) -> bool:
 
 def load(directory: str | Path) -> tuple[int, dict]:
     """(rounds done, state) of the checkpoint in `directory`; CheckpointError naming the damaged file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_tensors
-
     state_path = Path(directory) / STATE_FILE
     try:
         meta = json.loads(state_path.read_text())

@@ -23,6 +23,7 @@ from ..fisher import FisherCollector
 from ..modeling import AdapterLayout, get_state, set_state
 from ..optim import MaskedAdamW
 from ..selection import NeuronImportance, layer_sensitivity, select_neurons
+from . import seeds
 from .methods import Method
 
 LAYER_SCORES = "layer_scores"
@@ -282,7 +283,7 @@ class Client:
         return upload
 
     def _seed(self, round_idx: int) -> int:
-        return (self.cfg.seed * 1_000_003 + self.cid * 10_007 + round_idx) % (2**31)
+        return seeds.seed_for("client", self.cfg.seed, client=self.cid, round_idx=round_idx)
 
     def _lengths(self) -> np.ndarray:
         lengths = np.zeros(len(self.data))

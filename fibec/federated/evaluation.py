@@ -17,6 +17,7 @@ import torch
 
 from ..data import TextClassificationData, make_batches, model_inputs
 from ..modeling import set_state
+from . import seeds
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def draw_shares(data: TextClassificationData, client_label_counts: list[list[int
     label whose samples run out is topped up from the label with most left. Every engine draws
     the same shares from the same arguments.
     """
-    rng = np.random.default_rng([seed, 1])
+    rng = seeds.generator("evaluation shares", seed)
     labels = np.asarray(data.labels)
     pools = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in range(data.num_labels)]
     total = len(data) if total <= 0 else min(total, len(data))

@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import Strategy
 from .. import codec
 from .._checks import check_int
 from ..config import ConfigError, FedConfig
-from . import checkpoint, runner
+from . import assembly, checkpoint, runner
 from .client import Client, ClientUpdate, RoundPlan
 from .evaluation import Evaluator, Score
 from .methods import METHODS
@@ -92,7 +92,10 @@ def partition_id(node_config: Mapping[str, object], clients: int) -> int:
     if PARTITION_ID not in node_config:
         raise ValueError(f"node config has no {PARTITION_ID!r} (start the SuperNode with "
                          f"--node-config 'partition-id=0 num-partitions={clients}')")
-    pid = check_int(f"node config: {PARTITION_ID}", node_config[PARTITION_ID], low=0, high=clients - 1)
+    try:  # a node config is a file's text, not a call: every bad value is a ValueError
+        pid = check_int(f"node config: {PARTITION_ID}", node_config[PARTITION_ID], low=0, high=clients - 1)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
     if NUM_PARTITIONS in node_config and node_config[NUM_PARTITIONS] != clients:
         raise ValueError(f"node config: {NUM_PARTITIONS}={node_config[NUM_PARTITIONS]!r} differs from the "
                          f"run's clients={clients}")
@@ -195,10 +198,10 @@ class _Party:
 
 
 def _build_party(cfg: FedConfig, pid: int) -> _Party:
-    data = runner.load_run_data(cfg)
-    model, tokenizer, layout, initial = runner.build_model(cfg, data.train.num_labels)
+    data = assembly.load_run_data(cfg)
+    model, tokenizer, layout, initial = assembly.RunModel(cfg, data.train.num_labels).fresh()
     client = Client(pid, data.client_data(pid), tokenizer, layout, initial, cfg, METHODS[cfg.method])
-    return _Party(model, client, runner.build_evaluator(cfg, data, tokenizer), client.state_dict())
+    return _Party(model, client, assembly.build_evaluator(cfg, data, tokenizer), client.state_dict())
 
 
 # Parties built in this process, by (run, run config, partition). A SuperNode may run every message
@@ -540,10 +543,10 @@ def server_main(grid: Grid, context: Context) -> None:
     if saved is not None and saved["clients"]:  # the nodes could not take their clients' states from it
         raise checkpoint.CheckpointError(f"{directory / checkpoint.STATE_FILE} holds every client's state: the "
                                          f"in-process engine wrote it; continue it with `fibec run --resume`")
-    data = runner.load_run_data(cfg)
-    model, tokenizer, layout, initial = runner.build_model(cfg, data.train.num_labels)
+    data = assembly.load_run_data(cfg)
+    model, tokenizer, layout, initial = assembly.RunModel(cfg, data.train.num_labels).fresh()
     server = Server(layout, initial, cfg, METHODS[method])
-    coordinator = runner.open_coordinator(cfg, method, server, runner.build_evaluator(cfg, data, tokenizer), model,
+    coordinator = runner.open_coordinator(cfg, method, server, assembly.build_evaluator(cfg, data, tokenizer), model,
                                           clients=[], saved=saved, progress=False)
     try:
         with runner.torch_settings(cfg):

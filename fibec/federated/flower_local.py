@@ -289,7 +289,7 @@ def run_methods(cfg: FedConfig, *, overwrite: bool = False, progress: bool = Tru
     The contract of runner.run_methods: the same checks first, a fresh run refuses an `out` that
     holds one (unless `overwrite`), a resumed run continues each method from its checkpoint.
     """
-    _, saved = runner.prepare_run(cfg, overwrite=overwrite)
+    _, _, saved = runner.prepare_run(cfg, overwrite=overwrite)
     return {method: run_method(cfg.replace(method=method),
                                saved[method]["coordinator"]["records"] if saved[method] else [], progress=progress)
             for method in cfg.methods}

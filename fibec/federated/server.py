@@ -47,9 +47,7 @@ class Server:
     def __init__(self, layout: AdapterLayout, initial_state: dict[str, torch.Tensor], cfg: FedConfig,
                  method: Method) -> None:
         n_layers = len(layout.layers)
-        gal_size = cfg.gal_size if method.ranked else n_layers
-        if not 1 <= gal_size <= n_layers:
-            raise ValueError(f"gal_size must be in [1, {n_layers}] (the number of LoRA layers), got {gal_size}")
+        gal_size = cfg.gal_size if method.ranked else n_layers  # checked against the model by assembly.RunModel
         self.layout = layout
         self.state = {n: initial_state[n].detach().to(torch.float32).clone() for n in layout.all_names}
         self.gal_size = gal_size
