@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -56,56 +56,168 @@ _REDUCTIONS = ("sum", "mean")
 
 @dataclass(frozen=True)
 class _Layer:
-    """One hooked layer: its qualified name, the module and, for LoRA, the adapter collected."""
+    """One hooked layer: its qualified name, the module, its kind and, for LoRA, the adapter collected."""
 
     name: str
     module: nn.Module
-    adapter: str | None  # None: a dense nn.Linear
+    kind: LayerKind
+    adapter: str | None = None
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The weights whose Fisher is collected, under their keys in FisherCollector.fisher."""
-        if self.adapter is None:
-            return {"weight": self.module.weight}
-        return {"lora_A": self.module.lora_A[self.adapter].weight, "lora_B": self.module.lora_B[self.adapter].weight}
+        return self.kind.weights(self)
 
 
-def _collected_adapter(name: str, module: nn.Module) -> str:
-    """The one active, vanilla-LoRA, unmerged adapter of a peft lora.Linear, else a ValueError."""
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) != 1:
-        raise ValueError(f"layer {name!r} has {len(active)} active LoRA adapters {active}; "
-                         "FisherCollector collects exactly one per layer (set_adapter first)")
-    adapter = active[0]
-    if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter, False):
-        raise ValueError(f"layer {name!r}: adapter {adapter!r} is a LoRA variant (e.g. DoRA); "
-                         "FisherCollector supports plain LoRA only")
-    if module.merged:
-        raise ValueError(f"layer {name!r} has merged LoRA weights; call unmerge_adapter() first")
-    return adapter
+class LayerKind:
+    """How FisherCollector collects one kind of layer, as Opacus registers a grad sampler per module
+    type: which modules it takes, which weights it scores, which hooks pair each call's input X with
+    the gradient of its output, and which fused op turns (X, G) into the Fisher and per-sample norms.
+    Kinds are tried in LAYER_KINDS order; `register_layer_kind` adds one."""
+
+    selector: str  # the `layers=` string that selects every trainable layer of this kind
+
+    def claims(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def layer(self, name: str, module: nn.Module) -> _Layer:
+        """The layer to hook, or a ValueError saying why this module cannot be collected."""
+        return _Layer(name, module, self)
+
+    def trainable(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def weights(self, layer: _Layer) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def hook(self, collector: FisherCollector, layer: _Layer) -> list:
+        """Register the forward hooks that hand (X, output) to collector._watch; returns their handles."""
+        raise NotImplementedError
+
+    def collect(self, layer: _Layer, X: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None,
+                grad_scale: float, fisher: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Add the batch's diagonal Fisher into `fisher` (the layer's running sums); return the
+        per-sample squared gradient norms [N] fp32. X [N,T,I], G [N,T,O]."""
+        raise NotImplementedError
+
+
+class DenseLinear(LayerKind):
+    """An nn.Linear outside LoRA layers: the Fisher of its weight [O, I]."""
+
+    selector = "linear"
+
+    def claims(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    def trainable(self, module: nn.Module) -> bool:
+        return module.weight.requires_grad
+
+    def weights(self, layer: _Layer) -> dict[str, torch.Tensor]:
+        return {"weight": layer.module.weight}
+
+    def hook(self, collector: FisherCollector, layer: _Layer) -> list:
+        def forward(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            collector._watch(layer, args[0] if args else kwargs["input"], output)
+
+        return [layer.module.register_forward_hook(forward, with_kwargs=True)]
+
+    def collect(self, layer: _Layer, X: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None,
+                grad_scale: float, fisher: dict[str, torch.Tensor]) -> torch.Tensor:
+        if grad_scale != 1:
+            G = G * grad_scale
+        return ops.fisher_diag(X, G, token_mask=mask, out=fisher["weight"], with_sqnorms=True)[1]
+
+
+class PeftLoraLinear(LayerKind):
+    """A peft lora.Linear: the Fisher of its one active adapter's factors lora_A [r, I], lora_B [O, r]."""
+
+    selector = "lora"
+
+    def claims(self, module: nn.Module) -> bool:
+        peft = _compat.peft_lora()
+        return peft is not None and isinstance(module, peft.linear)
+
+    def layer(self, name: str, module: nn.Module) -> _Layer:
+        """The one active, vanilla-LoRA, unmerged adapter of the layer, else a ValueError."""
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if len(active) != 1:
+            raise ValueError(f"layer {name!r} has {len(active)} active LoRA adapters {active}; "
+                             "FisherCollector collects exactly one per layer (set_adapter first)")
+        adapter = active[0]
+        if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter, False):
+            raise ValueError(f"layer {name!r}: adapter {adapter!r} is a LoRA variant (e.g. DoRA); "
+                             "FisherCollector supports plain LoRA only")
+        if module.merged:
+            raise ValueError(f"layer {name!r} has merged LoRA weights; call unmerge_adapter() first")
+        return _Layer(name, module, self, adapter)
+
+    def trainable(self, module: nn.Module) -> bool:
+        return any(module.lora_A[a].weight.requires_grad or module.lora_B[a].weight.requires_grad
+                   for a in module.active_adapters if a in module.lora_A)
+
+    def weights(self, layer: _Layer) -> dict[str, torch.Tensor]:
+        return {"lora_A": layer.module.lora_A[layer.adapter].weight,
+                "lora_B": layer.module.lora_B[layer.adapter].weight}
+
+    def hook(self, collector: FisherCollector, layer: _Layer) -> list:
+        # X is the input of lora_A (the output of the adapter's dropout): saved when lora_A runs,
+        # inside the layer's forward, and taken when that forward returns.
+        def lora_input(module: nn.Module, args: tuple) -> None:
+            collector._lora_inputs[layer.name] = args[0]
+
+        def forward(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            X = collector._lora_inputs.pop(layer.name, None)
+            if kwargs.get("adapter_names") is not None:
+                raise RuntimeError(f"layer {layer.name!r}: peft mixed-adapter batches (adapter_names=) "
+                                   "are not supported by FisherCollector")
+            if module.disable_adapters:
+                return  # the adapter took no part: its gradient is zero
+            if module.merged:
+                raise RuntimeError(f"layer {layer.name!r} has merged LoRA weights; unmerge before collecting")
+            if list(module.active_adapters) != [layer.adapter]:
+                raise RuntimeError(f"layer {layer.name!r}: active adapters changed to {module.active_adapters} "
+                                   f"while collecting adapter {layer.adapter!r}")
+            if X is not None:
+                collector._watch(layer, X, output)
+
+        return [layer.module.lora_A[layer.adapter].register_forward_pre_hook(lora_input),
+                layer.module.register_forward_hook(forward, with_kwargs=True)]
+
+    def collect(self, layer: _Layer, X: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None,
+                grad_scale: float, fisher: dict[str, torch.Tensor]) -> torch.Tensor:
+        weights = self.weights(layer)
+        A, B = (weights[key].detach().to(X.dtype) for key in ("lora_A", "lora_B"))
+        scaling = float(layer.module.scaling[layer.adapter]) * grad_scale
+        return ops.lora_fisher_diag(X, G, A, B, scaling, token_mask=mask, out=(fisher["lora_A"], fisher["lora_B"]))[2]
+
+
+# Tried in order: a module is collected as the first kind that claims it.
+LAYER_KINDS: list[LayerKind] = [PeftLoraLinear(), DenseLinear()]
+
+
+def register_layer_kind(kind: LayerKind) -> None:
+    """Collect another kind of layer: tried before the built-in ones, selected by its `selector`
+    and by name."""
+    LAYER_KINDS.insert(0, kind)
+
+
+def _kind_of(module: nn.Module) -> LayerKind | None:
+    return next((kind for kind in LAYER_KINDS if kind.claims(module)), None)
 
 
 def _select_layers(model: nn.Module, layers: str | Iterable[str]) -> list[_Layer]:
-    peft = _compat.peft_lora()
-    lora_cls, tuner_cls = (peft.linear, peft.tuner) if peft is not None else (None, None)
     modules = dict(model.named_modules())
-
-    def lora_layer(name: str, m: nn.Module) -> _Layer:
-        return _Layer(name, m, _collected_adapter(name, m))
-
     if isinstance(layers, str):
         if layers not in _SELECTORS:
             raise ValueError(f"layers must be one of {_SELECTORS} or an iterable of module names, got {layers!r}")
-        tuner_prefixes = tuple(n + "." for n, m in modules.items() if tuner_cls and isinstance(m, tuner_cls))
+        # Modules inside an adapter layer (its base layer, its factors) belong to that layer.
+        peft = _compat.peft_lora()
+        tuner_prefixes = tuple(n + "." for n, m in modules.items() if peft and isinstance(m, peft.tuner))
         selected = []
         for name, m in modules.items():
-            if layers in ("lora", "all") and lora_cls and isinstance(m, lora_cls):
-                trainable = any(m.lora_A[a].weight.requires_grad or m.lora_B[a].weight.requires_grad
-                                for a in m.active_adapters if a in m.lora_A)
-                if trainable:
-                    selected.append(lora_layer(name, m))
-            elif (layers in ("linear", "all") and isinstance(m, nn.Linear) and m.weight.requires_grad
-                  and not name.startswith(tuner_prefixes)):
-                selected.append(_Layer(name, m, None))
+            kind = _kind_of(m)
+            if (kind is not None and layers in (kind.selector, "all") and kind.trainable(m)
+                    and (kind.selector == "lora" or not name.startswith(tuner_prefixes))):
+                selected.append(kind.layer(name, m))
         if not selected:
             what = {"lora": "peft LoRA layer (peft.tuners.lora.Linear)",
                     "linear": "nn.Linear outside LoRA layers",
@@ -123,14 +235,11 @@ def _select_layers(model: nn.Module, layers: str | Iterable[str]) -> list[_Layer
         raise ValueError(f"layers: no module named {unknown} in the model")
     selected = []
     for name in dict.fromkeys(names):
-        m = modules[name]
-        if lora_cls and isinstance(m, lora_cls):
-            selected.append(lora_layer(name, m))
-        elif isinstance(m, nn.Linear):
-            selected.append(_Layer(name, m, None))
-        else:
-            raise ValueError(f"layers: module {name!r} is a {type(m).__name__}; "
+        kind = _kind_of(modules[name])
+        if kind is None:
+            raise ValueError(f"layers: module {name!r} is a {type(modules[name]).__name__}; "
                              "only nn.Linear and peft lora.Linear layers can be hooked")
+        selected.append(kind.layer(name, modules[name]))
     return selected
 
 
@@ -248,13 +357,7 @@ class FisherCollector:
         if self._active:
             raise RuntimeError("this FisherCollector is already active (contexts cannot nest)")
         for layer in self._layers:
-            m = layer.module
-            if layer.adapter is None:
-                self._handles.append(m.register_forward_hook(self._dense_forward_hook(layer), with_kwargs=True))
-            else:
-                self._handles.append(m.lora_A[layer.adapter].register_forward_pre_hook(
-                    self._lora_input_hook(layer)))
-                self._handles.append(m.register_forward_hook(self._lora_forward_hook(layer), with_kwargs=True))
+            self._handles += layer.kind.hook(self, layer)
         self._active = True
         self._end_backward_state()
         return self
@@ -270,38 +373,7 @@ class FisherCollector:
             self._active = False
             self._end_backward_state()
 
-    # ---- forward hooks: pair each layer call's input with its output's gradient -----------
-    def _lora_input_hook(self, layer: _Layer) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            self._lora_inputs[layer.name] = args[0]
-
-        return hook
-
-    def _lora_forward_hook(self, layer: _Layer) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-            # lora_A runs inside this forward, so its input was saved just before.
-            X = self._lora_inputs.pop(layer.name, None)
-            if kwargs.get("adapter_names") is not None:
-                raise RuntimeError(f"layer {layer.name!r}: peft mixed-adapter batches (adapter_names=) "
-                                   "are not supported by FisherCollector")
-            if module.disable_adapters:
-                return  # the adapter took no part: its gradient is zero
-            if module.merged:
-                raise RuntimeError(f"layer {layer.name!r} has merged LoRA weights; unmerge before collecting")
-            if list(module.active_adapters) != [layer.adapter]:
-                raise RuntimeError(f"layer {layer.name!r}: active adapters changed to {module.active_adapters} "
-                                   f"while collecting adapter {layer.adapter!r}")
-            if X is not None:
-                self._watch(layer, X, output)
-
-        return hook
-
-    def _dense_forward_hook(self, layer: _Layer) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-            self._watch(layer, args[0] if args else kwargs["input"], output)
-
-        return hook
-
+    # ---- forward: pair each layer call's input with its output's gradient (the kinds' hooks) ----
     def _watch(self, layer: _Layer, X: torch.Tensor, output: torch.Tensor) -> None:
         """Hook the autograd node that produced this call's output, with the token mask of this batch.
 
@@ -466,15 +538,5 @@ class FisherCollector:
         self._pass_layers.add(layer.name)
         # With a batch-mean loss every gradient carries a factor 1/N: undo it.
         grad_scale = N if self._loss_reduction == "mean" else 1
-        fisher = self._fisher[layer.name]
-        if layer.adapter is None:
-            if grad_scale != 1:
-                G3 = G3 * grad_scale
-            _, sqnorm = ops.fisher_diag(X3, G3, token_mask=mask, out=fisher["weight"], with_sqnorms=True)
-        else:
-            weights = layer.weights()
-            A, B = (weights[key].detach().to(X3.dtype) for key in ("lora_A", "lora_B"))
-            scaling = float(layer.module.scaling[layer.adapter]) * grad_scale
-            _, _, sqnorm = ops.lora_fisher_diag(X3, G3, A, B, scaling, token_mask=mask,
-                                                out=(fisher["lora_A"], fisher["lora_B"]))
+        sqnorm = layer.kind.collect(layer, X3, G3, mask, grad_scale, self._fisher[layer.name])
         self._pass_norms.append((self._layer_index[layer.name], sqnorm))

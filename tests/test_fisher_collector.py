@@ -625,3 +625,35 @@ def test_the_collector_adds_no_torch_call_per_layer_beside_the_op_and_a_few_per_
     assert len(calls[-1][1]) <= 4, calls  # per pass: a stack, two sums, the traces' index_add_
     assert len({id(m) for m in masks}) == 1 and len(masks) == layers  # one device copy of the mask per batch
     assert scores.shape == (3,) and torch.isfinite(scores).all() and (scores > 0).all()
+
+
+def test_a_registered_layer_kind_is_collected_like_the_built_in_ones(monkeypatch):
+    """A new module type takes a LayerKind of its own (here: a bias-free linear map written by hand),
+    with no branch in the collector's hooks."""
+    import fibec.fisher as fisher_module
+
+    class HandLinear(nn.Module):
+        def __init__(self, i, o):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(o, i))
+
+        def forward(self, x):
+            return x @ self.weight.T
+
+    class HandLinearKind(fisher_module.DenseLinear):
+        def claims(self, module):
+            return isinstance(module, HandLinear)
+
+    monkeypatch.setattr(fisher_module, "LAYER_KINDS", list(fisher_module.LAYER_KINDS))
+    fisher_module.register_layer_kind(HandLinearKind())
+    torch.manual_seed(0)
+    model = nn.Sequential(HandLinear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(6, 3, 5)
+    with FisherCollector(model, ["0", "2"]) as fc:
+        model(x).square().sum().backward()
+    # The oracle: per-sample gradients of the hand-written layer, squared and summed.
+    def sample_loss(w, xi):
+        return (torch.tanh(xi @ w.T) @ model[2].weight.T + model[2].bias).square().sum()
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0))(model[0].weight.detach(), x)
+    torch.testing.assert_close(fc.fisher["0"]["weight"], per_sample.square().sum(0), rtol=1e-4, atol=1e-6)
+    assert set(fc.fisher) == {"0", "2"}
