@@ -467,9 +467,9 @@ def test_node_keeps_the_two_latest_states_and_restores_the_one_the_server_finish
 
 # ---- real processes: a SuperLink and two SuperNodes on 127.0.0.1 ----------------------------------
 
-@pytest.mark.slow
-def test_fibec_run_engine_flower_on_a_superlink_and_two_supernodes_gives_the_in_process_run(tiny_bert, tmp_path,
-                                                                                           monkeypatch):
+def fibec_run_on_flower(tiny_bert, tmp_path, monkeypatch, **changes):
+    """`fibec run --engine flower` (one round) and the in-process run of the same config: their records
+    and weights must agree. Returns (the flower config, the LocalFederation it ran on)."""
     from fibec.cli import run
 
     federations = []
@@ -482,10 +482,17 @@ def test_fibec_run_engine_flower_on_a_superlink_and_two_supernodes_gives_the_in_
     monkeypatch.setattr(flower_local, "LocalFederation", Recorded)
     reference = small_config(tiny_bert, tmp_path / "inprocess", rounds=1)
     run_in_process(reference)
-    cfg = reference.replace(out=str(tmp_path / "flower"), engine="flower")
+    cfg = reference.replace(out=str(tmp_path / "flower"), engine="flower", **changes)
     run(cfg, progress=False)
     assert_same_run(cfg, reference)
     (federation,) = federations
+    return cfg, federation
+
+
+@pytest.mark.slow
+def test_fibec_run_engine_flower_on_a_superlink_and_two_supernodes_gives_the_in_process_run(tiny_bert, tmp_path,
+                                                                                           monkeypatch):
+    cfg, federation = fibec_run_on_flower(tiny_bert, tmp_path, monkeypatch)
     assert len(federation.supernodes) == cfg.clients
     assert all(process.poll() is not None for process in federation._processes)  # fibec stopped them all
     assert (Path(cfg.out) / "flower" / "fibecfed" / "supernode-1.log").is_file()
@@ -515,22 +522,7 @@ def test_a_supernode_killed_mid_run_is_recorded_as_failed_and_the_run_finishes_w
 @pytest.mark.slow
 def test_a_secure_run_over_tls_with_authenticated_supernodes_gives_the_insecure_runs_records(tiny_bert, tmp_path,
                                                                                             monkeypatch):
-    from fibec.cli import run
-
-    federations = []
-
-    class Recorded(flower_local.LocalFederation):
-        def __enter__(self):
-            federations.append(self)
-            return super().__enter__()
-
-    monkeypatch.setattr(flower_local, "LocalFederation", Recorded)
-    reference = small_config(tiny_bert, tmp_path / "inprocess", rounds=1)
-    run_in_process(reference)
-    cfg = reference.replace(out=str(tmp_path / "flower"), engine="flower", secure=True)
-    run(cfg, progress=False)
-    assert_same_run(cfg, reference)
-    (federation,) = federations
+    cfg, _ = fibec_run_on_flower(tiny_bert, tmp_path, monkeypatch, secure=True)
     logs = Path(cfg.out) / "flower" / "fibecfed"
     assert "Uvicorn running on https://127.0.0.1" in (logs / "superlink.log").read_text()  # TLS
     for pid in range(cfg.clients):
