@@ -4,7 +4,7 @@ from setuptools import setup
 
 codec_extension = Pybind11Extension(
     "fibec._codec",
-    sorted(["csrc/bindings.cpp", "csrc/crc32c.cpp", "csrc/int8_blocks.cpp", "csrc/output_block.cpp", "csrc/payload.cpp"]),
+    sorted(["csrc/bindings.cpp", "csrc/crc32c.cpp", "csrc/quant_blocks.cpp", "csrc/output_block.cpp", "csrc/payload.cpp"]),
     cxx_std=17,
     extra_compile_args=["-O3"],
 )

@@ -54,6 +54,7 @@ const uint8_t* tensor_memory(const py::handle& address, const py::handle& bytes,
 // tensors: [(name: bytes, dtype: int, shape: tuple, data address: int, data bytes: int,
 //            mask kind: int, mask address: int, mask bytes: int, what keeps that memory alive)]
 py::bytes encode(const py::list& tensors, int values, bool shuffle, bool check_finite, bool framed) {
+    if (values < kF32 || values > kInt4Block) throw py::value_error("unknown value format code");
     std::vector<TensorIn> inputs;
     inputs.reserve(tensors.size());
     for (const auto& item : tensors) {

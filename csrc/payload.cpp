@@ -9,7 +9,7 @@
 
 #include "crc32c.h"
 #include "floatconv.h"
-#include "int8_blocks.h"
+#include "quant_blocks.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -67,10 +67,10 @@ uint64_t bitmap_size(uint64_t universe) { return universe / 8 + (universe % 8 !=
 
 // Bytes of a value body holding n values; false on overflow.
 bool value_body_size(uint8_t format, uint64_t n, uint64_t& out) {
-    if (format == kInt8Block) {
+    if (format == kInt8Block || format == kInt4Block) {
         uint64_t scales;
         if (__builtin_mul_overflow(quant_blocks(n), uint64_t{4}, &scales)) return false;
-        return !__builtin_add_overflow(scales, n, &out);
+        return !__builtin_add_overflow(scales, format == kInt8Block ? int8_bytes(n) : int4_bytes(n), &out);
     }
     return !__builtin_mul_overflow(n, static_cast<uint64_t>(dtype_size(format)), &out);
 }
@@ -586,10 +586,14 @@ void write_values(const TensorIn& t, const TensorPlan& plan, bool shuffle, uint8
         gather_values(t, plan, gathered.data());
         source = gathered.data();
     }
-    if (plan.values == kInt8Block) {
+    if (plan.values == kInt8Block || plan.values == kInt4Block) {
         std::vector<float> widened(t.dtype == kF32 ? 0 : plan.n_values);
         if (t.dtype != kF32) converter(t.dtype, kF32)(source, reinterpret_cast<uint8_t*>(widened.data()), plan.n_values);
-        quantise(t.dtype == kF32 ? reinterpret_cast<const float*>(source) : widened.data(), plan.n_values, out);
+        const float* x = t.dtype == kF32 ? reinterpret_cast<const float*>(source) : widened.data();
+        if (plan.values == kInt8Block)
+            quantise(x, plan.n_values, out);
+        else
+            quantise_int4(x, plan.n_values, out);
         if (shuffle) {
             const uint64_t blocks = quant_blocks(plan.n_values);
             std::vector<uint8_t> scales(out, out + 4 * blocks);
@@ -757,7 +761,7 @@ std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_te
         const uint8_t index_code = c.get<uint8_t>("index code");
         const uint8_t ndim = c.get<uint8_t>("ndim");
         if (r.dtype < kF32 || r.dtype > kBF16) throw PayloadError(describe("unknown dtype code", r.dtype));
-        if (r.values < kF32 || r.values > kInt8Block) throw PayloadError(describe("unknown value format", r.values));
+        if (r.values < kF32 || r.values > kInt4Block) throw PayloadError(describe("unknown value format", r.values));
         if (encoding > kElements) throw PayloadError(describe("unknown encoding", encoding));
         if (index_code > kBitmap) throw PayloadError(describe("unknown index code", index_code));
         if (ndim > kMaxDims) throw PayloadError(describe("too many dimensions:", ndim));
@@ -802,6 +806,8 @@ std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_te
         if (r.index_code == kNoIndex && r.index_len != 0) throw PayloadError("index bytes on a dense tensor");
         r.index = c.take(r.index_len, "index body");
         r.value_body = c.take(r.values_len, "values body");
+        if (r.values == kInt4Block && r.n_values % 2 && (r.value_body[r.values_len - 1] & 0xF0))
+            throw PayloadError("int4 values: the unused high nibble of the last byte is not 0");
         if (r.index_code != kNoIndex) {
             IndexReader reader(r.index_code, r.index, r.index_len, r.universe);
             for (uint64_t k = 0; k < r.n_kept; ++k) reader.next();
@@ -850,10 +856,10 @@ void fill_record(const Record& r, uint8_t* out, bool shuffled, bool streaming) {
     std::vector<uint8_t> plain;
     if (shuffled) {
         plain.resize(r.values_len);
-        if (r.values == kInt8Block) {
+        if (r.values == kInt8Block || r.values == kInt4Block) {  // only the scales are shuffled
             const uint64_t blocks = quant_blocks(r.n_values);
             unshuffle_bytes(r.value_body, plain.data(), blocks, 4);
-            copy_bytes(plain.data() + 4 * blocks, r.value_body + 4 * blocks, r.n_values);
+            copy_bytes(plain.data() + 4 * blocks, r.value_body + 4 * blocks, r.values_len - 4 * blocks);
         } else {
             unshuffle_bytes(r.value_body, plain.data(), r.n_values, dtype_size(r.values));
         }
@@ -868,13 +874,14 @@ void fill_record(const Record& r, uint8_t* out, bool shuffled, bool streaming) {
             converted.resize(r.n_values * dtype_size(r.dtype));
             target = converted.data();
         }
-        if (r.values != kInt8Block) {
+        const auto dequantised = r.values == kInt8Block ? dequantise : dequantise_int4;
+        if (r.values != kInt8Block && r.values != kInt4Block) {
             converter(r.values, r.dtype, dense && streaming ? out : nullptr)(stream, target, r.n_values);
         } else if (r.dtype == kF32) {
-            dequantise(stream, r.n_values, reinterpret_cast<float*>(target));
+            dequantised(stream, r.n_values, reinterpret_cast<float*>(target));
         } else {
             std::vector<float> widened(r.n_values);
-            dequantise(stream, r.n_values, widened.data());
+            dequantised(stream, r.n_values, widened.data());
             converter(kF32, r.dtype)(reinterpret_cast<const uint8_t*>(widened.data()), target, r.n_values);
         }
         stream = target;

@@ -23,7 +23,7 @@ class EncodeError : public std::invalid_argument {
 };
 
 // Codes shared by dtype and value format: the three float formats have equal codes.
-enum Code : uint8_t { kF32 = 1, kF16 = 2, kBF16 = 3, kInt8Block = 4 };
+enum Code : uint8_t { kF32 = 1, kF16 = 2, kBF16 = 3, kInt8Block = 4, kInt4Block = 5 };
 enum Encoding : uint8_t { kDense = 0, kRows = 1, kCols = 2, kElements = 3 };
 enum IndexCode : uint8_t { kNoIndex = 0, kVarint = 1, kBitmap = 2 };
 enum class MaskKind : uint8_t { kAuto = 0, kRows = 1, kCols = 2, kElements = 3 };

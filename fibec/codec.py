@@ -20,7 +20,7 @@ class PayloadError(ValueError):
     """decode()/inspect() got bytes that are not a valid fibec payload; the message says why."""
 
 
-VALUE_FORMATS = ("fp32", "fp16", "bf16", "int8")
+VALUE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4")
 _VALUE_CODES = {name: code for code, name in enumerate(VALUE_FORMATS, start=1)}
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
@@ -56,8 +56,9 @@ def encode(
         dropped, zero columns dropped and zero elements dropped (an entry is zero only if all its
         bits are, so -0.0 survives).
     values: "fp32" (lossless: each tensor stored in its own dtype), "fp16", "bf16" (round to
-        nearest even, as Tensor.to) or "int8" (blocks of 64 stored values, one fp32 scale each:
-        scale = max|x| / 127, q = round(x / scale)).
+        nearest even, as Tensor.to), "int8" (blocks of 64 stored values, one fp32 scale each:
+        scale = max|x| / 127, q = round(x / scale)) or "int4" (the same with scale = max|x| / 7,
+        two values a byte).
     level: None stores the section as is; an int 1..22 byte-shuffles the values and compresses
         the section with zstd at that level.
     check_finite: raise ValueError if any entry of any tensor is inf or NaN.

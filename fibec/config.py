@@ -25,7 +25,7 @@ PACING_KINDS: tuple[str, ...] = ("linear", "root", "geometric", "step")
 METHOD_NAMES: tuple[str, ...] = ("fibecfed", "fedavg", "no-curriculum", "no-gal", "no-sparse", "ffa-lora",
                                  "fedsa-lora")
 RANKERS = ("sensitivity", "fisher")
-VALUE_FORMATS = ("fp32", "fp16", "bf16", "int8")
+VALUE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4")
 DIFFICULTY_PRIORS = ("length", "full")
 EVAL_SPLITS = ("test", "validation")
 ENGINES = ("inprocess", "flower")

@@ -47,7 +47,7 @@ def _seed_payloads() -> list[bytes]:
     masks = {"rows": (torch.rand(9, generator=g) < 0.4, 0), "cols": (torch.rand(9, generator=g) < 0.4, 1),
              "el": torch.rand(7, 7, generator=g) < 0.2, "none": (torch.zeros(5, dtype=torch.bool), 0)}
     seeds = []
-    for values in ("fp32", "fp16", "bf16", "int8"):
+    for values in ("fp32", "fp16", "bf16", "int8", "int4"):
         for level in (None, 1):
             seeds.append(encode(base, values=values, level=level))
             seeds.append(encode(sparse, masks=masks, values=values, level=level))

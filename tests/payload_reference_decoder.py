@@ -13,7 +13,7 @@ import struct
 import zstandard
 
 DTYPE_WIDTH = {1: 4, 2: 2, 3: 2}
-VALUE_WIDTH = {1: 4, 2: 2, 3: 2, 4: 1}
+VALUE_WIDTH = {1: 4, 2: 2, 3: 2, 4: 1, 5: 0.5}
 
 
 class Malformed(Exception):
@@ -100,13 +100,17 @@ def _to_f32(x: float) -> float:
 
 def _value_floats(fmt: int, body: bytes, n: int, shuffled: bool) -> list[float]:
     """The stored values as Python floats holding exact fp32 values."""
-    if fmt == 4:
+    if fmt in (4, 5):
         blocks = (n + 63) // 64
         scales_raw = body[:4 * blocks]
         if shuffled:
             scales_raw = bytes(scales_raw[b * blocks + j] for j in range(blocks) for b in range(4))
         scales = struct.unpack(f"<{blocks}f", scales_raw)
-        q = struct.unpack(f"<{n}b", body[4 * blocks:])
+        if fmt == 4:
+            q = struct.unpack(f"<{n}b", body[4 * blocks:])
+        else:  # two 4-bit two's complement values a byte, the even one in the low nibble
+            nibbles = [(byte >> shift) & 0xF for byte in body[4 * blocks:] for shift in (0, 4)][:n]
+            q = [v - 16 if v >= 8 else v for v in nibbles]
         return [_to_f32(q[j] * scales[j // 64]) for j in range(n)]
     w = VALUE_WIDTH[fmt]
     if shuffled:
@@ -180,12 +184,15 @@ def decode(payload: bytes) -> dict[str, tuple[int, tuple[int, ...], bytes]]:
         n_values = {0: numel, 1: n_kept * cols, 2: n_kept * rows, 3: n_kept}[encoding]
         if (encoding == 0) != (code == 0) or (encoding == 0 and n_kept != numel) or n_kept > universe:
             raise Malformed("encoding")
-        expected = n_values + 4 * ((n_values + 63) // 64) if fmt == 4 else n_values * VALUE_WIDTH[fmt]
+        scales = 4 * ((n_values + 63) // 64)
+        expected = {4: scales + n_values, 5: scales + (n_values + 1) // 2}.get(fmt, int(n_values * VALUE_WIDTH[fmt]))
         if values_len != expected:
             raise Malformed("values_len")
         if encoding == 0 and index_len != 0:
             raise Malformed("index on dense")
         index_body, values_body = r.take(index_len), r.take(values_len)
+        if fmt == 5 and n_values % 2 and values_body[-1] & 0xF0:
+            raise Malformed("int4: the last byte's unused high nibble")
         values = _value_floats(fmt, values_body, n_values, shuffled)
         if encoding == 0:
             flat = values

@@ -15,7 +15,8 @@ from payload_reference_decoder import crc32c as reference_crc32c
 from payload_reference_decoder import decode as reference_decode
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-VALUES = ["fp32", "fp16", "bf16", "int8"]
+VALUES = ["fp32", "fp16", "bf16", "int8", "int4"]
+LEVELS = {"int8": 127, "int4": 7}  # steps each side of zero of the blockwise formats
 CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DENSITIES = [0.0, 1e-4, 0.01, 0.1, 0.5, 1.0]
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -77,7 +78,7 @@ def _check_decoded(t, decoded, values, kind, mask):
         y = _stream(decoded.float(), kind, mask)
         pad = (-x.numel()) % 64
         blocks = torch.nn.functional.pad(x, (0, pad)).reshape(-1, 64)
-        step = (blocks.abs().amax(dim=1) / 127).repeat_interleave(64)[: x.numel()]
+        step = (blocks.abs().amax(dim=1) / LEVELS[values]).repeat_interleave(64)[: x.numel()]
         cast_eps = {torch.float32: 1e-6, torch.float16: 2**-11, torch.bfloat16: 2**-8}[t.dtype]
         assert ((y - x).abs() <= step * 0.5 * (1 + 1e-5) + x.abs() * cast_eps + 1e-30).all()
 
@@ -122,7 +123,7 @@ def test_auto_round_trip_on_odd_shapes(values, dtype, shape, level):
     payload = encode({"t": t}, values=values, level=level)
     decoded = decode(payload)["t"]
     kind = inspect(payload)["tensors"][0]["encoding"]
-    if kind == "dense" or values != "int8":
+    if kind == "dense" or values not in LEVELS:
         _check_decoded(t, decoded, values, "dense", None)
     else:
         nonzero = _bits(t) != 0
@@ -332,10 +333,11 @@ def test_check_finite_rejects_only_when_asked():
     assert torch.isinf(decode(encode({"w": t}))["w"][1])
 
 
-def test_int8_block_with_nan_decodes_as_nan_block():
+@pytest.mark.parametrize("values", LEVELS)
+def test_a_block_with_nan_decodes_as_a_nan_block(values):
     t = torch.arange(130, dtype=torch.float32)
     t[70] = float("nan")
-    out = decode(encode({"t": t}, values="int8"))["t"]
+    out = decode(encode({"t": t}, values=values))["t"]
     assert torch.isnan(out[64:128]).all() and not torch.isnan(out[:64]).any() and not torch.isnan(out[128:]).any()
 
 
@@ -514,39 +516,61 @@ def test_int8_rounds_half_to_even_and_zero_blocks_have_zero_scale():
     assert inspect(encode({"t": t}, masks={"t": torch.ones(128)}, values="int8"))["tensors"][0]["values_bytes"] == 136
 
 
-def _int8_body_reference(x: torch.Tensor) -> bytes:
-    """The documented int8 body of a flat fp32 stream, computed with torch in fp32."""
+def _blockwise_body_reference(x: torch.Tensor, levels: int) -> bytes:
+    """The documented int8 (127 levels) or int4 (7 levels) body of a flat fp32 stream, in torch fp32."""
     n = x.numel()
     blocks = torch.nn.functional.pad(x, (0, (-n) % 64)).reshape(-1, 64)
     amax = blocks.abs().amax(dim=1)
     usable = torch.isfinite(blocks).all(dim=1)
-    scale = torch.where(usable, amax / 127, torch.full_like(amax, float("nan")))
+    scale = torch.where(usable, amax / levels, torch.full_like(amax, float("nan")))
     lift = torch.where(amax < 2.0**-100, torch.tensor(2.0**64), torch.tensor(1.0))
-    inv = torch.where(usable & (amax > 0), torch.tensor(127.0) / (amax * lift), torch.zeros_like(amax))
-    q = torch.round((blocks * lift[:, None] * inv[:, None]).clamp(-127, 127))
-    q = torch.where((usable & (amax > 0))[:, None], q, torch.zeros_like(q)).reshape(-1)[:n]
-    return scale.numpy().tobytes() + q.to(torch.int8).numpy().tobytes()
+    inv = torch.where(usable & (amax > 0), torch.tensor(float(levels)) / (amax * lift), torch.zeros_like(amax))
+    q = torch.round((blocks * lift[:, None] * inv[:, None]).clamp(-levels, levels))
+    q = torch.where((usable & (amax > 0))[:, None], q, torch.zeros_like(q)).reshape(-1)[:n].to(torch.int8)
+    if levels == 7:  # two a byte, the even value in the low nibble
+        nibbles = torch.nn.functional.pad(q.to(torch.int32) & 0xF, (0, n % 2)).reshape(-1, 2)
+        q = (nibbles[:, 0] | (nibbles[:, 1] << 4)).to(torch.uint8)
+    return scale.numpy().tobytes() + q.numpy().tobytes()
 
 
+@pytest.mark.parametrize("values", LEVELS)
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 200, 64 * 9 + 17])
-def test_int8_body_is_exactly_the_documented_quantisation(n):
+def test_blockwise_bodies_are_exactly_the_documented_quantisation(n, values):
+    levels = LEVELS[values]
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g) * torch.logspace(-3, 3, n)
-    x[::5] = torch.round(x[::5]) + 0.5  # ties on the int grid when amax = 127
-    x[: min(n, 64)] = x[: min(n, 64)].clamp(-127, 127)
+    x[::5] = (torch.round(x[::5]) + 0.5).clamp(-levels + 0.5, levels - 0.5)  # ties on the grid when amax = levels
+    x[: min(n, 64)] = x[: min(n, 64)].clamp(-levels, levels)
     if n > 64:
         x[64] = float("inf")  # its block has no usable scale
     if n > 128:
         x[128:192] = torch.randn(64, generator=g) * 1e-40  # subnormal block
         x[192:256] = 0.0
-    payload = encode({"x": x}, values="int8")
+    payload = encode({"x": x}, values=values)
     (record,) = inspect(payload)["tensors"]
     body = payload[len(payload) - 4 - record["values_bytes"]:len(payload) - 4]
-    assert body == _int8_body_reference(x)
+    assert body == _blockwise_body_reference(x, levels)
+    assert record["values_bytes"] == 4 * (-(-n // 64)) + (n if values == "int8" else -(-n // 2))
     if n > 256:  # the subnormal and zero blocks decode within half a step
         decoded = decode(payload)["x"][128:256]
-        step = x[128:192].abs().max() / 127
+        step = x[128:192].abs().max() / levels
         assert (decoded[:64] - x[128:192]).abs().max() <= step / 2 and not decoded[64:].any()
+
+
+def test_int4_decodes_every_nibble_and_refuses_a_used_padding_nibble():
+    def resealed(payload: bytearray) -> bytes:
+        payload[-4:] = struct.pack("<I", reference_crc32c(bytes(payload[:-4])))
+        return bytes(payload)
+
+    odd = bytearray(encode({"x": torch.ones(3)}, values="int4"))  # q = 7, 7, 7: bytes 0x77, 0x07
+    assert odd[-6:-4] == b"\x77\x07"
+    odd[-5] = 0x87  # the third value -8 (never written, still read), its padding nibble 8
+    with pytest.raises(PayloadError, match="high nibble"):
+        decode(resealed(odd))
+    with pytest.raises(Exception):
+        reference_decode(resealed(odd))
+    odd[-5] = 0x08  # the third value -8, padding 0
+    assert decode(resealed(odd))["x"].tolist() == pytest.approx([1.0, 1.0, -8 / 7])
 
 
 def test_threads_encoding_and_decoding_at_once_each_get_their_own_tensors():
@@ -576,3 +600,10 @@ def test_freed_output_blocks_are_cached_until_released():
     del again
     assert release_cached_memory() >= 400_000 and _codec.cached_block_bytes() == 0
     assert torch.equal(decode(payload)["t"], decode(payload)["t"])  # decoding afresh still works
+
+
+def test_the_extension_refuses_an_unknown_value_format_code():
+    """The Python side names formats; the C++ side still never trusts a code it does not know."""
+    for code in (0, 6, 255):
+        with pytest.raises(ValueError, match="unknown value format"):
+            _codec.encode([], code, False, False, True)

@@ -486,3 +486,16 @@ def test_every_stream_of_a_run_is_named_and_reproduces_the_recorded_ones():
     assert seeds.generator("partition", 7).integers(1 << 30) == np.random.default_rng(7).integers(1 << 30)
     with pytest.raises(ValueError, match="purpose"):
         seeds.seed_for("dropout", 1)
+
+
+def test_int4_values_travel_with_error_feedback_in_fewer_bytes_than_int8(tiny_bert, task, tmp_path):
+    int8 = run(tiny_bert, task, tmp_path / "int8", rounds=1, values="int8", upload_density=1.0)
+    int4 = run(tiny_bert, task, tmp_path / "int4", rounds=1, values="int4", upload_density=1.0)
+    # Half the value bytes; names, shapes and scales weigh on a tiny model.
+    assert int4[0]["uploaded_bytes"] < 0.8 * int8[0]["uploaded_bytes"]
+    assert int4[0]["downloaded_bytes"] < 0.8 * int8[0]["downloaded_bytes"]
+    cfg, fed = federation(tiny_bert, task, tmp_path / "feedback", values="int4", upload_density=1.0)
+    client = fed.clients[1]
+    plan = first_plan(fed, client)
+    client.fit(fed.model, fed.server.payload(plan), plan)
+    assert client.residual and any(r.abs().max() > 0 for r in client.residual.values())  # what int4 lost, kept

@@ -4,7 +4,7 @@ A CUDA tensor's values are quantised on the GPU, so that only the int8 body (abo
 the fp32 bytes) crosses to the host. Blocks of 64 consecutive values: scale = max|x| / 127 and
 q = round_half_even(x * lift * (127 / (max|x| * lift))) clamped to [-127, 127], in fp32, with
 lift = 2^64 when max|x| < 2^-100 (else 1); a block holding inf or NaN gets a NaN scale and zeros,
-a block of zeros scale 0. Bit for bit what the C++ encoder (csrc/int8_blocks.cpp) writes: the
+a block of zeros scale 0. Bit for bit what the C++ encoder (csrc/quant_blocks.cpp) writes: the
 product is rounded before the rounding constant is added (no fused multiply-add), as there.
 Imports nothing from fibec.
 """

@@ -1,4 +1,4 @@
-#include "int8_blocks.h"
+#include "quant_blocks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -17,33 +17,42 @@ namespace {
 // 2^64 (exactly: a power of two); every other block by 1.
 inline float lift_for(float amax) { return amax < 0x1p-100f ? 0x1p64f : 1.0f; }
 
-// Scale of one block, or NaN when it holds inf or NaN (then it has no usable scale).
-float block_scale(const float* x, uint64_t count, float& amax) {
+// max|x| of one block into amax; false when it holds inf or NaN (then it has no usable scale).
+bool usable_block(const float* x, uint64_t count, float& amax) {
     amax = 0.0f;
     bool has_nan = false;
     for (uint64_t i = 0; i < count; ++i) {
         amax = std::max(amax, std::fabs(x[i]));
         has_nan |= std::isnan(x[i]);
     }
-    return !has_nan && std::isfinite(amax) ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+    return !has_nan && std::isfinite(amax);
 }
 
-void quantise_block(const float* x, uint64_t count, uint8_t* scale_out, uint8_t* q_out) {
+// One block at `levels` steps each side of zero: its scale into scale_out, and each value's
+// rounded step q (in [-levels, levels]) to put(i, q).
+template <class Put>
+void quantise_block(const float* x, uint64_t count, float levels, uint8_t* scale_out, Put put) {
     float amax;
-    const float scale = block_scale(x, count, amax);
+    const bool usable = usable_block(x, count, amax);
+    const float scale = usable ? amax / levels : std::numeric_limits<float>::quiet_NaN();
     std::memcpy(scale_out, &scale, 4);
-    if (std::isnan(scale) || amax == 0.0f) {
-        std::memset(q_out, 0, count);
+    if (!usable || amax == 0.0f) {
+        for (uint64_t i = 0; i < count; ++i) put(i, 0);
         return;
     }
     const float lift = lift_for(amax);
-    const float inv = 127.0f / (amax * lift);
+    const float inv = levels / (amax * lift);
     // Adding and subtracting 1.5 * 2^23 rounds |r| <= 2^22 to nearest even.
     constexpr float kRound = 12582912.0f;
     for (uint64_t i = 0; i < count; ++i) {
-        const float r = std::min(127.0f, std::max(-127.0f, x[i] * lift * inv));
-        q_out[i] = static_cast<uint8_t>(static_cast<int8_t>(static_cast<int>((r + kRound) - kRound)));
+        const float r = std::min(levels, std::max(-levels, x[i] * lift * inv));
+        put(i, static_cast<int>((r + kRound) - kRound));
     }
+}
+
+void quantise_block(const float* x, uint64_t count, uint8_t* scale_out, uint8_t* q_out) {
+    quantise_block(x, count, 127.0f, scale_out,
+                   [q_out](uint64_t i, int q) { q_out[i] = static_cast<uint8_t>(static_cast<int8_t>(q)); });
 }
 
 void quantise_scalar(const float* x, uint64_t n, uint8_t* body) {
@@ -140,6 +149,31 @@ bool cpu_has_avx2() {
 #endif
 
 }  // namespace
+
+void quantise_int4(const float* x, uint64_t n, uint8_t* body) {
+    uint8_t* q = body + 4 * quant_blocks(n);
+    std::memset(q, 0, int4_bytes(n));
+    for (uint64_t start = 0, block = 0; start < n; start += kQuantBlock, ++block) {
+        uint8_t* packed = q + start / 2;  // blocks are 64 values: each starts at a whole byte
+        quantise_block(x + start, std::min(kQuantBlock, n - start), 7.0f, body + 4 * block,
+                       [packed](uint64_t i, int v) {
+                           packed[i / 2] |= static_cast<uint8_t>((static_cast<unsigned>(v) & 0xFu) << (4 * (i % 2)));
+                       });
+    }
+}
+
+void dequantise_int4(const uint8_t* body, uint64_t n, float* out) {
+    const uint8_t* q = body + 4 * quant_blocks(n);
+    for (uint64_t start = 0, block = 0; start < n; start += kQuantBlock, ++block) {
+        float scale;
+        std::memcpy(&scale, body + 4 * block, 4);
+        const uint64_t end = std::min(n, start + kQuantBlock);
+        for (uint64_t i = start; i < end; ++i) {
+            const int nibble = (q[i / 2] >> (4 * (i % 2))) & 0xF;
+            out[i] = static_cast<float>(nibble >= 8 ? nibble - 16 : nibble) * scale;
+        }
+    }
+}
 
 void quantise(const float* x, uint64_t n, uint8_t* body) {
 #ifdef FIBEC_HAVE_X86_AVX2
