@@ -56,8 +56,8 @@ class LoopbackGrid(Grid):
 
     As on a SuperNode: every message, reply and node state crosses Flower's protobuf serialisation;
     an exception in the ClientApp becomes an error reply and leaves the node's state as it was.
-    `fresh_processes` forgets every built client before each message, as when each message runs in
-    a new process. `payload_bytes[(message_type, direction)]` sums the uint8 arrays carried.
+    The grid's nodes share one ClientApp, as messages that share a process; `fresh_processes` gives
+    each message a new ClientApp, which has built nothing, as when each message runs in a new process. `payload_bytes[(message_type, direction)]` sums the uint8 arrays carried.
     """
 
     def __init__(self, run_config: dict, clients: int, *, fresh_processes: bool = False) -> None:
@@ -65,6 +65,7 @@ class LoopbackGrid(Grid):
                                           node_config={"partition-id": p, "num-partitions": clients},
                                           state=RecordDict(), run_config=run_config) for p in range(clients)}
         self.fresh_processes = fresh_processes
+        self.app = flower.make_client_app()
         self.replies: dict[str, Message] = {}
         self.payload_bytes: dict[tuple[str, str], int] = {}
         self.delivered: list[tuple[str, str, int]] = []  # (message type, round, node) of every message
@@ -93,7 +94,7 @@ class LoopbackGrid(Grid):
     def deliver(self, message: Message) -> Message:
         """The node's reply to `message`."""
         if self.fresh_processes:
-            flower.BUILT_PARTIES.clear()
+            self.app = flower.make_client_app()
         meta = message.metadata
         self.delivered.append((meta.message_type, meta.group_id, meta.dst_node_id))
         node = self.contexts[meta.dst_node_id]
@@ -102,7 +103,7 @@ class LoopbackGrid(Grid):
         delivered = Message(content=over_the_wire(message.content), metadata=meta)
         self._count(delivered.content, meta.message_type, "down")
         try:
-            reply = flower.client_app(delivered, context)
+            reply = self.app(delivered, context)
         except Exception as err:  # as Flower's ClientApp runner does
             return Message(Error(code=2, reason=f"{type(err)}:<'{err}'>"), reply_to=delivered)
         node.state = over_the_wire(context.state)
@@ -170,7 +171,6 @@ def server_task():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
     yield
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-    flower.BUILT_PARTIES.clear()
 
 
 def read_records(cfg: FedConfig) -> list[dict]:
@@ -386,8 +386,84 @@ def test_server_app_resumes_from_its_checkpoint_and_the_nodes_from_their_disks(f
     monkeypatch.setattr(Strategy, "start", lambda self, *a, **k: starts.append(k["num_rounds"]) or
                         honest_start(self, *a, **k))
     run_on_loopback(cfg.replace(resume=True))  # a new Flower run: fresh node contexts
-    assert starts == [1]
+    assert starts == [1 + flower.FLOWER_ROUNDS_PER_ROUND]  # meeting the nodes, then the one round left
     assert_same_run(cfg, whole)
+
+
+class StartOnlyGrid(LoopbackGrid):
+    """A LoopbackGrid that refuses to be sent to except by Strategy.start itself, and notes the Flower
+    round of every message it delivers: (Flower round, message type, group id)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.sent: list[tuple[int, str, str]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        caller = sys._getframe(1)
+        assert (caller.f_code.co_name, caller.f_globals["__name__"]) == ("start", "flwr.serverapp.strategy.strategy"), \
+            f"sent from {caller.f_code.co_name} in {caller.f_globals['__name__']}, not by Strategy.start"
+        messages = list(messages)
+        self.sent += [(caller.f_locals["current_round"], m.metadata.message_type, m.metadata.group_id)
+                      for m in messages]
+        return super().send_and_receive(messages)
+
+
+def load_example_server_app():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "flower_strategy" / "server_app.py"
+    spec = importlib.util.spec_from_file_location("fibec_example_strategy_server_app", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.app
+
+
+@pytest.mark.parametrize("method", ["fibecfed", "fedavg"])
+def test_the_example_server_app_runs_the_strategy_through_a_stock_start_that_alone_sends(tiny_bert, tmp_path,
+                                                                                         method, caplog,
+                                                                                         monkeypatch):
+    results = []
+    honest_start = Strategy.start
+    monkeypatch.setattr(Strategy, "start", lambda self, *a, **k: results.append(honest_start(self, *a, **k)) or
+                        results[-1])
+    reference = small_config(tiny_bert, tmp_path / "inprocess", method=method, rounds=3, eval_every=2)
+    run_in_process(reference)
+    cfg = reference.replace(out=str(tmp_path / "flower"), engine="flower")
+    run_config = cfg.to_run_config()
+    grid = StartOnlyGrid(run_config, cfg.clients)
+    with caplog.at_level("INFO"):
+        load_example_server_app()(grid, Context(run_id=RUN_ID, node_id=0, node_config={}, state=RecordDict(),
+                                                run_config=run_config))
+    (result,) = results
+    assert_same_run(cfg, reference)
+    # Flower round 1 meets the nodes; FibecFed round g then sends only in Flower rounds 2g and 2g + 1.
+    assert {(r, kind) for r, kind, _ in grid.sent if r == 1} == {(1, "query.partition")}
+    assert all(r in (2 * int(group), 2 * int(group) + 1) for r, kind, group in grid.sent if r > 1)
+    if method == "fibecfed":  # round 1 asks for layer scores, round 2 (eval_every=2) evaluates on the nodes
+        assert {kind for r, kind, group in grid.sent if group == "1"} >= {"train.scores", "train"}
+        assert {kind for r, kind, group in grid.sent if group == "2"} >= {"train", "evaluate"}
+    # Each round's record comes back in Flower's Result; the example logs the rounds that evaluated.
+    records = read_records(cfg)
+    returned = [dict(m) for m in [*result.train_metrics_clientapp.values(), *result.evaluate_metrics_clientapp.values()]
+                if "round" in m]
+    assert sorted(m["round"] for m in returned) == [1, 2, 3]
+    for metrics in returned:
+        assert metrics["uploaded_bytes"] == records[metrics["round"] - 1]["uploaded_bytes"]
+    assert [line for line in caplog.messages if "global accuracy" in line] == [
+        f"round {r['round']}: global accuracy {r['global_accuracy']:.3f}" for r in records if "global_accuracy" in r]
+
+
+def test_the_strategy_refuses_more_flower_rounds_than_its_run_has(fibecfed_runs, tmp_path):
+    _, _, reference = fibecfed_runs
+    cfg = reference.replace(out=str(tmp_path / "flower"), engine="flower", rounds=1)
+    strategy = flower.FibecFedStrategy.from_config(cfg)
+    grid = LoopbackGrid(cfg.to_run_config(), cfg.clients)
+    try:
+        with pytest.raises(RuntimeError, match="more than flower_rounds"):
+            strategy.start(grid, strategy.global_arrays(), num_rounds=strategy.flower_rounds() + 1)
+    finally:
+        strategy.close()
+    assert len(read_records(cfg)) == 1
 
 
 def test_server_app_refuses_an_out_that_holds_a_run_unless_resuming_one_it_wrote(fibecfed_runs):

@@ -1,9 +1,9 @@
 """FibecFed on Flower 1.41 (Message API): the same Coordinator, Server and Client, over a SuperLink.
 
-`server_app` builds the server side of one method's run from the run config as the in-process
-engine does (`runner.open_coordinator`: records, a checkpoint every round, resume) and runs
-`FibecFedStrategy`, a flwr Strategy whose hooks drive the engine-neutral `Coordinator`, through
-`Strategy.start`. `client_app` builds only its own node's `Client` and restores it through
+`server_app` runs `FibecFedStrategy.from_config` (the server side of one method's run, built from
+the run config as the in-process engine builds it: `runner.open_coordinator`, records, a checkpoint
+every round, resume) through Flower's stock `Strategy.start`: the strategy's hooks build messages
+and read replies of the engine-neutral `Coordinator`'s steps; they never send. `client_app` builds only its own node's `Client` and restores it through
 `Client.load_state_dict` before every message. Every party draws everything from the run config
 and its seed, so a Flower run reproduces the in-process engine's records and weights.
 
@@ -31,7 +31,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,20 +204,23 @@ def _build_party(cfg: FedConfig, pid: int) -> _Party:
     return _Party(model, client, assembly.build_evaluator(cfg, data, tokenizer), client.state_dict())
 
 
-# Parties built in this process, by (run, run config, partition). A SuperNode may run every message
-# in a fresh process, where this stays empty; where messages share a process (loopback grids,
-# Flower's in-process modes) it saves rebuilding the model for each. The client's state is restored
-# before every message either way, so the cache changes no result.
-BUILT_PARTIES: dict[tuple[int, str, int], _Party] = {}
+class _Parties:
+    """The parties one ClientApp has built, by (run, run config, partition); only the latest run's.
 
+    A SuperNode may run every message in a fresh process, where each message builds its party;
+    where messages share a process (a loopback grid, Flower's in-process modes) it is built once.
+    The client's state is restored before every message either way, so keeping it changes no result.
+    """
 
-def _party(context: Context, cfg: FedConfig, pid: int) -> _Party:
-    key = (context.run_id, json.dumps(dict(context.run_config), sort_keys=True), pid)
-    if key not in BUILT_PARTIES:
-        for stale in [k for k in BUILT_PARTIES if k[:2] != key[:2]]:  # another run's: never asked again
-            del BUILT_PARTIES[stale]
-        BUILT_PARTIES[key] = _build_party(cfg, pid)
-    return BUILT_PARTIES[key]
+    def __init__(self) -> None:
+        self._built: dict[tuple[int, str, int], _Party] = {}
+
+    def get(self, context: Context, cfg: FedConfig, pid: int) -> _Party:
+        key = (context.run_id, json.dumps(dict(context.run_config), sort_keys=True), pid)
+        if key not in self._built:
+            self._built = {k: party for k, party in self._built.items() if k[:2] == key[:2]}
+            self._built[key] = _build_party(cfg, pid)
+        return self._built[key]
 
 
 def _client_state(context: Context, cfg: FedConfig, pid: int, rounds_done: int,
@@ -241,15 +244,15 @@ def _client_state(context: Context, cfg: FedConfig, pid: int, rounds_done: int,
     return 0, _copied(party.initial)
 
 
-def _serve(msg: Message, context: Context, work: Callable[[_Party, ConfigRecord], RecordDict], *,
-           trains: bool) -> Message:
+def _serve(parties: _Parties, msg: Message, context: Context,
+           work: Callable[[_Party, ConfigRecord], RecordDict], *, trains: bool) -> Message:
     """Restore this node's client, run `work(party, task) -> reply content`, keep the client's state
     (in Context.state, and on disk when `trains`: the message changed it)."""
     cfg = fed_config(context.run_config)
     pid = partition_id(context.node_config, cfg.clients)
     task = msg.content[_TASK]
     rounds_done = int(task["round"])
-    party = _party(context, cfg, pid)
+    party = parties.get(context, cfg, pid)
     with runner.torch_settings(cfg):
         written_in, state = _client_state(context, cfg, pid, rounds_done, party)
         party.client.load_state_dict(state)
@@ -262,63 +265,69 @@ def _serve(msg: Message, context: Context, work: Callable[[_Party, ConfigRecord]
     return Message(content, reply_to=msg)
 
 
-client_app = ClientApp()
-
-
-@client_app.query("partition")
-def answer_partition(msg: Message, context: Context) -> Message:
-    """The partition this node holds (from its node config alone)."""
-    cfg = fed_config(context.run_config)
-    return Message(RecordDict({_REPLY: ConfigRecord({PARTITION_ID: partition_id(context.node_config, cfg.clients)})}),
-                   reply_to=msg)
-
-
 def _weighted_reply(name: str, payload: bytes, client: Client) -> RecordDict:
     """One payload named `name` and the client's sample count, its weight (read by `_weighted_bytes`)."""
     return RecordDict({_BYTES: ArrayRecord({name: bytes_array(payload)}),
                        _METRICS: MetricRecord({"num-examples": len(client)})})
 
 
-@client_app.train("scores")
-def answer_scores(msg: Message, context: Context) -> Message:
-    """Layer scores on the initial weights, for the first GAL (Client.initial_scores)."""
-    def work(party: _Party, task: ConfigRecord) -> RecordDict:
-        return _weighted_reply("scores", party.client.initial_scores(party.model), party.client)
+def make_client_app() -> ClientApp:
+    """fibec's ClientApp: it answers the strategy's five message types (see the module docstring).
 
-    return _serve(msg, context, work, trains=True)
+    Each app keeps the parties it built (`_Parties`); a new app starts with none, as a fresh process.
+    """
+    app = ClientApp()
+    parties = _Parties()
+
+    @app.query("partition")
+    def answer_partition(msg: Message, context: Context) -> Message:
+        """The partition this node holds (from its node config alone)."""
+        cfg = fed_config(context.run_config)
+        pid = partition_id(context.node_config, cfg.clients)
+        return Message(RecordDict({_REPLY: ConfigRecord({PARTITION_ID: pid})}), reply_to=msg)
+
+    @app.train("scores")
+    def answer_scores(msg: Message, context: Context) -> Message:
+        """Layer scores on the initial weights, for the first GAL (Client.initial_scores)."""
+        def work(party: _Party, task: ConfigRecord) -> RecordDict:
+            return _weighted_reply("scores", party.client.initial_scores(party.model), party.client)
+
+        return _serve(parties, msg, context, work, trains=True)
+
+    @app.train()
+    def answer_train(msg: Message, context: Context) -> Message:
+        """Client.fit on the server's payload and plan: the update bytes and metrics."""
+        def work(party: _Party, task: ConfigRecord) -> RecordDict:
+            update = party.client.fit(party.model, array_bytes(msg.content[_BYTES]["payload"]), _plan_of(task))
+            return RecordDict({_BYTES: ArrayRecord({"payload": bytes_array(update.payload),
+                                                    "scores": bytes_array(update.scores)}),
+                               _METRICS: MetricRecord({"num-examples": update.num_samples, **update.metrics})})
+
+        return _serve(parties, msg, context, work, trains=True)
+
+    @app.query("layer_values")
+    def answer_layer_values(msg: Message, context: Context) -> Message:
+        """The current values of the layers entering the GAL (Client.layer_values)."""
+        def work(party: _Party, task: ConfigRecord) -> RecordDict:
+            return _weighted_reply("values", party.client.layer_values(tuple(task["layers"])), party.client)
+
+        return _serve(parties, msg, context, work, trains=False)
+
+    @app.evaluate()
+    def answer_evaluate(msg: Message, context: Context) -> Message:
+        """This client's model (its own layers + what every client holds from the server) on its share."""
+        def work(party: _Party, task: ConfigRecord) -> RecordDict:
+            shared = codec.decode(array_bytes(msg.content[_BYTES]["payload"]))
+            score = personal_score(party.model, party.client, shared, party.evaluator)
+            return RecordDict({_METRICS: MetricRecord({"correct": score.correct, "loss-sum": score.loss_sum,
+                                                       "count": score.count})})
+
+        return _serve(parties, msg, context, work, trains=False)
+
+    return app
 
 
-@client_app.train()
-def answer_train(msg: Message, context: Context) -> Message:
-    """Client.fit on the server's payload and plan: the update bytes and metrics."""
-    def work(party: _Party, task: ConfigRecord) -> RecordDict:
-        update = party.client.fit(party.model, array_bytes(msg.content[_BYTES]["payload"]), _plan_of(task))
-        return RecordDict({_BYTES: ArrayRecord({"payload": bytes_array(update.payload),
-                                                "scores": bytes_array(update.scores)}),
-                           _METRICS: MetricRecord({"num-examples": update.num_samples, **update.metrics})})
-
-    return _serve(msg, context, work, trains=True)
-
-
-@client_app.query("layer_values")
-def answer_layer_values(msg: Message, context: Context) -> Message:
-    """The current values of the layers entering the GAL (Client.layer_values)."""
-    def work(party: _Party, task: ConfigRecord) -> RecordDict:
-        return _weighted_reply("values", party.client.layer_values(tuple(task["layers"])), party.client)
-
-    return _serve(msg, context, work, trains=False)
-
-
-@client_app.evaluate()
-def answer_evaluate(msg: Message, context: Context) -> Message:
-    """This client's model (its own layers + what every client holds from the server) on its share."""
-    def work(party: _Party, task: ConfigRecord) -> RecordDict:
-        shared = codec.decode(array_bytes(msg.content[_BYTES]["payload"]))
-        score = personal_score(party.model, party.client, shared, party.evaluator)
-        return RecordDict({_METRICS: MetricRecord({"correct": score.correct, "loss-sum": score.loss_sum,
-                                                   "count": score.count})})
-
-    return _serve(msg, context, work, trains=False)
+client_app = make_client_app()
 
 
 # ---- the strategy --------------------------------------------------------------------------------
@@ -347,180 +356,279 @@ def _read_score(content: RecordDict) -> Score:
     return Score(float(metrics["correct"]), float(metrics["loss-sum"]), int(metrics["count"]))
 
 
+def _read_partition(content: RecordDict) -> int:
+    return int(content[_REPLY][PARTITION_ID])
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One message of `message_type` to the node of each of `partitions`, and how to read a reply."""
+
+    message_type: str
+    partitions: tuple[int, ...]
+    content: RecordDict
+    read: Callable[[RecordDict], object]
+
+
+# A FibecFed round is at most four exchanges (layer scores in the first round, train, the values of
+# layers entering the GAL, the personalised evaluation): the train and the evaluate step of two
+# Flower rounds. The first Flower round asks every node which partition it holds.
+FLOWER_ROUNDS_PER_ROUND = 2
+_SLOTS_PER_ROUND = 2 * FLOWER_ROUNDS_PER_ROUND
+
+
 class FibecFedStrategy(Strategy):
-    """FibecFed's rounds as a flwr Strategy: each hook is a step of the run's `Coordinator`.
+    """FibecFed's rounds as a flwr Strategy, for a stock `Strategy.start` on any Grid.
 
-    configure_train opens the round (and, in the first, asks the chosen nodes for layer scores to
-    select the GAL) and sends the plan and payload; aggregate_train folds the updates in through
-    Server.aggregate (rejections, min_updates); configure_evaluate gives layers entering the GAL
-    their clients' values and, when the round evaluates, asks every node with an evaluation share
-    for its personalised score;
-    aggregate_evaluate sums the scores; `finish_round`, Strategy.start's evaluate_fn, evaluates the
-    global model and writes the round's record and checkpoint. Flower's round n is the coordinator's
-    round `rounds_done + 1` (a resumed run starts Strategy.start with the rounds left).
+        strategy = FibecFedStrategy.from_config(cfg)          # or from an open Coordinator
+        try:
+            strategy.start(grid, strategy.global_arrays(), num_rounds=strategy.flower_rounds(),
+                           timeout=strategy.timeout)
+        finally:
+            strategy.close()
 
-    `nodes` maps each partition to the node holding it. A node that fails or does not reply within
-    `timeout` is left out of the exchange and of the rest of its round, and recorded under the
-    round's "failed".
+    The hooks only build messages and read replies; Strategy.start sends them. Flower round 1 waits
+    (up to `timeout`) for `cfg.clients` nodes and asks each which partition it holds. Each FibecFed
+    round then takes the next two Flower rounds: its exchanges (`Exchange`, from `_round`, a
+    generator that steps the run's `Coordinator` as the in-process engine's `run_rounds` does) fill
+    their train and evaluate steps in order, and steps left over send nothing. The round's record and
+    checkpoint are written as its last exchange is read (the Coordinator evaluates the global model),
+    and the final global state is saved after the last round. Every message's group id is its
+    FibecFed round (1-based).
+
+    A node that fails, or does not reply within `timeout`, is left out of the rest of its round and
+    recorded under the round's "failed"; so is a partition no node holds.
     """
 
-    def __init__(self, coordinator: Coordinator, nodes: Mapping[int, int], timeout: float) -> None:
+    def __init__(self, coordinator: Coordinator, timeout: float) -> None:
         self.coordinator = coordinator
-        self.nodes = dict(nodes)
         self.timeout = timeout
+        self.nodes: dict[int, int] | None = None  # partition -> node id, once the nodes have answered
+        self._steps: Generator[Exchange, dict, dict] | None = None  # the open FibecFed round
+        self._pending: Exchange | None = None
         self._asked: dict[int, int] = {}  # node id -> partition of the messages in flight
         self._failures: dict[int, str] = {}
-        self._result: AggregateResult | None = None
-        self._personal: Score | None = None
+
+    @classmethod
+    def from_config(cls, cfg: FedConfig) -> "FibecFedStrategy":
+        """The server side of `cfg`'s one-method run, built as the in-process engine builds it:
+        records in metrics_<method>.jsonl and a checkpoint every round under `cfg.out`; with
+        `cfg.resume`, continued from that checkpoint. ConfigError if `out` holds a run and `resume`
+        is not set."""
+        if len(cfg.methods) != 1:
+            raise ConfigError(f"method must name one method per Flower run, got {cfg.method!r}")
+        method = cfg.method
+        directory = runner.checkpoint_dir(Path(cfg.out), method)
+        if not cfg.resume and checkpoint.exists(directory):
+            raise ConfigError(f"run config: out={cfg.out!r} already holds a run of {method} ({directory}); "
+                              f"set resume=true to continue it, or choose another out")
+        saved = runner.saved_state(cfg, method)
+        if saved is not None and saved["clients"]:  # the nodes could not take their clients' states from it
+            raise checkpoint.CheckpointError(f"{directory / checkpoint.STATE_FILE} holds every client's state: "
+                                             f"the in-process engine wrote it; continue it with `fibec run --resume`")
+        data = assembly.load_run_data(cfg)
+        model, tokenizer, layout, initial = assembly.RunModel(cfg, data.train.num_labels).fresh()
+        server = Server(layout, initial, cfg, METHODS[method])
+        coordinator = runner.open_coordinator(cfg, method, server, assembly.build_evaluator(cfg, data, tokenizer),
+                                              model, clients=[], saved=saved, progress=False)
+        return cls(coordinator, cfg.round_timeout)
+
+    def close(self) -> None:
+        """Close the run's records file."""
+        self.coordinator.recorder.close()
+
+    def flower_rounds(self) -> int:
+        """The Flower rounds Strategy.start must run for the rounds left: one to meet the nodes, then
+        FLOWER_ROUNDS_PER_ROUND per FibecFed round."""
+        return 1 + FLOWER_ROUNDS_PER_ROUND * (self.coordinator.cfg.rounds - self.coordinator.rounds_done)
 
     def summary(self) -> None:
         cfg = self.coordinator.cfg
-        log.info("FibecFed strategy: %s, %d of %d clients per round, %d rounds (%d done)", self.coordinator.method,
-                 cfg.clients_per_round, cfg.clients, cfg.rounds, self.coordinator.rounds_done)
+        log.info("FibecFed strategy: %s, %d of %d clients per round, %d rounds (%d done), %d Flower rounds",
+                 self.coordinator.method, cfg.clients_per_round, cfg.clients, cfg.rounds,
+                 self.coordinator.rounds_done, self.flower_rounds())
 
     def global_arrays(self) -> ArrayRecord:
         """The server's global trainable state (LoRA factors and head)."""
         return ArrayRecord(torch_state_dict=self.coordinator.server.state)
 
-    # ---- exchanges -----------------------------------------------------------------------------
+    # ---- one FibecFed round as exchanges -------------------------------------------------------
 
-    def _messages(self, partitions: Iterable[int], message_type: str, content: RecordDict) -> list[Message]:
+    def _exchange(self, message_type: str, partitions: Iterable[int], content: RecordDict,
+                  read: Callable[[RecordDict], object]) -> Exchange:
+        """An exchange with those of `partitions` that have not failed this round (a node that failed
+        is asked nothing more in its round: a dead node would cost another timeout)."""
+        return Exchange(message_type, tuple(p for p in partitions if p not in self._failures), content, read)
+
+    def _task(self) -> ConfigRecord:
+        return ConfigRecord({"round": self.coordinator.rounds_done})
+
+    def _round(self) -> Generator[Exchange, dict, dict]:
+        """The next FibecFed round: yields its exchanges, is sent {partition: read reply} for each,
+        returns the round's record."""
+        coordinator = self.coordinator
+        start = coordinator.begin()
+        if start.needs_initial_scores:
+            scores = yield self._exchange(SCORES, start.chosen, RecordDict({_TASK: self._task()}),
+                                          _weighted_bytes("scores"))
+            coordinator.select_initial([(pid, payload, weight) for pid, (payload, weight) in scores.items()])
+        plan, payload = coordinator.plan()
+        content = RecordDict({_BYTES: ArrayRecord({"payload": bytes_array(payload)}), _TASK: _plan_task(plan)})
+        replies = yield self._exchange(TRAIN, start.chosen, content, _read_update)
+        result = coordinator.aggregate([ClientUpdate(pid, payload, scores, num_samples, metrics)
+                                        for pid, (payload, scores, num_samples, metrics) in replies.items()])
+        if result.entering:
+            task = ConfigRecord({"round": coordinator.rounds_done, "layers": list(result.entering)})
+            values = yield self._exchange(LAYER_VALUES, result.accepted, RecordDict({_TASK: task}),
+                                          _weighted_bytes("values"))
+            coordinator.enter([(pid, payload, weight) for pid, (payload, weight) in values.items()])
+        personal = None
+        if coordinator.evaluates and coordinator.personalised:
+            content = RecordDict({_BYTES: ArrayRecord({"payload": bytes_array(coordinator.shared_payload())}),
+                                  _TASK: self._task()})
+            with_share = [pid for pid, share in enumerate(coordinator.evaluator.shares) if share is not None]
+            personal = sum((yield self._exchange(EVALUATE, with_share, content, _read_score)).values(), Score())
+        failures, self._failures = self._failures, {}
+        record = coordinator.finish(personal, failures)
+        if coordinator.done:
+            runner.save_server_state(Path(coordinator.cfg.out), coordinator.method, coordinator.server.state)
+        return record
+
+    def _advance(self, received: dict | None) -> dict | None:
+        """Step the open round with `received` (None: open the next round); its record if it ended."""
+        try:
+            with runner.torch_settings(self.coordinator.cfg):
+                if received is None:
+                    self._steps = self._round()
+                    self._pending = next(self._steps)
+                else:
+                    self._pending = self._steps.send(received)
+        except StopIteration as end:
+            self._steps = self._pending = None
+            return end.value
+        return None
+
+    # ---- messages and replies ------------------------------------------------------------------
+
+    def _fail(self, pid: int, reason: str) -> None:
+        log.warning("round %d: partition %d %s", self.coordinator.rounds_done + 1, pid, reason)
+        self._failures.setdefault(pid, reason)  # the first failure of a round is its cause
+
+    def _messages(self, exchange: Exchange) -> list[Message]:
         reachable = []
-        for pid in partitions:
+        for pid in exchange.partitions:
             if pid in self.nodes:
                 reachable.append(pid)
             else:
                 self._fail(pid, "has no node: its SuperNode never connected (refused, or not started)")
         self._asked = {self.nodes[p]: p for p in reachable}
         group = str(self.coordinator.rounds_done + 1)
-        return [Message(content, self.nodes[p], message_type, group_id=group) for p in reachable]
+        return [Message(exchange.content, self.nodes[p], exchange.message_type, group_id=group) for p in reachable]
 
-    def _fail(self, pid: int, reason: str) -> None:
-        log.warning("round %d: partition %d %s", self.coordinator.rounds_done + 1, pid, reason)
-        self._failures.setdefault(pid, reason)  # the first failure of a round is its cause
-
-    def _collect(self, replies: Iterable[Message], message_type: str, read: Callable[[RecordDict], object]) -> dict:
-        """{partition: read(reply content)} in partition order, for the messages just sent; every
-        error reply, unreadable reply and missing reply is recorded as that partition's failure."""
+    def _collect(self, replies: Iterable[Message], exchange: Exchange) -> dict:
+        """{partition: exchange.read(reply content)} in partition order; every error reply,
+        unreadable reply and missing reply is recorded as that partition's failure."""
         asked, self._asked = self._asked, {}
         received = {}
+        kind = exchange.message_type
         for reply in replies:
             node = reply.metadata.src_node_id
             pid = asked.get(node)
             if pid is None:
-                log.warning("ignoring a %s reply from node %d, which was not asked", message_type, node)
+                log.warning("ignoring a %s reply from node %d, which was not asked", kind, node)
             elif reply.has_error():
-                self._fail(pid, f"(node {node}) failed {message_type}: {reply.error.reason}")
+                self._fail(pid, f"(node {node}) failed {kind}: {reply.error.reason}")
             else:
                 try:
-                    received[pid] = read(reply.content)
+                    received[pid] = exchange.read(reply.content)
                 except (KeyError, TypeError, ValueError) as err:  # PayloadError is a ValueError
-                    self._fail(pid, f"(node {node}) sent an unreadable {message_type} reply: {err!r}")
+                    self._fail(pid, f"(node {node}) sent an unreadable {kind} reply: {err!r}")
         for node, pid in asked.items():
             if pid not in received and pid not in self._failures:
-                self._fail(pid, f"(node {node}) did not reply to {message_type} within {self.timeout:g}s")
+                self._fail(pid, f"(node {node}) did not reply to {kind} within {self.timeout:g}s")
         return dict(sorted(received.items()))
 
-    def _exchange(self, grid: Grid, partitions: Iterable[int], message_type: str, content: RecordDict,
-                  read: Callable[[RecordDict], object]) -> dict:
-        """One message to each partition's node, outside Strategy.start's own exchanges."""
-        replies = grid.send_and_receive(self._messages(partitions, message_type, content), timeout=self.timeout)
-        return self._collect(replies, message_type, read)
+    def _configure(self, server_round: int, step: int, grid: Grid) -> list[Message]:
+        """The messages of step `step` (0 train, 1 evaluate) of Flower round `server_round`."""
+        if self.nodes is None:
+            return self._meet_nodes(grid) if step == 0 else []
+        slot = (server_round - 2) % FLOWER_ROUNDS_PER_ROUND * 2 + step
+        if slot == 0:
+            if self._steps is not None:
+                raise RuntimeError("a FibecFed round took more than its Flower rounds")
+            if self.coordinator.done:
+                raise RuntimeError(f"Strategy.start ran more than flower_rounds() Flower rounds: all "
+                                   f"{self.coordinator.cfg.rounds} rounds are done")
+            self._advance(None)
+        return [] if self._pending is None else self._messages(self._pending)
 
-    def _still_in(self, partitions: Iterable[int]) -> list[int]:
-        """`partitions` less those that failed this round: a node that failed is asked nothing more in
-        its round (a dead node would cost another timeout)."""
-        return [pid for pid in partitions if pid not in self._failures]
+    def _aggregate(self, replies: Iterable[Message]) -> MetricRecord | None:
+        """Read the replies to the pending exchange; the round's numbers if that ended it."""
+        if self.nodes is None:
+            self.nodes = self._known_nodes(replies)
+            return MetricRecord({"nodes": len(self.nodes)})
+        if self._pending is None:
+            return None
+        record = self._advance(self._collect(replies, self._pending))
+        if record is None:
+            return None
+        return MetricRecord({key: value for key, value in record.items() if type(value) in (int, float)})
 
-    def _task(self) -> ConfigRecord:
-        return ConfigRecord({"round": self.coordinator.rounds_done})
+    # ---- meeting the nodes ---------------------------------------------------------------------
+
+    def _meet_nodes(self, grid: Grid) -> list[Message]:
+        """Wait until all `clients` nodes are connected, or `timeout`; ask each its partition."""
+        clients = self.coordinator.cfg.clients
+        deadline = time.monotonic() + self.timeout
+        while len(list(grid.get_node_ids())) < clients and time.monotonic() < deadline:
+            time.sleep(0.5)
+        node_ids = sorted(grid.get_node_ids())
+        if not node_ids:
+            raise TimeoutError(f"no node connected within round-timeout={self.timeout:g}s")
+        self._asked = {node: -1 for node in node_ids}
+        return [Message(RecordDict(), node, PARTITION_QUERY, group_id="0") for node in node_ids]
+
+    def _known_nodes(self, replies: Iterable[Message]) -> dict[int, int]:
+        """{partition: node id} from the partition query's replies. A partition no node holds (its
+        SuperNode was refused, or never came) is recorded as failed in every round that samples it."""
+        asked, self._asked = self._asked, {}
+        nodes: dict[int, int] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise RuntimeError(f"node {node} failed {PARTITION_QUERY}: {reply.error.reason}")
+            pid = _read_partition(reply.content)
+            if pid in nodes:
+                raise ValueError(f"nodes {nodes[pid]} and {node} both hold partition {pid}")
+            nodes[pid] = node
+        silent = sorted(set(asked) - set(nodes.values()))
+        if silent:
+            raise TimeoutError(f"nodes {silent[:5]} did not say which partition they hold within {self.timeout:g}s")
+        clients = self.coordinator.cfg.clients
+        missing = sorted(set(range(clients)) - set(nodes))
+        if missing:
+            log.warning("no node holds partitions %s (%d of %d nodes connected within round-timeout=%gs): they are "
+                        "recorded as failed in every round that samples them", missing, len(nodes), clients,
+                        self.timeout)
+        return dict(sorted(nodes.items()))
 
     # ---- Strategy hooks ------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
-        start = self.coordinator.begin()
-        if start.needs_initial_scores:
-            scores = self._exchange(grid, start.chosen, SCORES, RecordDict({_TASK: self._task()}),
-                                    _weighted_bytes("scores"))
-            self.coordinator.select_initial([(pid, payload, weight) for pid, (payload, weight) in scores.items()])
-        plan, payload = self.coordinator.plan()
-        content = RecordDict({_BYTES: ArrayRecord({"payload": bytes_array(payload)}), _TASK: _plan_task(plan)})
-        return self._messages(self._still_in(start.chosen), TRAIN, content)
+        return self._configure(server_round, 0, grid)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates = [ClientUpdate(pid, payload, scores, num_samples, metrics) for pid, (payload, scores, num_samples,
-                   metrics) in self._collect(replies, TRAIN, _read_update).items()]
-        self._result = result = self.coordinator.aggregate(updates)
-        return self.global_arrays(), MetricRecord({"accepted": len(result.accepted), "rejected": len(result.rejected),
-                                                   "skipped": int(result.skipped is not None)})
+        metrics = self._aggregate(replies)
+        return (None if metrics is None else self.global_arrays()), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> list[Message]:
-        coordinator, result = self.coordinator, self._result
-        if result.entering:
-            task = ConfigRecord({"round": coordinator.rounds_done, "layers": list(result.entering)})
-            values = self._exchange(grid, result.accepted, LAYER_VALUES, RecordDict({_TASK: task}),
-                                    _weighted_bytes("values"))
-            coordinator.enter([(pid, payload, weight) for pid, (payload, weight) in values.items()])
-        self._personal = None
-        if not (coordinator.evaluates and coordinator.personalised):
-            return []
-        self._personal = Score()
-        content = RecordDict({_BYTES: ArrayRecord({"payload": bytes_array(coordinator.shared_payload())}),
-                              _TASK: self._task()})
-        with_share = [pid for pid, share in enumerate(coordinator.evaluator.shares) if share is not None]
-        return self._messages(self._still_in(with_share), EVALUATE, content)
+        return self._configure(server_round, 1, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        if self._personal is None:
-            return None
-        for score in self._collect(replies, EVALUATE, _read_score).values():
-            self._personal += score
-        return MetricRecord({"correct": self._personal.correct, "loss-sum": self._personal.loss_sum,
-                             "count": self._personal.count})
-
-    def finish_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Strategy.start's evaluate_fn: close the coordinator's round (global evaluation, record,
-        checkpoint) and return the record's numbers. Round 0 (before any training) records nothing."""
-        if server_round == 0:
-            return None
-        failures, self._failures = self._failures, {}
-        record = self.coordinator.finish(self._personal, failures)
-        return MetricRecord({key: value for key, value in record.items() if type(value) in (int, float)})
-
-
-def connect_nodes(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
-    """{partition: node id} of the nodes connected once all `clients` are, or after `timeout`: each
-    is asked which partition it holds. A partition no node holds (its SuperNode was refused, or never
-    came) is recorded as failed in every round that samples it; the run needs at least one node."""
-    deadline = time.monotonic() + timeout
-    while len(list(grid.get_node_ids())) < clients and time.monotonic() < deadline:
-        time.sleep(0.5)
-    node_ids = list(grid.get_node_ids())
-    if not node_ids:
-        raise TimeoutError(f"no node connected within round-timeout={timeout:g}s")
-    messages = [Message(RecordDict(), node, PARTITION_QUERY, group_id="0") for node in node_ids]
-    nodes: dict[int, int] = {}
-    answered = set()
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        answered.add(node)
-        if reply.has_error():
-            raise RuntimeError(f"node {node} failed {PARTITION_QUERY}: {reply.error.reason}")
-        pid = int(reply.content[_REPLY][PARTITION_ID])
-        if pid in nodes:
-            raise ValueError(f"nodes {nodes[pid]} and {node} both hold partition {pid}")
-        nodes[pid] = node
-    silent = sorted(set(node_ids) - answered)
-    if silent:
-        raise TimeoutError(f"nodes {silent[:5]} did not say which partition they hold within {timeout:g}s")
-    missing = sorted(set(range(clients)) - set(nodes))
-    if missing:
-        log.warning("no node holds partitions %s (%d of %d nodes connected within round-timeout=%gs): they are "
-                    "recorded as failed in every round that samples them", missing, len(nodes), clients, timeout)
-    return nodes
+        return self._aggregate(replies)
 
 
 # ---- ServerApp -----------------------------------------------------------------------------------
@@ -530,30 +638,11 @@ server_app = ServerApp()
 
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
-    """One method's run on the grid's nodes: the server side built as the in-process engine builds
-    it, its remaining rounds run by FibecFedStrategy through Strategy.start, the final global state
-    saved as server_state_<method>.safetensors under `out`."""
-    cfg = fed_config(context.run_config)
-    method = cfg.method
-    directory = runner.checkpoint_dir(Path(cfg.out), method)
-    if not cfg.resume and checkpoint.exists(directory):
-        raise ConfigError(f"run config: out={cfg.out!r} already holds a run of {method} ({directory}); "
-                          f"set resume=true to continue it, or choose another out")
-    saved = runner.saved_state(cfg, method)
-    if saved is not None and saved["clients"]:  # the nodes could not take their clients' states from it
-        raise checkpoint.CheckpointError(f"{directory / checkpoint.STATE_FILE} holds every client's state: the "
-                                         f"in-process engine wrote it; continue it with `fibec run --resume`")
-    data = assembly.load_run_data(cfg)
-    model, tokenizer, layout, initial = assembly.RunModel(cfg, data.train.num_labels).fresh()
-    server = Server(layout, initial, cfg, METHODS[method])
-    coordinator = runner.open_coordinator(cfg, method, server, assembly.build_evaluator(cfg, data, tokenizer), model,
-                                          clients=[], saved=saved, progress=False)
+    """One method's run on the grid's nodes: `FibecFedStrategy.from_config` of the run config, its
+    remaining rounds run by a stock Strategy.start; the final global state is saved as
+    server_state_<method>.safetensors under `out`."""
+    strategy = FibecFedStrategy.from_config(fed_config(context.run_config))
     try:
-        with runner.torch_settings(cfg):
-            strategy = FibecFedStrategy(coordinator, connect_nodes(grid, cfg.clients, cfg.round_timeout),
-                                        cfg.round_timeout)
-            strategy.start(grid, strategy.global_arrays(), num_rounds=cfg.rounds - coordinator.rounds_done,
-                           timeout=cfg.round_timeout, evaluate_fn=strategy.finish_round)
+        strategy.start(grid, strategy.global_arrays(), num_rounds=strategy.flower_rounds(), timeout=strategy.timeout)
     finally:
-        coordinator.recorder.close()
-    runner.save_server_state(Path(cfg.out), method, server.state)
+        strategy.close()
