@@ -4,7 +4,6 @@ Most tests run the ServerApp and ClientApp in this process over `LoopbackGrid`, 
 messages, replies and node states cross Flower's protobuf serialisation (Flower's own simulation
 runtime needs Ray). The last two start a real SuperLink and two SuperNodes on 127.0.0.1.
 """
-import itertools
 import json
 import os
 import signal
@@ -12,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -69,7 +69,6 @@ class LoopbackGrid(Grid):
         self.replies: dict[str, Message] = {}
         self.payload_bytes: dict[tuple[str, str], int] = {}
         self.delivered: list[tuple[str, str, int]] = []  # (message type, round, node) of every message
-        self.ids = itertools.count()
 
     def set_run(self, run) -> None:
         self._run = run
@@ -111,15 +110,24 @@ class LoopbackGrid(Grid):
         self._count(reply.content, meta.message_type, "up")
         return reply
 
+    def answer(self, message: Message) -> Message | None:
+        """The reply to `message` (None: its node never answers)."""
+        return self.deliver(message)
+
     def push_messages(self, messages):
+        """As Flower's grid: each message's id is its object id, which its reply names."""
         ids = []
         for message in messages:
-            ids.append(str(next(self.ids)))
-            self.replies[ids[-1]] = self.deliver(message)
+            message.metadata.__dict__["_message_id"] = message.object_id
+            ids.append(message.metadata.message_id)
+            reply = self.answer(message)
+            if reply is not None:
+                self.replies[ids[-1]] = reply
         return ids
 
     def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in message_ids]
+        """The replies that have come, of those asked for."""
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     def send_and_receive(self, messages, *, timeout=None):
         return self.pull_messages(self.push_messages(messages))
@@ -133,16 +141,11 @@ class FailingGrid(LoopbackGrid):
         super().__init__(*args)
         self.node_id, self.failing, self.how = node_id, failing, how
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            meta = message.metadata
-            if meta.dst_node_id == self.node_id and (meta.message_type, meta.group_id) in self.failing:
-                if self.how == "error":
-                    replies.append(Message(Error(code=0, reason="injected failure"), reply_to=message))
-                continue
-            replies += super().send_and_receive([message])
-        return replies
+    def answer(self, message: Message) -> Message | None:
+        meta = message.metadata
+        if meta.dst_node_id == self.node_id and (meta.message_type, meta.group_id) in self.failing:
+            return Message(Error(code=0, reason="injected failure"), reply_to=message) if self.how == "error" else None
+        return super().answer(message)
 
 
 class ServerCrash(Exception):
@@ -156,11 +159,11 @@ class CrashingGrid(LoopbackGrid):
         super().__init__(*args)
         self.at = at
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
         if any((m.metadata.message_type, m.metadata.group_id) == self.at for m in messages):
             raise ServerCrash(self.at)
-        return super().send_and_receive(messages)
+        return super().push_messages(messages)
 
 
 @pytest.fixture(autouse=True)
@@ -271,7 +274,8 @@ def test_each_node_keeps_its_client_state_in_its_context_and_on_its_disk(fibecfe
 
 @pytest.mark.parametrize("how", ["error", "silent"])
 def test_a_failing_node_is_left_out_of_its_round_and_recorded(tiny_bert, tmp_path, how):
-    cfg = small_config(tiny_bert, tmp_path / "flower", clients=3, clients_per_round=3)
+    # A silent node is waited for round_timeout seconds.
+    cfg = small_config(tiny_bert, tmp_path / "flower", clients=3, clients_per_round=3, round_timeout=2)
     grid = run_on_loopback(cfg, FailingGrid, node_id=101, how=how, failing={("train", "2")})
     first, second = read_records(cfg)
     assert "failed" not in first
@@ -453,6 +457,34 @@ def test_the_example_server_app_runs_the_strategy_through_a_stock_start_that_alo
         f"round {r['round']}: global accuracy {r['global_accuracy']:.3f}" for r in records if "global_accuracy" in r]
 
 
+class RepliesAfter(LoopbackGrid):
+    """Pushing answers nothing; reply i arrives at pull number `arrive[i]` (None: never)."""
+
+    def __init__(self, arrive: list[int | None]) -> None:
+        super().__init__({}, 0)
+        self.arrive, self.pulls = arrive, 0
+
+    def push_messages(self, messages):
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in message_ids
+                if self.arrive[int(i[1:])] == self.pulls]
+
+
+def test_prompt_grid_returns_once_every_reply_came_and_at_the_timeout_with_those_that_did():
+    grid = flower.PromptGrid(RepliesAfter([2, 4]), poll_s=0.01)
+    start = time.monotonic()
+    replies = grid.send_and_receive([None, None], timeout=60)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
+    assert time.monotonic() - start < 1.0 and grid._grid.pulls == 4  # polled every 10 ms, not every 3 s
+    grid = flower.PromptGrid(RepliesAfter([1, None]), poll_s=0.01)
+    start = time.monotonic()
+    replies = grid.send_and_receive([None, None], timeout=0.3)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"] and 0.3 <= time.monotonic() - start < 2.0
+
+
 def test_the_strategy_refuses_more_flower_rounds_than_its_run_has(fibecfed_runs, tmp_path):
     _, _, reference = fibecfed_runs
     cfg = reference.replace(out=str(tmp_path / "flower"), engine="flower", rounds=1)
@@ -572,6 +604,11 @@ def test_fibec_run_engine_flower_on_a_superlink_and_two_supernodes_gives_the_in_
     assert len(federation.supernodes) == cfg.clients
     assert all(process.poll() is not None for process in federation._processes)  # fibec stopped them all
     assert (Path(cfg.out) / "flower" / "fibecfed" / "supernode-1.log").is_file()
+    # Each node's messages ran in its one long-lived worker, which built the model and client once.
+    for pid in range(cfg.clients):
+        worker_log = (Path(cfg.out) / "flower" / "fibecfed" / f"worker-{pid}.log").read_text()
+        assert worker_log.count("built its model and client") == 1, worker_log[-3000:]
+        assert worker_log.count("done (completed)") >= 3, worker_log[-3000:]  # partition, scores, train, ...
 
 
 @pytest.mark.slow
@@ -585,12 +622,46 @@ def test_a_supernode_killed_mid_run_is_recorded_as_failed_and_the_run_finishes_w
             assert submitted.poll() is None and time.monotonic() < deadline, (tmp_path / "logs" / "flwr-run.log").read_text()
             time.sleep(0.2)
         os.kill(federation.supernodes[1].pid, signal.SIGKILL)
+        federation.workers[1].wait(timeout=30)  # its worker follows it out (TimeoutExpired if not)
         assert submitted.wait(timeout=150) == 0
     first, second = read_records(cfg)
     assert "failed" not in first and first["accepted"] == [0, 1]
     assert list(second["failed"]) == ["1"] and "train" in second["failed"]["1"]
     assert second["accepted"] == [0] and "skipped" not in second
     assert final_state(cfg).keys()
+
+
+def test_a_worker_exits_when_its_supernode_is_killed_even_before_it_is_reaped():
+    from fibec.federated import flower_worker
+
+    supernode = subprocess.Popen(["sleep", "120"])
+    worker = subprocess.Popen([sys.executable, "-c", "import time; from fibec.federated.flower_worker import "
+                               f"exit_with; exit_with({supernode.pid}); time.sleep(120)"])
+    try:
+        time.sleep(1.0)
+        assert worker.poll() is None and flower_worker.process_alive(supernode.pid)
+        os.kill(supernode.pid, signal.SIGKILL)  # a zombie until we wait for it
+        assert worker.wait(timeout=20) != 0
+        assert not flower_worker.process_alive(supernode.pid)
+    finally:
+        supernode.kill(), worker.kill()
+        supernode.wait()
+
+
+def test_the_supernode_waits_fibec_caps_are_flwrs_only_use_of_time_in_its_node_loop():
+    import inspect
+    import re
+
+    import flwr.supernode.start_client_internal as node_loop
+    from fibec.federated import flower_supernode
+
+    source = inspect.getsource(node_loop)
+    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source  # the waits it caps
+    assert set(re.findall(r"\btime\.(\w+)", source)) == {"sleep"}
+    waits = flower_supernode._CappedWaits()
+    start = time.monotonic()
+    waits.sleep(3)
+    assert time.monotonic() - start < 1.0 and waits.monotonic is time.monotonic
 
 
 # ---- secure: TLS and SuperNode authentication -------------------------------------------------------

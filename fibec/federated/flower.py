@@ -220,6 +220,7 @@ class _Parties:
         if key not in self._built:
             self._built = {k: party for k, party in self._built.items() if k[:2] == key[:2]}
             self._built[key] = _build_party(cfg, pid)
+            log.info("partition %d: built its model and client for run %d", pid, context.run_id)
         return self._built[key]
 
 
@@ -633,16 +634,65 @@ class FibecFedStrategy(Strategy):
 
 # ---- ServerApp -----------------------------------------------------------------------------------
 
+class PromptGrid(Grid):
+    """`grid`, asking the SuperLink for replies every `poll_s` seconds instead of flwr 1.41's 3 s.
+
+    Each of a round's exchanges waits for its slowest reply; with a 3 s poll that wait alone is
+    longer than a round's work at fibec's sizes. A reply pull is one small request to the SuperLink.
+    """
+
+    def __init__(self, grid: Grid, poll_s: float = 0.1) -> None:
+        self._grid = grid
+        self.poll_s = poll_s
+
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push `messages`; the replies that came within `timeout` seconds (None: wait for all)."""
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            pulled = list(self.pull_messages(waiting))
+            replies += pulled
+            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_s)
+        return replies
+
+
 server_app = ServerApp()
 
 
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
     """One method's run on the grid's nodes: `FibecFedStrategy.from_config` of the run config, its
-    remaining rounds run by a stock Strategy.start; the final global state is saved as
-    server_state_<method>.safetensors under `out`."""
+    remaining rounds run by a stock Strategy.start over the grid as a PromptGrid; the final global
+    state is saved as server_state_<method>.safetensors under `out`."""
     strategy = FibecFedStrategy.from_config(fed_config(context.run_config))
     try:
-        strategy.start(grid, strategy.global_arrays(), num_rounds=strategy.flower_rounds(), timeout=strategy.timeout)
+        strategy.start(PromptGrid(grid), strategy.global_arrays(), num_rounds=strategy.flower_rounds(),
+                       timeout=strategy.timeout)
     finally:
         strategy.close()

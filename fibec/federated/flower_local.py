@@ -1,7 +1,8 @@
 """`fibec run --engine flower`: the run on Flower on this machine, fibec starting and stopping it.
 
 For each method, `LocalFederation` starts a SuperLink and one SuperNode per client (node config
-`partition-id` / `num-partitions`) on 127.0.0.1 on free ports: insecure, or with `--secure` over
+`partition-id` / `num-partitions`), each with a long-lived ClientApp worker beside it
+(fibec.federated.flower_worker), on 127.0.0.1 on free ports: insecure, or with `--secure` over
 TLS with SuperNode authentication (a throwaway CA, a certificate for the SuperLink and a key per
 SuperNode, made by fibec.federated.credentials; each key registered before its SuperNode starts,
 so that the SuperLink admits no other); `flwr run --stream`
@@ -96,10 +97,19 @@ class LocalFederation:
     secure: TLS and SuperNode authentication, with throwaway credentials under the federation's
     temporary home; the SuperNodes of `unregistered` partitions get a key the SuperLink was never
     told of (the SuperLink refuses them: a test of the refusal).
+
+    Each SuperNode (fibec.federated.flower_supernode: flwr's, with waits of 0.2 s instead of 3 s)
+    runs with `--isolation process` beside a long-lived ClientApp process, `workers`
+    (fibec.federated.flower_worker), which keeps the model it built between messages.
+    `per_message_processes`: Flower's defaults instead, flower-supernode starting a process (which
+    loads the model) for every message (bench/bench_flower.py compares the two).
     """
 
-    def __init__(self, clients: int, logs: Path, *, secure: bool = False, unregistered: tuple[int, ...] = ()) -> None:
+    def __init__(self, clients: int, logs: Path, *, secure: bool = False, unregistered: tuple[int, ...] = (),
+                 per_message_processes: bool = False) -> None:
         self.clients = clients
+        self.per_message_processes = per_message_processes
+        self.workers: list[subprocess.Popen] = []
         self.logs = Path(logs)
         self.secure = secure
         self.unregistered = set(unregistered)
@@ -144,11 +154,21 @@ class LocalFederation:
                                          "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
                                          "--port", str(link))
             self._wait_for_port(link)
-            self.supernodes = [self._start(f"supernode-{pid}", "flower-supernode", *self._node_security(pid),
-                                           "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1",
-                                           "--port", str(port), "--node-config",
+            if self.per_message_processes:
+                supernode = ("flower-supernode", "--isolation", "subprocess")
+            else:
+                supernode = (Path(sys.executable).name, "-m", "fibec.federated.flower_supernode", "--isolation",
+                             "process")
+            self.supernodes = [self._start(f"supernode-{pid}", *supernode, *self._node_security(pid),
+                                           "--superlink", f"127.0.0.1:{link}",
+                                           "--host", "127.0.0.1", "--port", str(port), "--node-config",
                                            f"partition-id={pid} num-partitions={self.clients}")
                                for pid, port in enumerate(node_ports)]
+            if not self.per_message_processes:
+                self.workers = [self._start(f"worker-{pid}", Path(sys.executable).name, "-m",
+                                            "fibec.federated.flower_worker", "--runtime-api-address",
+                                            f"127.0.0.1:{port}", "--parent-pid", str(node.pid))
+                                for pid, (port, node) in enumerate(zip(node_ports, self.supernodes))]
         except BaseException:
             self.stop()
             raise
