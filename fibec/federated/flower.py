@@ -3,9 +3,10 @@
 `server_app` runs `FibecFedStrategy.from_config` (the server side of one method's run, built from
 the run config as the in-process engine builds it: `runner.open_coordinator`, records, a checkpoint
 every round, resume) through Flower's stock `Strategy.start`: the strategy's hooks build messages
-and read replies of the engine-neutral `Coordinator`'s steps; they never send. `client_app` builds only its own node's `Client` and restores it through
-`Client.load_state_dict` before every message. Every party draws everything from the run config
-and its seed, so a Flower run reproduces the in-process engine's records and weights.
+and read replies of the engine-neutral `Coordinator`'s steps; they never send. `client_app` builds
+only its own node's `Client` and restores it through `Client.load_state_dict` before every message.
+Every party draws everything from the run config and its seed, so a Flower run reproduces the
+in-process engine's records and weights.
 
 Run config: `FedConfig.to_run_config()` of a config naming one method (checked by
 `FedConfig.from_mapping`; ConfigError names a bad key); `resume=true` continues the run saved

@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 
 
 def _runtime_client(address: str, *interceptors) -> RuntimeHttpClient:
+    version = RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")
     return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
-                                                 interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                                                               *interceptors],
+                                                 interceptors=[version, *interceptors],
                                                  retry_invoker=make_simple_http_retry_invoker())
 
 
