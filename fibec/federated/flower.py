@@ -635,16 +635,11 @@ class FibecFedStrategy(Strategy):
 
 # ---- ServerApp -----------------------------------------------------------------------------------
 
-class PromptGrid(Grid):
-    """`grid`, asking the SuperLink for replies every `poll_s` seconds instead of flwr 1.41's 3 s.
+class GridWrapper(Grid):
+    """A Grid that passes every call to `grid`: subclass it and override what you change."""
 
-    Each of a round's exchanges waits for its slowest reply; with a 3 s poll that wait alone is
-    longer than a round's work at fibec's sizes. A reply pull is one small request to the SuperLink.
-    """
-
-    def __init__(self, grid: Grid, poll_s: float = 0.1) -> None:
+    def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self.poll_s = poll_s
 
     def set_run(self, run) -> None:
         self._grid.set_run(run)
@@ -667,6 +662,21 @@ class PromptGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class PromptGrid(GridWrapper):
+    """`grid`, asking the SuperLink for replies every `poll_s` seconds instead of flwr 1.41's 3 s.
+
+    Each of a round's exchanges waits for its slowest reply; with a 3 s poll that wait alone is
+    longer than a round's work at fibec's sizes. A reply pull is one small request to the SuperLink.
+    """
+
+    def __init__(self, grid: Grid, poll_s: float = 0.1) -> None:
+        super().__init__(grid)
+        self.poll_s = poll_s
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push `messages`; the replies that came within `timeout` seconds (None: wait for all)."""

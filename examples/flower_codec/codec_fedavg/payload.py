@@ -19,6 +19,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid
 
 from fibec import codec
+from fibec.federated.flower import GridWrapper
 
 PAYLOAD_KEY = "fibec-payload"
 # What fibec.codec encodes and an ArrayRecord can hold (numpy has no bfloat16).
@@ -59,25 +60,12 @@ def payload_mod(message: Message, context: Context, call_next: ClientAppCallable
     return reply
 
 
-class PayloadGrid(Grid):
+class PayloadGrid(GridWrapper):
     """`grid` with every message it sends packed and every reply it returns unpacked."""
 
     def __init__(self, grid: Grid, values: str = "fp32") -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._values = values
-
-    def set_run(self, run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self):
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages([self._packed(m) for m in messages])
