@@ -1,6 +1,8 @@
 """The federated driver end to end on a tiny random BERT: rounds, bytes, masks, curriculum, GAL
 re-selection, bad updates."""
 import math
+from dataclasses import fields
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +12,8 @@ import torch
 from fibec import codec
 from fibec.config import FedConfig
 from fibec.data import default_task, dirichlet_partition, make_batches, model_inputs
-from fibec.federated.client import ClientUpdate, encode_layer_scores
+from fibec.federated import client as client_module
+from fibec.federated.client import ClientSettings, ClientUpdate, encode_layer_scores
 from fibec.federated.recorder import Recorder, without_timings
 from fibec.federated.rounds import Coordinator, run_rounds
 from fibec.federated.assembly import RunData, RunModel, build_federation
@@ -499,3 +502,15 @@ def test_int4_values_travel_with_error_feedback_in_fewer_bytes_than_int8(tiny_be
     plan = first_plan(fed, client)
     client.fit(fed.model, fed.server.payload(plan), plan)
     assert client.residual and any(r.abs().max() > 0 for r in client.residual.values())  # what int4 lost, kept
+
+
+def test_a_client_is_given_only_the_settings_it_reads():
+    cfg = FedConfig(lr=2e-3, rho=0.1, values="int4", seed=3)
+    settings = ClientSettings.of(cfg)
+    assert (settings.lr, settings.rho, settings.values, settings.seed) == (2e-3, 0.1, "int4", 3)
+    assert {f.name for f in fields(ClientSettings)} < {f.name for f in fields(FedConfig)}
+    # The run's shape, the server's settings and where it writes do not reach a client...
+    assert ClientSettings.of(cfg.replace(clients=7, rounds=3, gal_size=2, server_lr=2.0, out="elsewhere")) == settings
+    # ...and the client reads every setting it is given.
+    source = Path(client_module.__file__).read_text()
+    assert [f.name for f in fields(ClientSettings) if f"settings.{f.name}" not in source] == []

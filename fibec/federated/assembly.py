@@ -17,7 +17,7 @@ from ..data import (SHARED_DATASETS, TextClassificationData, default_task, diric
                     load_shared, load_table, sentence_key, stratified_holdout, train_test_split)
 from ..modeling import AdapterLayout, check_model_folder, default_model_path, get_state, load_classifier, set_state
 from . import seeds
-from .client import Client
+from .client import Client, ClientSettings
 from .evaluation import Evaluator
 from .methods import METHODS
 from .server import Server
@@ -169,7 +169,8 @@ class Federation:
 def build_federation(cfg: FedConfig, method: str, data: RunData, run_model: RunModel) -> Federation:
     """Every party of `method`'s run in this process, over the run's model set back to its start."""
     model, tokenizer, layout, initial = run_model.fresh()
-    clients = [Client(cid, data.client_data(cid), tokenizer, layout, initial, cfg, METHODS[method])
+    settings = ClientSettings.of(cfg)
+    clients = [Client(cid, data.client_data(cid), tokenizer, layout, initial, settings, METHODS[method])
                for cid in range(cfg.clients)]
     return Federation(model, tokenizer, layout, clients, Server(layout, initial, cfg, METHODS[method]),
                       build_evaluator(cfg, data, tokenizer))

@@ -9,7 +9,7 @@ difficulty scores stay here; `state_dict()` / `load_state_dict()` carry them acr
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -62,6 +62,37 @@ class ClientUpdate:
         return len(self.payload) + len(self.scores)
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """What a Client reads of the run's config, and nothing else: its local training, curriculum,
+    sparse update, layer ranking and upload settings, and the run's seed (FedConfig documents each)."""
+
+    lr: float
+    local_steps: int
+    scale_steps: bool
+    batch_size: int
+    max_length: int
+    logit_adjust: float
+    pacing: str
+    lambda0: float
+    full_at: int
+    class_balanced: bool
+    difficulty_prior: str
+    score_batch_size: int
+    rho: float
+    neuron_momentum: float
+    gal_ranker: str
+    values: str
+    upload_density: float
+    error_feedback: bool
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: FedConfig) -> ClientSettings:
+        """The settings of `cfg` a Client reads."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+
 def encode_layer_scores(scores: dict[str, float], layers: tuple[str, ...]) -> bytes:
     """One score per LoRA layer, in layout order, as a codec payload."""
     vector = torch.tensor([float(scores[layer]) for layer in layers], dtype=torch.float32)
@@ -80,27 +111,27 @@ class Client:
     """A device holding its data, its personalised LoRA weights and its curriculum state."""
 
     def __init__(self, cid: int, data: TextClassificationData, tokenizer, layout: AdapterLayout,
-                 initial_state: dict[str, torch.Tensor], cfg: FedConfig, method: Method) -> None:
+                 initial_state: dict[str, torch.Tensor], settings: ClientSettings, method: Method) -> None:
         if len(data) == 0:
             raise ValueError(f"client {cid} has no data")
         self.cid = cid
         self.data = data
         self.tokenizer = tokenizer
         self.layout = layout
-        self.cfg = cfg
+        self.settings = settings
         self.method = method
         self.state = {n: t.clone() for n, t in initial_state.items()}
-        self.importance = NeuronImportance(cfg.neuron_momentum)
-        self.tracker = DifficultyTracker(self._lengths(), data.labels if cfg.class_balanced else None)
+        self.importance = NeuronImportance(settings.neuron_momentum)
+        self.tracker = DifficultyTracker(self._lengths(), data.labels if settings.class_balanced else None)
         self.rounds_trained = 0
         self.pending_compute_s = 0.0  # work since the last update reported it (the first GAL ranking)
         self.pending_scoring_s = 0.0  # of which the Fisher scoring pass over all local data
         self.residual: dict[str, torch.Tensor] = {}  # error feedback: what the uploads have not delivered yet
         counts = torch.tensor(data.label_counts(), dtype=torch.float32)
         self.log_prior = torch.log((counts + 1) / (counts.sum() + counts.numel()))  # add-one smoothed
-        self.sampler = CurriculumSampler(np.zeros(len(data)), batch_size=cfg.batch_size, pacing=cfg.pacing,
-                                         lambda0=cfg.lambda0 if method.curriculum else 1.0,
-                                         full_at=cfg.full_at, seed=self._seed(0))
+        self.sampler = CurriculumSampler(np.zeros(len(data)), batch_size=settings.batch_size, pacing=settings.pacing,
+                                         lambda0=settings.lambda0 if method.curriculum else 1.0,
+                                         full_at=settings.full_at, seed=self._seed(0))
         self._reorder()
 
     def __len__(self) -> int:
@@ -152,7 +183,7 @@ class Client:
         """
         start = time.perf_counter()
         set_state(model, self.state)
-        if self.cfg.gal_ranker == "sensitivity":
+        if self.settings.gal_ranker == "sensitivity":
             scores = layer_sensitivity(model, self._shuffled_batches(0), layers=list(self.layout.layers),
                                        num_batches=RANKING_BATCHES, seed=self._seed(0))
         else:
@@ -163,7 +194,7 @@ class Client:
     def fit(self, model: torch.nn.Module, payload: bytes, plan: RoundPlan) -> ClientUpdate:
         """Load the received weights, train `local_steps` curriculum batches, return the update."""
         start = time.perf_counter()
-        cfg = self.cfg
+        settings = self.settings
         received = codec.decode(payload)
         sent_names = self.method.payload_names(self.layout, plan.sent)
         expected = set(sent_names)
@@ -184,13 +215,13 @@ class Client:
         frozen_factors = [params[n] for n in self.layout.all_names if n not in trained_names]
         for p in frozen_factors:  # no gradient is computed for what the method does not train
             p.requires_grad_(False)
-        optimizer = MaskedAdamW([params[n] for n in self.layout.all_names if n in trained_names], lr=cfg.lr)
+        optimizer = MaskedAdamW([params[n] for n in self.layout.all_names if n in trained_names], lr=settings.lr)
         optimizer.set_masks({params[self.layout.factors[layer][k]]: (mask.to(model_device), dim)
                              for layer, factors in masks.items() for k, (mask, dim) in factors.items()})
         batches = self.sampler.batches(plan.round_idx, self._local_steps(plan.round_idx))
         # The collector's per-sample traces re-score the curriculum and its Fisher feeds the neuron
         # importance and the fisher ranker; fedavg trains without it.
-        collect = self.method.curriculum or self.method.sparse or (plan.want_scores and cfg.gal_ranker == "fisher")
+        collect = self.method.curriculum or self.method.sparse or (plan.want_scores and settings.gal_ranker == "fisher")
         traces: dict[str, float] = {}
         if collect:
             with FisherCollector(model, self.layout.layers, loss_reduction="mean") as collector:
@@ -214,7 +245,7 @@ class Client:
         self.rounds_trained += 1
         scores = b""
         if plan.want_scores:
-            if cfg.gal_ranker == "sensitivity":
+            if settings.gal_ranker == "sensitivity":
                 traces = layer_sensitivity(model, self._shuffled_batches(plan.round_idx),
                                            layers=list(self.layout.layers), num_batches=RANKING_BATCHES,
                                            seed=self._seed(plan.round_idx))
@@ -243,15 +274,15 @@ class Client:
         if self.rounds_trained == 0:
             raise RuntimeError(f"client {self.cid} has not trained yet; its layers hold the initial values")
         names = self.method.sent_names(self.layout, layers)
-        return codec.encode({n: self.state[n] for n in names}, values=self.cfg.values)
+        return codec.encode({n: self.state[n] for n in names}, values=self.settings.values)
 
     # ---- helpers -------------------------------------------------------------------------------
 
     def _local_steps(self, round_idx: int) -> int:
         """local_steps; with scale_steps, a curriculum round's share of them, ceil(lambda(t) * local_steps)."""
-        if not (self.cfg.scale_steps and self.method.curriculum):
-            return self.cfg.local_steps
-        return fraction_count(self.sampler.fraction(round_idx), self.cfg.local_steps)
+        if not (self.settings.scale_steps and self.method.curriculum):
+            return self.settings.local_steps
+        return fraction_count(self.sampler.fraction(round_idx), self.settings.local_steps)
 
     def _encode_with_error_feedback(self, delta: dict[str, torch.Tensor],
                                     masks: dict[str, tuple[torch.Tensor, int]]) -> bytes:
@@ -264,9 +295,9 @@ class Client:
         always travels whole. Residuals of tensors that do not travel this round are dropped: they
         belong to a delta the server will not see again.
         """
-        density = self.cfg.upload_density
-        lossy = self.cfg.values != "fp32" or density < 1.0  # fp32, whole: nothing is lost
-        feedback = self.cfg.error_feedback and lossy
+        density = self.settings.upload_density
+        lossy = self.settings.values != "fp32" or density < 1.0  # fp32, whole: nothing is lost
+        feedback = self.settings.error_feedback and lossy
         if feedback:
             self.residual = {n: r for n, r in self.residual.items() if n in delta}
             delta = {n: d + self.residual[n] if n in self.residual else d for n, d in delta.items()}
@@ -276,27 +307,27 @@ class Client:
             for name, d in delta.items():
                 if name not in head and name not in masks:
                     masks[name] = _largest_entries(d, density)
-        upload = codec.encode(delta, masks=masks or None, values=self.cfg.values)
+        upload = codec.encode(delta, masks=masks or None, values=self.settings.values)
         if feedback:
             arrived = codec.decode(upload)
             self.residual = {n: d - arrived[n].to(torch.float32) for n, d in delta.items()}
         return upload
 
     def _seed(self, round_idx: int) -> int:
-        return seeds.seed_for("client", self.cfg.seed, client=self.cid, round_idx=round_idx)
+        return seeds.seed_for("client", self.settings.seed, client=self.cid, round_idx=round_idx)
 
     def _lengths(self) -> np.ndarray:
         lengths = np.zeros(len(self.data))
-        for batch in make_batches(self.data, self.tokenizer, None, 256, max_length=self.cfg.max_length):
+        for batch in make_batches(self.data, self.tokenizer, None, 256, max_length=self.settings.max_length):
             lengths[batch["index"].numpy()] = batch["attention_mask"].sum(1).numpy()
         return lengths
 
     def _shuffled_batches(self, round_idx: int):
-        return make_batches(self.data, self.tokenizer, None, self.cfg.batch_size, max_length=self.cfg.max_length,
+        return make_batches(self.data, self.tokenizer, None, self.settings.batch_size, max_length=self.settings.max_length,
                             shuffle=True, seed=self._seed(round_idx))
 
     def _full_pass_due(self) -> bool:
-        return self.method.curriculum and self.cfg.difficulty_prior == "full" and not self.tracker.scored.all()
+        return self.method.curriculum and self.settings.difficulty_prior == "full" and not self.tracker.scored.all()
 
     def _score(self, model: torch.nn.Module, *, full: bool) -> dict[str, float]:
         """One Fisher pass (no update) over all local data (`full`) or RANKING_BATCHES shuffled batches:
@@ -307,8 +338,8 @@ class Client:
         start = time.perf_counter()
         if full:
             by_length = np.argsort(self.tracker.lengths, kind="stable")
-            batches = make_batches(self.data, self.tokenizer, by_length, self.cfg.score_batch_size,
-                                   max_length=self.cfg.max_length)
+            batches = make_batches(self.data, self.tokenizer, by_length, self.settings.score_batch_size,
+                                   max_length=self.settings.max_length)
         else:
             batches = (b for _, b in zip(range(RANKING_BATCHES), self._shuffled_batches(0)))
         scores, fisher, traces = difficulty_scores(model, batches, num_samples=len(self.data), return_fisher=True,
@@ -331,14 +362,14 @@ class Client:
         mix. Evaluation uses the plain logits.
         """
         logits = out.logits.float()
-        if self.cfg.logit_adjust:
-            logits = logits + self.cfg.logit_adjust * self.log_prior.to(logits.device)
+        if self.settings.logit_adjust:
+            logits = logits + self.settings.logit_adjust * self.log_prior.to(logits.device)
         return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device))
 
     def _reorder(self) -> None:
         """The sampler's easiest-first order from the latest difficulty scores and estimates."""
         ranking = self.tracker.ranking()
-        if self.cfg.class_balanced:
+        if self.settings.class_balanced:
             ranking = within_label_rank(ranking, self.data.labels)
         self.sampler.update_scores(ranking)
 
@@ -346,7 +377,7 @@ class Client:
         """Top-rho neuron masks for every LoRA layer that does not train densely this round."""
         dense = set(plan.dense)
         scores = {l: s for l, s in self.importance.scores.items() if l not in dense and l in self.layout.factors}
-        return select_neurons(scores, self.cfg.rho) if scores else {}
+        return select_neurons(scores, self.settings.rho) if scores else {}
 
     def _train(self, model, optimizer, batches, collector) -> list[float]:
         losses = []
@@ -354,7 +385,7 @@ class Client:
         model.train()
         for positions in batches:
             batch = next(make_batches(self.data, self.tokenizer, positions, len(positions),
-                                      max_length=self.cfg.max_length))
+                                      max_length=self.settings.max_length))
             if collector is not None:
                 collector.token_mask = batch["attention_mask"]
             out = model(**{k: v.to(device) for k, v in model_inputs(batch).items()})

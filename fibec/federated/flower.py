@@ -47,7 +47,7 @@ from .. import codec
 from .._checks import check_int
 from ..config import ConfigError, FedConfig
 from . import assembly, checkpoint, runner
-from .client import Client, ClientUpdate, RoundPlan
+from .client import Client, ClientSettings, ClientUpdate, RoundPlan
 from .evaluation import Evaluator, Score
 from .methods import METHODS
 from .rounds import Coordinator
@@ -201,7 +201,8 @@ class _Party:
 def _build_party(cfg: FedConfig, pid: int) -> _Party:
     data = assembly.load_run_data(cfg)
     model, tokenizer, layout, initial = assembly.RunModel(cfg, data.train.num_labels).fresh()
-    client = Client(pid, data.client_data(pid), tokenizer, layout, initial, cfg, METHODS[cfg.method])
+    client = Client(pid, data.client_data(pid), tokenizer, layout, initial, ClientSettings.of(cfg),
+                    METHODS[cfg.method])
     return _Party(model, client, assembly.build_evaluator(cfg, data, tokenizer), client.state_dict())
 
 
