@@ -14,6 +14,8 @@ A grid file (TOML) names the runs:
     baseline = "fedavg"                    # the reference of the time-to-accuracy and upload-ratio columns
     baseline_variant = "-"                 # which of its variants (when it has several)
     target_method = "fibecfed"             # optional: a table of it against the baseline, per cell
+    transport_baseline_variant = "transport"   # optional: the baseline with the target's transport
+    credit = [["fedavg", "-"], ["fibecfed", "-"]]  # optional: "What each piece buys", these rows per cell
     findings = "experiments/results_findings.md"   # optional: hand-written text placed after it
     [settings]                             # FedConfig settings of every run
     clients = 10
@@ -361,6 +363,8 @@ def report(grid: dict) -> Path:
              "uplink.", ""]
     if grid.get("target_method"):
         lines += targets(grid, done, grid["target_method"], baseline)
+    if grid.get("credit"):
+        lines += credit(grid, done, baseline)
     if grid.get("findings"):
         lines += [(ROOT / grid["findings"]).read_text().strip(), ""]
     for cell in grid["cells"]:
@@ -469,6 +473,59 @@ def targets(grid: dict, done: dict, target: str, baseline: str) -> list[str]:
                          + " | ".join(TARGET_FORMATS.get(k, mean_std)([row[k] for row in rows]) for k, _ in columns)
                          + " |")
     return lines + [""]
+
+
+def credit(grid: dict, done: dict, baseline: str) -> list[str]:
+    """'What each piece buys': per cell, over the seeds on which every `credit` row and both baselines
+    finished, each row's upload and upload+download ratios against the baseline as published
+    (baseline_variant) and its global accuracy's paired difference to it and to the baseline with
+    the target's transport (transport_baseline_variant), so that each saving is credited to the
+    piece that makes it."""
+    same_transport = grid["transport_baseline_variant"]
+    rows = [tuple(row) for row in grid["credit"]]
+    lines = ["## What each piece buys", "",
+             f"Per cell, over the seeds on which every row below finished: uploaded and downloaded MB over the "
+             f"run, how many times fewer than {baseline} as published (variant {grid.get('baseline_variant', '-')!r}), and "
+             f"the global accuracy's paired difference (points; mean [95% t-interval] over the seeds) to {baseline} "
+             f"and to {baseline} {same_transport}, which sends what {grid['target_method']} sends.", "",
+             f"| data | alpha | seeds | method | variant | up MB | {baseline} up ÷ up | down MB | "
+             f"{baseline} up+down ÷ up+down | global acc | − {baseline}, points | − {baseline} {same_transport}, points |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for cell in grid["cells"]:
+        cell_runs = runs_of_cell(grid, cell)
+        base = baseline_runs(grid, cell_runs, done, baseline)
+        transported = baseline_runs(grid, cell_runs, done, baseline, same_transport)
+        by_row = {(r.method, r.variant, r.seed): done[r.key] for r in cell_runs if r.key in done}
+        seeds = sorted(s for s in base if s in transported and all((m, v, s) in by_row for m, v in rows))
+        if not seeds:
+            continue
+
+        def of(record: dict) -> dict:
+            return summary(record, None)
+
+        base_up = np.mean([of(base[s])["up_mb"] for s in seeds])
+        base_all = base_up + np.mean([of(base[s])["down_mb"] for s in seeds])
+        for method, variant in rows:
+            mine = [of(by_row[(method, variant, s)]) for s in seeds]
+            up, down = np.mean([m["up_mb"] for m in mine]), np.mean([m["down_mb"] for m in mine])
+            to_base = [100 * (m["global"] - of(base[s])["global"]) for m, s in zip(mine, seeds)]
+            to_transport = [100 * (m["global"] - of(transported[s])["global"]) for m, s in zip(mine, seeds)]
+            is_base = (method, variant) == (baseline, grid.get("baseline_variant", "-"))
+            is_transport = (method, variant) == (baseline, same_transport)
+            lines.append(f"| {cell['data']} | {cell['alpha']:g} | {len(seeds)} | {method} | {variant} | {up:.2f} | "
+                         f"{base_up / up:.1f}x | {down:.2f} | {base_all / (up + down):.1f}x | "
+                         f"{mean_std([m['global'] for m in mine])} | "
+                         f"{'' if is_base else points_interval(to_base)} | "
+                         f"{'' if is_base or is_transport else points_interval(to_transport)} |")
+    return lines + [""]
+
+
+def points_interval(values: list[float]) -> str:
+    """Mean [95% t-interval] of per-seed differences in points."""
+    if len(values) < 2:
+        return f"{values[0]:+.1f}"
+    low, high = t_interval(values)
+    return f"{np.mean(values):+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 def plot_cell(grid: dict, cell: dict, runs: list[Run], done: dict, plots: Path) -> None:

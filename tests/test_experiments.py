@@ -224,3 +224,27 @@ def test_the_target_table_credits_the_transport_to_the_baseline_that_has_it(grid
     assert column["baseline, same transport: up ÷ up"].startswith("2.000 ± 0.000")  # the method's own share
     # Paired differences to the same-transport baseline: -0.01 and +0.01.
     assert column["global acc − baseline, same transport: paired mean [95% CI]"].startswith("+0.000 [")
+
+
+def test_what_each_piece_buys_pairs_every_row_with_both_baselines_on_their_common_seeds(grid_module):
+    grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1, 2], "methods": ["fibecfed", "fedavg"],
+            "shared_methods": ["fibecfed", "fedavg"], "transport_baseline_variant": "transport",
+            "target_method": "fibecfed", "variants": {"transport": {"methods": ["fedavg"]}},
+            "credit": [["fedavg", "-"], ["fedavg", "transport"], ["fibecfed", "-"]]}
+    done = {}
+    for seed, (target, plain, transported) in enumerate([(0.80, 0.82, 0.81), (0.84, 0.85, 0.83), (0.5, 0.5, 0.5)]):
+        done[f"d-a0.5-s{seed}-fedavg--"] = fabricated_record("x", [plain], 10_000)
+        done[f"d-a0.5-s{seed}-fibecfed--"] = fabricated_record("x", [target], 1_000)
+        if seed < 2:  # seed 2 lacks the transport baseline: every row leaves it out
+            done[f"d-a0.5-s{seed}-fedavg-transport"] = fabricated_record("x", [transported], 2_000)
+    lines = grid_module.credit(grid, done, "fedavg")
+    header = next(line for line in lines if line.startswith("| data |"))
+    rows = {(cells[3], cells[4]): dict(zip([c.strip(" |") for c in header.split(" | ")], cells))
+            for cells in ([c.strip(" |") for c in line.split(" | ")] for line in lines if line.startswith("| d |"))}
+    mine = rows[("fibecfed", "-")]
+    assert mine["seeds"] == "2" and mine["fedavg up ÷ up"] == "10.0x" and mine["up MB"] == "0.00"
+    # up + down: fedavg 10_000 + 1_000 bytes, fibecfed 1_000 + 1_000.
+    assert mine["fedavg up+down ÷ up+down"] == "5.5x"
+    # Paired differences in points: to fedavg -2 and -1; to fedavg transport -1 and +1.
+    assert mine["− fedavg, points"].startswith("-1.5 [") and mine["− fedavg transport, points"].startswith("+0.0 [")
+    assert rows[("fedavg", "transport")]["− fedavg transport, points"] == ""  # no difference to itself
