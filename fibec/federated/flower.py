@@ -284,9 +284,12 @@ def make_client_app() -> ClientApp:
 
     @app.query("partition")
     def answer_partition(msg: Message, context: Context) -> Message:
-        """The partition this node holds (from its node config alone)."""
+        """The partition this node holds (from its node config alone). The node builds its party
+        now, while the server meets the nodes: where messages share a process (fibec's worker) a
+        node first sampled in a later round would otherwise build its model inside that round."""
         cfg = fed_config(context.run_config)
         pid = partition_id(context.node_config, cfg.clients)
+        parties.get(context, cfg, pid)
         return Message(RecordDict({_REPLY: ConfigRecord({PARTITION_ID: pid})}), reply_to=msg)
 
     @app.train("scores")
