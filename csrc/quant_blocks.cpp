@@ -55,20 +55,39 @@ void quantise_block(const float* x, uint64_t count, uint8_t* scale_out, uint8_t*
                    [q_out](uint64_t i, int q) { q_out[i] = static_cast<uint8_t>(static_cast<int8_t>(q)); });
 }
 
+// visit(block, first value, count) for each block of kQuantBlock values from first_block on (the
+// last may be shorter): the one walk over a body's blocks, scalar and int4 alike.
+template <class Visit>
+void for_each_block(uint64_t n, uint64_t first_block, Visit visit) {
+    for (uint64_t block = first_block, start = first_block * kQuantBlock; start < n; ++block, start += kQuantBlock)
+        visit(block, start, std::min(kQuantBlock, n - start));
+}
+
+// out[i] = step(i) * its block's scale, for the values of the blocks from first_block on.
+template <class Step>
+void dequantise_blocks(const uint8_t* body, uint64_t n, uint64_t first_block, float* out, Step step) {
+    for_each_block(n, first_block, [&](uint64_t block, uint64_t start, uint64_t count) {
+        float scale;
+        std::memcpy(&scale, body + 4 * block, 4);
+        for (uint64_t i = start; i < start + count; ++i) out[i] = static_cast<float>(step(i)) * scale;
+    });
+}
+
+// The int8 step of value i of a body's values q.
+struct Int8Step {
+    const uint8_t* q;
+    int operator()(uint64_t i) const { return static_cast<int8_t>(q[i]); }
+};
+
 void quantise_scalar(const float* x, uint64_t n, uint8_t* body) {
     uint8_t* q = body + 4 * quant_blocks(n);
-    for (uint64_t start = 0, block = 0; start < n; start += kQuantBlock, ++block)
-        quantise_block(x + start, std::min(kQuantBlock, n - start), body + 4 * block, q + start);
+    for_each_block(n, 0, [&](uint64_t block, uint64_t start, uint64_t count) {
+        quantise_block(x + start, count, body + 4 * block, q + start);
+    });
 }
 
 void dequantise_scalar(const uint8_t* body, uint64_t n, float* out) {
-    const uint8_t* q = body + 4 * quant_blocks(n);
-    for (uint64_t start = 0, block = 0; start < n; start += kQuantBlock, ++block) {
-        float scale;
-        std::memcpy(&scale, body + 4 * block, 4);
-        const uint64_t end = std::min(n, start + kQuantBlock);
-        for (uint64_t i = start; i < end; ++i) out[i] = static_cast<float>(static_cast<int8_t>(q[i])) * scale;
-    }
+    dequantise_blocks(body, n, 0, out, Int8Step{body + 4 * quant_blocks(n)});
 }
 
 #ifdef FIBEC_HAVE_X86_AVX2
@@ -134,12 +153,7 @@ __attribute__((target("avx2"))) void dequantise_avx2(const uint8_t* body, uint64
             _mm256_storeu_ps(ob + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(wide), scale));
         }
     }
-    const uint64_t done = whole * kQuantBlock;
-    if (done < n) {
-        float s;
-        std::memcpy(&s, body + 4 * whole, 4);
-        for (uint64_t i = done; i < n; ++i) out[i] = static_cast<float>(static_cast<int8_t>(q[i])) * s;
-    }
+    dequantise_blocks(body, n, whole, out, Int8Step{q});
 }
 
 bool cpu_has_avx2() {
@@ -153,26 +167,20 @@ bool cpu_has_avx2() {
 void quantise_int4(const float* x, uint64_t n, uint8_t* body) {
     uint8_t* q = body + 4 * quant_blocks(n);
     std::memset(q, 0, int4_bytes(n));
-    for (uint64_t start = 0, block = 0; start < n; start += kQuantBlock, ++block) {
+    for_each_block(n, 0, [&](uint64_t block, uint64_t start, uint64_t count) {
         uint8_t* packed = q + start / 2;  // blocks are 64 values: each starts at a whole byte
-        quantise_block(x + start, std::min(kQuantBlock, n - start), 7.0f, body + 4 * block,
-                       [packed](uint64_t i, int v) {
-                           packed[i / 2] |= static_cast<uint8_t>((static_cast<unsigned>(v) & 0xFu) << (4 * (i % 2)));
-                       });
-    }
+        quantise_block(x + start, count, 7.0f, body + 4 * block, [packed](uint64_t i, int v) {
+            packed[i / 2] |= static_cast<uint8_t>((static_cast<unsigned>(v) & 0xFu) << (4 * (i % 2)));
+        });
+    });
 }
 
 void dequantise_int4(const uint8_t* body, uint64_t n, float* out) {
     const uint8_t* q = body + 4 * quant_blocks(n);
-    for (uint64_t start = 0, block = 0; start < n; start += kQuantBlock, ++block) {
-        float scale;
-        std::memcpy(&scale, body + 4 * block, 4);
-        const uint64_t end = std::min(n, start + kQuantBlock);
-        for (uint64_t i = start; i < end; ++i) {
-            const int nibble = (q[i / 2] >> (4 * (i % 2))) & 0xF;
-            out[i] = static_cast<float>(nibble >= 8 ? nibble - 16 : nibble) * scale;
-        }
-    }
+    dequantise_blocks(body, n, 0, out, [q](uint64_t i) {
+        const int nibble = (q[i / 2] >> (4 * (i % 2))) & 0xF;
+        return nibble >= 8 ? nibble - 16 : nibble;
+    });
 }
 
 void quantise(const float* x, uint64_t n, uint8_t* body) {

@@ -122,10 +122,13 @@ class CurriculumSampler:
     generator seeded by (seed, t) and cut into batches of batch_size (the last batch of a pass
     may be smaller); when more batches are asked for than one pass gives, further passes follow,
     each reshuffled. Indices are positions 0..n-1 in `scores`.
+
+    lambda0 and full_at (see `pacing_fraction`) have no default: the round where all data is used
+    depends on how many rounds the run has (the driver's are FedConfig's).
     """
 
-    def __init__(self, scores: torch.Tensor | np.ndarray, *, batch_size: int, pacing: str = "linear",
-                 lambda0: float = 0.3, full_at: int = 5, steps: int = 4, seed: int = 0) -> None:
+    def __init__(self, scores: torch.Tensor | np.ndarray, *, batch_size: int, lambda0: float, full_at: int,
+                 pacing: str = "linear", steps: int = 4, seed: int = 0) -> None:
         self.batch_size = check_int("batch_size", batch_size, low=1)
         self.pacing, self.lambda0, self.full_at, self.steps = pacing, lambda0, full_at, steps
         pacing_fraction(pacing, 0, lambda0=lambda0, full_at=full_at, steps=steps)  # validates the schedule

@@ -114,11 +114,13 @@ def test_sampler_update_scores_changes_the_pool():
 
 def test_sampler_rejects_bad_arguments():
     with pytest.raises(ValueError, match="batch_size"):
-        CurriculumSampler(torch.ones(4), batch_size=0)
+        CurriculumSampler(torch.ones(4), batch_size=0, lambda0=0.3, full_at=3)
     with pytest.raises(ValueError, match="kind"):
-        CurriculumSampler(torch.ones(4), batch_size=2, pacing="cosine")
+        CurriculumSampler(torch.ones(4), batch_size=2, lambda0=0.3, full_at=3, pacing="cosine")
+    with pytest.raises(ValueError, match="full_at"):
+        CurriculumSampler(torch.ones(4), batch_size=2, lambda0=0.3, full_at=0)
     with pytest.raises(ValueError, match="num_batches"):
-        CurriculumSampler(torch.ones(4), batch_size=2).batches(0, -1)
+        CurriculumSampler(torch.ones(4), batch_size=2, lambda0=0.3, full_at=3).batches(0, -1)
 
 
 # ---- difficulty scores -------------------------------------------------------------------------
@@ -281,7 +283,7 @@ def test_within_label_rank_interleaves_labels_by_their_own_order():
 def test_sampler_state_round_trips_and_gives_the_same_batches():
     sampler = CurriculumSampler(np.array([3.0, 1.0, 2.0, 0.5, 9.0]), batch_size=2, pacing="root", lambda0=0.4,
                                 full_at=3, seed=7)
-    restored = CurriculumSampler(np.zeros(5), batch_size=1)
+    restored = CurriculumSampler(np.zeros(5), batch_size=1, lambda0=1.0, full_at=1)
     restored.load_state_dict(sampler.state_dict())
     assert all(restored.batches(t, 3) == sampler.batches(t, 3) for t in range(4))
     bad = {**sampler.state_dict(), "order": torch.tensor([0, 0, 1, 2, 3])}

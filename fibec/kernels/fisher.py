@@ -140,6 +140,17 @@ def _autotune(space: list[triton.Config], **options):
 
 
 @triton.jit
+def _scaled_square(grad, scale, sqnorm_ptr, WRITE_SQNORM: tl.constexpr):
+    """(grad * scale) ** 2 of one sample's finished gradient block; with WRITE_SQNORM its sum (the
+    block's share of the sample's squared norm) is stored at sqnorm_ptr."""
+    scaled = grad * scale
+    square = scaled * scaled
+    if WRITE_SQNORM:
+        tl.store(sqnorm_ptr, tl.sum(square))
+    return square
+
+
+@triton.jit
 def _squared_outer_kernel(
     L, R, M, OUT, SQNORM, L2, R2, OUT2,
     N, T, DA, DB, DA2, scale, samples_per_split, tokens_per_split,
@@ -211,11 +222,7 @@ def _squared_outer_kernel(
         grad = tl.dot(tl.trans(lhs), rhs, grad, input_precision=PRECISION)
         if step % blocks_per_sample == blocks_per_sample - 1:
             if SQUARE:
-                grad = grad * scale
-                square = grad * grad
-                if WRITE_SQNORM:
-                    tl.store(SQNORM + tile_row * N + n, tl.sum(square))
-                total += square
+                total += _scaled_square(grad, scale, SQNORM + tile_row * N + n, WRITE_SQNORM)
             else:
                 total += grad
             grad = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
@@ -256,10 +263,7 @@ def _reduce_splits_kernel(
             part = PART + (n * splits + rows).to(tl.int64)[:, None] * size + offs[None, :]
             value += tl.sum(tl.load(part, mask=(rows < splits)[:, None] & inside[None, :], other=0.0), axis=0)
         if SQUARE:
-            value = value * scale
-            value = value * value
-            if WRITE_SQNORM:
-                tl.store(SQNORM + pid * N + n, tl.sum(value))
+            value = _scaled_square(value, scale, SQNORM + pid * N + n, WRITE_SQNORM)
         fisher += value
     if WRITE_FISHER:
         row, column = offs // DB, offs % DB
