@@ -498,6 +498,25 @@ def test_the_strategy_refuses_more_flower_rounds_than_its_run_has(fibecfed_runs,
     assert len(read_records(cfg)) == 1
 
 
+def test_the_partition_query_ignores_a_reply_from_a_node_it_did_not_ask(fibecfed_runs, tmp_path, caplog):
+    _, _, reference = fibecfed_runs
+    cfg = reference.replace(out=str(tmp_path / "flower"), engine="flower")
+    strategy = flower.FibecFedStrategy.from_config(cfg)
+    grid = LoopbackGrid(cfg.to_run_config(), cfg.clients)
+    try:
+        queries = strategy.configure_train(1, strategy.global_arrays(), ConfigRecord(), grid)
+        replies = [grid.deliver(query) for query in queries]
+        # A node that was not asked claims partition 1, which node 101 holds.
+        stranger = Message(RecordDict(), 999, flower.PARTITION_QUERY, group_id="0")
+        replies.append(Message(replies[1].content, reply_to=stranger))
+        with caplog.at_level("WARNING"):
+            strategy.aggregate_train(1, replies)
+    finally:
+        strategy.close()
+    assert strategy.nodes == {0: 100, 1: 101}
+    assert "node 999, which was not asked" in caplog.text
+
+
 def test_server_app_refuses_an_out_that_holds_a_run_unless_resuming_one_it_wrote(fibecfed_runs):
     cfg, _, reference = fibecfed_runs
     with pytest.raises(ConfigError, match="resume=true"):

@@ -413,6 +413,7 @@ class FibecFedStrategy(Strategy):
         self._steps: Generator[Exchange, dict, dict] | None = None  # the open FibecFed round
         self._pending: Exchange | None = None
         self._asked: dict[int, int] = {}  # node id -> partition of the messages in flight
+        self._queried: list[int] = []  # the nodes asked which partition they hold
         self._failures: dict[int, str] = {}
 
     @classmethod
@@ -591,23 +592,26 @@ class FibecFedStrategy(Strategy):
         node_ids = sorted(grid.get_node_ids())
         if not node_ids:
             raise TimeoutError(f"no node connected within round-timeout={self.timeout:g}s")
-        self._asked = {node: -1 for node in node_ids}
+        self._queried = node_ids
         return [Message(RecordDict(), node, PARTITION_QUERY, group_id="0") for node in node_ids]
 
     def _known_nodes(self, replies: Iterable[Message]) -> dict[int, int]:
         """{partition: node id} from the partition query's replies. A partition no node holds (its
         SuperNode was refused, or never came) is recorded as failed in every round that samples it."""
-        asked, self._asked = self._asked, {}
+        queried, self._queried = self._queried, []
         nodes: dict[int, int] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
+            if node not in queried:
+                log.warning("ignoring a %s reply from node %d, which was not asked", PARTITION_QUERY, node)
+                continue
             if reply.has_error():
                 raise RuntimeError(f"node {node} failed {PARTITION_QUERY}: {reply.error.reason}")
             pid = _read_partition(reply.content)
             if pid in nodes:
                 raise ValueError(f"nodes {nodes[pid]} and {node} both hold partition {pid}")
             nodes[pid] = node
-        silent = sorted(set(asked) - set(nodes.values()))
+        silent = sorted(set(queried) - set(nodes.values()))
         if silent:
             raise TimeoutError(f"nodes {silent[:5]} did not say which partition they hold within {self.timeout:g}s")
         clients = self.coordinator.cfg.clients
