@@ -33,6 +33,8 @@ __all__ = [
     "train_test_split",
     "make_batches",
     "model_inputs",
+    "token_lengths",
+    "shortest_first",
     "sentence_key",
     "stratified_holdout",
 ]
@@ -694,6 +696,17 @@ def make_batches(data: TextClassificationData, tokenizer, indices: Sequence[int]
         batch["labels"] = torch.tensor([data.labels[i] for i in chunk], dtype=torch.long)
         batch["index"] = torch.tensor(chunk, dtype=torch.long)
         yield batch
+
+
+def token_lengths(data: TextClassificationData, tokenizer, *, max_length: int) -> np.ndarray:
+    """int64 [n]: each sample's token count after truncation to max_length (from the tokenised cache)."""
+    return np.array([len(ids) for ids in _tokenized(data, tokenizer, max_length)["input_ids"]], dtype=np.int64)
+
+
+def shortest_first(data: TextClassificationData, tokenizer, *, max_length: int) -> np.ndarray:
+    """int64 [n]: the sample indices by token count, shortest first (ties in data order): batches cut
+    from it hold samples of similar length, so that little of a forward pass is padding."""
+    return np.argsort(token_lengths(data, tokenizer, max_length=max_length), kind="stable")
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

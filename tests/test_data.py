@@ -18,6 +18,8 @@ from fibec.data import (
     load_table,
     make_batches,
     model_inputs,
+    shortest_first,
+    token_lengths,
     train_test_split,
 )
 
@@ -393,3 +395,13 @@ def test_make_batches_shuffle_is_seeded(tokenizer):
                        for i in b["index"].tolist()]
     assert order(1) == order(1) != order(2)
     assert sorted(order(1)) == list(range(40))
+
+
+def test_token_lengths_count_tokens_after_truncation_and_shortest_first_keeps_ties_in_data_order(tokenizer):
+    texts = ["a much longer sentence with many more words in it", "mid size one", "short", "one two three",
+             "tiny", "again a very long sentence that goes past the limit"]
+    data = TextClassificationData(texts, [0, 1, 0, 1, 0, 1], ["a", "b"])
+    lengths = token_lengths(data, tokenizer, max_length=8)
+    one_by_one = [int(b["attention_mask"].sum()) for b in make_batches(data, tokenizer, None, 1, max_length=8)]
+    assert lengths.tolist() == one_by_one == [8, 5, 3, 5, 3, 8]
+    assert shortest_first(data, tokenizer, max_length=8).tolist() == [2, 4, 1, 3, 0, 5]

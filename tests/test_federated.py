@@ -514,3 +514,21 @@ def test_a_client_is_given_only_the_settings_it_reads():
     # ...and the client reads every setting it is given.
     source = Path(client_module.__file__).read_text()
     assert [f.name for f in fields(ClientSettings) if f"settings.{f.name}" not in source] == []
+
+
+def test_evaluation_scores_every_sample_as_it_would_alone(tiny_bert, task):
+    from fibec.federated.evaluation import score
+
+    train, _ = task
+    data = train.subset(list(range(23)))
+    model, tokenizer = load_classifier(tiny_bert, num_labels=data.num_labels)
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    with torch.no_grad():
+        for batch in make_batches(data, tokenizer, None, 1, max_length=24):
+            logits = model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits.float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    batched = score(model, data, tokenizer, batch_size=4, max_length=24)
+    assert batched.count == 23 and batched.correct == correct
+    assert batched.loss_sum == pytest.approx(loss_sum, rel=1e-5)

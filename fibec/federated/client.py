@@ -18,7 +18,7 @@ from .. import codec
 from .._checks import fraction_count
 from ..config import FedConfig
 from ..curriculum import CurriculumSampler, DifficultyTracker, difficulty_scores, within_label_rank
-from ..data import TextClassificationData, make_batches, model_inputs
+from ..data import TextClassificationData, make_batches, model_inputs, shortest_first, token_lengths
 from ..fisher import FisherCollector
 from ..modeling import AdapterLayout, get_state, set_state
 from ..optim import MaskedAdamW
@@ -122,7 +122,8 @@ class Client:
         self.method = method
         self.state = {n: t.clone() for n, t in initial_state.items()}
         self.importance = NeuronImportance(settings.neuron_momentum)
-        self.tracker = DifficultyTracker(self._lengths(), data.labels if settings.class_balanced else None)
+        lengths = token_lengths(data, tokenizer, max_length=settings.max_length)
+        self.tracker = DifficultyTracker(lengths, data.labels if settings.class_balanced else None)
         self.rounds_trained = 0
         self.pending_compute_s = 0.0  # work since the last update reported it (the first GAL ranking)
         self.pending_scoring_s = 0.0  # of which the Fisher scoring pass over all local data
@@ -316,12 +317,6 @@ class Client:
     def _seed(self, round_idx: int) -> int:
         return seeds.seed_for("client", self.settings.seed, client=self.cid, round_idx=round_idx)
 
-    def _lengths(self) -> np.ndarray:
-        lengths = np.zeros(len(self.data))
-        for batch in make_batches(self.data, self.tokenizer, None, 256, max_length=self.settings.max_length):
-            lengths[batch["index"].numpy()] = batch["attention_mask"].sum(1).numpy()
-        return lengths
-
     def _shuffled_batches(self, round_idx: int):
         return make_batches(self.data, self.tokenizer, None, self.settings.batch_size, max_length=self.settings.max_length,
                             shuffle=True, seed=self._seed(round_idx))
@@ -337,7 +332,7 @@ class Client:
         so that little of it is padding; a sample's score does not depend on its batch."""
         start = time.perf_counter()
         if full:
-            by_length = np.argsort(self.tracker.lengths, kind="stable")
+            by_length = shortest_first(self.data, self.tokenizer, max_length=self.settings.max_length)
             batches = make_batches(self.data, self.tokenizer, by_length, self.settings.score_batch_size,
                                    max_length=self.settings.max_length)
         else:

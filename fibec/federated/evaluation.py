@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import TextClassificationData, make_batches, model_inputs
+from ..data import TextClassificationData, make_batches, model_inputs, shortest_first
 from ..modeling import set_state
 from . import seeds
 
@@ -43,13 +43,15 @@ class Score:
 @torch.no_grad()
 def score(model: torch.nn.Module, data: TextClassificationData | None, tokenizer, *, batch_size: int,
           max_length: int) -> Score:
-    """Correct predictions and summed cross-entropy of the model as loaded on all of `data`."""
+    """Correct predictions and summed cross-entropy of the model as loaded on all of `data`, in
+    batches of similar length, so that little of each forward pass is padding."""
     if data is None or len(data) == 0:
         return Score()
     model.eval()
     correct, loss_sum = 0, 0.0
     device = next(model.parameters()).device
-    for batch in make_batches(data, tokenizer, None, batch_size, max_length=max_length):
+    by_length = shortest_first(data, tokenizer, max_length=max_length)
+    for batch in make_batches(data, tokenizer, by_length, batch_size, max_length=max_length):
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k != "labels"}
         logits = model(**inputs).logits.float().cpu()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
