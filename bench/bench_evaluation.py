@@ -65,7 +65,8 @@ def measure(name: str, samples: int, repeats: int) -> dict:
             fn(model, data, tokenizer)
             times[label].append(time.perf_counter() - start)
     medians = {label: statistics.median(t) for label, t in times.items()}
-    return {"data": name, "samples": len(data), "correct": counts["by length (fibec)"], "ms_per_sample": {k: 1e3 * v / len(data) for k, v in medians.items()},
+    return {"data": name, "samples": len(data), "correct": counts["by length (fibec)"],
+            "ms_per_sample": {label: 1e3 * t / len(data) for label, t in medians.items()},
             "speedup": medians["data order"] / medians["by length (fibec)"]}
 
 
