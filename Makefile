@@ -66,7 +66,8 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest bench -q --benchmark-columns=median,iqr,rounds
 
 # The codec's C++ under AddressSanitizer and UBSan (by hand, minutes): a copy of the package
-# and tests whose extension is built with both, then the codec tests and 20,000 fuzz cases.
+# and tests whose extension is built with both, then the codec tests (with the GPU path's bodies,
+# under the interpreter) and 20,000 fuzz cases.
 SANITIZED := build/sanitize
 sanitize: $(STAMP)
 	rm -rf $(SANITIZED) && mkdir -p $(SANITIZED) && cp -r fibec tests $(SANITIZED)/ && rm -f $(SANITIZED)/fibec/_codec*.so
@@ -76,7 +77,7 @@ sanitize: $(STAMP)
 	cd $(SANITIZED) && LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
 	    ASAN_OPTIONS=detect_leaks=0 PYTHONPATH=. $(INTERP) sh -c '\
 	    $(abspath $(PY)) -c "import fibec._codec as c; assert \"$(SANITIZED)\" in c.__file__, c.__file__" && \
-	    $(abspath $(PY)) -m pytest -p no:cacheprovider tests/test_codec.py -q && $(abspath $(PY)) tests/fuzz_codec.py'
+	    $(abspath $(PY)) -m pytest -p no:cacheprovider tests/test_codec.py tests/test_codec_on_device.py -q && $(abspath $(PY)) tests/fuzz_codec.py'
 
 clean:
 	rm -rf $(VENV) $(LATEST) build dist *.egg-info

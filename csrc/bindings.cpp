@@ -52,7 +52,10 @@ const uint8_t* tensor_memory(const py::handle& address, const py::handle& bytes,
 }
 
 // tensors: [(name: bytes, dtype: int, shape: tuple, data address: int, data bytes: int,
-//            mask kind: int, mask address: int, mask bytes: int, what keeps that memory alive)]
+//            mask kind: int, mask address: int, mask bytes: int, scales address: int | None,
+//            scales bytes: int, quantised address: int, quantised bytes: int,
+//            what keeps that memory alive)]; scales address None: no int8 body given; data
+//            address 0 with a body: the values are not on the host.
 py::bytes encode(const py::list& tensors, int values, bool shuffle, bool check_finite, bool framed) {
     if (values < kF32 || values > kInt4Block) throw py::value_error("unknown value format code");
     std::vector<TensorIn> inputs;
@@ -66,10 +69,20 @@ py::bytes encode(const py::list& tensors, int values, bool shuffle, bool check_f
         if (dtype_size(t.dtype) < 2 || t.dtype == kInt8Block) throw py::type_error("unsupported dtype code");
         uint64_t numel = 1;
         for (uint64_t d : t.shape) numel *= d;
-        t.data = tensor_memory(spec[3], spec[4], numel * dtype_size(t.dtype), "tensor '" + t.name + "'");
+        t.given_body = !spec[8].is_none();
+        if (t.given_body) {
+            t.scales = reinterpret_cast<const uint8_t*>(spec[8].cast<uintptr_t>());
+            t.scales_bytes = spec[9].cast<uint64_t>();
+            t.quantised = reinterpret_cast<const uint8_t*>(spec[10].cast<uintptr_t>());
+            t.quantised_bytes = spec[11].cast<uint64_t>();
+        }
+        t.data = t.given_body && spec[3].cast<uintptr_t>() == 0
+                     ? nullptr
+                     : tensor_memory(spec[3], spec[4], numel * dtype_size(t.dtype), "tensor '" + t.name + "'");
         t.mask_kind = static_cast<MaskKind>(spec[5].cast<int>());
+        if (t.mask_kind > MaskKind::kKeepAll) throw py::value_error("unknown mask kind");
         t.mask = nullptr;
-        if (t.mask_kind != MaskKind::kAuto) {
+        if (t.mask_kind != MaskKind::kAuto && t.mask_kind != MaskKind::kKeepAll) {
             const uint64_t units = t.mask_kind == MaskKind::kRows   ? t.shape.at(0)
                                    : t.mask_kind == MaskKind::kCols ? t.shape.at(1)
                                                                     : numel;

@@ -470,6 +470,10 @@ void plan_auto(const TensorIn& t, TensorPlan& plan) {
 }
 
 void plan_masked(const TensorIn& t, TensorPlan& plan) {
+    if (t.mask_kind == MaskKind::kKeepAll) {
+        set_dense(plan);
+        return;
+    }
     Encoding encoding = kElements;
     uint64_t universe = plan.numel;
     if (t.mask_kind == MaskKind::kRows) {
@@ -572,7 +576,22 @@ void gather_values(const TensorIn& t, const TensorPlan& plan, uint8_t* dst) {
     });
 }
 
+// The scales of a blockwise body (at out[0, 4 * blocks)), byte-shuffled in place.
+void shuffle_scales(uint8_t* out, uint64_t n_values) {
+    const uint64_t blocks = quant_blocks(n_values);
+    std::vector<uint8_t> scales(out, out + 4 * blocks);
+    shuffle_bytes(scales.data(), out, blocks, 4);
+}
+
 void write_values(const TensorIn& t, const TensorPlan& plan, bool shuffle, uint8_t* out) {
+    if (t.given_body) {
+        if (t.quantised_bytes) {  // an empty range may have a null address
+            copy_bytes(out, t.scales, t.scales_bytes);
+            copy_bytes(out + t.scales_bytes, t.quantised, t.quantised_bytes);
+        }
+        if (shuffle) shuffle_scales(out, plan.n_values);
+        return;
+    }
     const bool convert = plan.values != t.dtype;
     if (plan.encoding != kDense && !convert && !shuffle) {
         gather_values(t, plan, out);
@@ -594,11 +613,7 @@ void write_values(const TensorIn& t, const TensorPlan& plan, bool shuffle, uint8
             quantise(x, plan.n_values, out);
         else
             quantise_int4(x, plan.n_values, out);
-        if (shuffle) {
-            const uint64_t blocks = quant_blocks(plan.n_values);
-            std::vector<uint8_t> scales(out, out + 4 * blocks);
-            shuffle_bytes(scales.data(), out, blocks, 4);
-        }
+        if (shuffle) shuffle_scales(out, plan.n_values);
         return;
     }
     std::vector<uint8_t> staging(shuffle ? plan.values_len : 0);
@@ -621,6 +636,10 @@ Encoder::Encoder(std::vector<TensorIn> tensors, EncodeOptions options)
             plan.cols = t.shape[1];
         }
         plan.values = options.values == kF32 ? t.dtype : options.values;
+        if (t.given_body && !t.data && (options.check_finite || t.mask_kind == MaskKind::kAuto))
+            throw EncodeError("tensor '" + t.name + "': its values are needed on the host");
+        if (t.given_body && plan.values != kInt8Block)
+            throw EncodeError("tensor '" + t.name + "': a quantised body is int8, not the requested values");
         if (options.check_finite)
             for (uint64_t i = 0; i < plan.numel; ++i)
                 if (!is_finite_bits(t.dtype, t.data, i))
@@ -631,6 +650,9 @@ Encoder::Encoder(std::vector<TensorIn> tensors, EncodeOptions options)
         else
             plan_masked(t, plan);
         plan.values_len = value_body_size(plan.values, plan.n_values);
+        if (t.given_body && (t.scales_bytes != 4 * quant_blocks(plan.n_values) || t.quantised_bytes != plan.n_values))
+            throw EncodeError("tensor '" + t.name + "': its quantised body does not hold the " +
+                              std::to_string(plan.n_values) + " values its mask keeps");
         section_size_ += 2 + t.name.size() + 5 + 8 * t.shape.size() + 24 + plan.index_len + plan.values_len;
     }
 }

@@ -26,7 +26,8 @@ class EncodeError : public std::invalid_argument {
 enum Code : uint8_t { kF32 = 1, kF16 = 2, kBF16 = 3, kInt8Block = 4, kInt4Block = 5 };
 enum Encoding : uint8_t { kDense = 0, kRows = 1, kCols = 2, kElements = 3 };
 enum IndexCode : uint8_t { kNoIndex = 0, kVarint = 1, kBitmap = 2 };
-enum class MaskKind : uint8_t { kAuto = 0, kRows = 1, kCols = 2, kElements = 3 };
+// kKeepAll: the caller found no entry to drop (what kAuto finds by reading the data).
+enum class MaskKind : uint8_t { kAuto = 0, kRows = 1, kCols = 2, kElements = 3, kKeepAll = 4 };
 
 constexpr uint8_t kMagic[4] = {'F', 'B', 'E', 'C'};
 constexpr uint16_t kVersion = 1;
@@ -36,7 +37,10 @@ constexpr size_t kTrailerSize = 4;
 constexpr unsigned kMaxDims = 8;
 
 // One tensor to encode, read in place. `mask` is one byte per unit (nonzero = kept):
-// rows for kRows, columns for kCols, elements for kElements; unused for kAuto.
+// rows for kRows, columns for kCols, elements for kElements; unused for kAuto and kKeepAll.
+// With `given_body`, `scales`/`quantised` are the int8 values body already computed by the caller
+// (on the GPU: fibec/kernels/quantize.py) over the stream the mask keeps: quant_blocks(n) fp32
+// scales and n int8 values, with their byte counts; `data` is then unread and may be null.
 struct TensorIn {
     std::string name;
     uint8_t dtype;
@@ -44,6 +48,11 @@ struct TensorIn {
     const uint8_t* data;
     MaskKind mask_kind;
     const uint8_t* mask;
+    bool given_body = false;
+    const uint8_t* scales = nullptr;
+    uint64_t scales_bytes = 0;
+    const uint8_t* quantised = nullptr;
+    uint64_t quantised_bytes = 0;
 };
 
 // values: kF32 requests lossless (each tensor in its own dtype), else the stored format.

@@ -26,7 +26,7 @@ _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _ENCODINGS = ("dense", "rows", "cols", "elements")
 _INDEX_CODES = ("none", "varint", "bitmap")
-_MASK_AUTO, _MASK_ROWS, _MASK_COLS, _MASK_ELEMENTS = 0, 1, 2, 3
+_MASK_AUTO, _MASK_ROWS, _MASK_COLS, _MASK_ELEMENTS, _MASK_KEEP_ALL = 0, 1, 2, 3, 4
 _FLAG_ZSTD = 1
 _MAX_DIMS = 8
 _MAX_NAME_BYTES = 0xFFFF
@@ -47,8 +47,11 @@ def encode(
 ) -> bytes:
     """Encode named float tensors into one payload.
 
-    tensors: {name: contiguous fp32/fp16/bf16 tensor of any shape (up to 8 dims)}; CUDA
-        tensors are copied to the host first.
+    tensors: {name: contiguous fp32/fp16/bf16 tensor of any shape (up to 8 dims)}. CUDA
+        tensors are copied to the host first, except with values="int8" (and Triton installed,
+        check_finite off): their kept entries are quantised on the GPU and only the int8 bodies
+        and masks cross, in one copy (a tensor without a mask that holds a zero entry is copied
+        whole, for the layout choice); the bytes are the same either way.
     masks: {name: element_mask | (neuron_mask, mask_dim)}: an element mask has the tensor's
         shape; a neuron mask of a 2-D tensor [O, I] is [O] with mask_dim=0 (rows) or [I] with
         mask_dim=1 (columns). Nonzero/True = kept; masked-off entries decode as 0. Tensors
@@ -83,6 +86,9 @@ def encode(
 
     # The specs hold the tensors (and masks) whose memory the C++ side reads by address.
     specs = [_tensor_spec(name, tensor, masks.get(name)) for name, tensor in tensors.items()]
+    if values == "int8" and not check_finite:
+        _quantise_on_device(specs)
+    specs = [spec if isinstance(spec, tuple) else _on_host(spec) for spec in specs]
     compress = level is not None
     section = _codec.encode(specs, _VALUE_CODES[values], compress, bool(check_finite), not compress)
     if not compress:
@@ -150,7 +156,9 @@ def release_cached_memory() -> int:
     return _codec.release_cached_blocks()
 
 
-def _tensor_spec(name: object, tensor: object, mask: MaskSpec | None) -> tuple:
+def _tensor_spec(name: object, tensor: object, mask: MaskSpec | None) -> list:
+    """One tensor, checked: [name bytes, dtype code, shape, tensor, mask kind, kept units or None],
+    on their devices; _quantise_on_device or _on_host turns it into the C++ encoder's entry."""
     # Runs once per tensor on every encode: checks are ordered cheapest first and error
     # messages are only built when raised.
     if not isinstance(name, str):
@@ -165,18 +173,52 @@ def _tensor_spec(name: object, tensor: object, mask: MaskSpec | None) -> tuple:
     encoded_name = name.encode("utf-8")
     if len(encoded_name) > _MAX_NAME_BYTES:
         raise ValueError(f"tensor name {name[:40]!r}... is longer than {_MAX_NAME_BYTES} UTF-8 bytes")
-    if not tensor.is_cpu:
-        tensor = tensor.cpu()
     mask_kind, kept = _MASK_AUTO, None
     if mask is not None:
         mask_kind, kept = _mask_spec(name, tensor, mask)
+    return [encoded_name, dtype_code, tensor.shape, tensor, mask_kind, kept]
+
+
+def _on_host(spec: list) -> tuple:
+    """The entry of a tensor read from host memory: its values (and mask) copied there if need be."""
+    encoded_name, dtype_code, shape, tensor, mask_kind, kept = spec
+    tensor = tensor.cpu()
+    kept = None if kept is None else kept.cpu()
     # The C++ side reads the memory at these addresses; the last entry keeps it alive meanwhile.
-    return (encoded_name, dtype_code, tensor.shape, tensor.data_ptr(), tensor.nbytes, mask_kind,
-            0 if kept is None else kept.data_ptr(), 0 if kept is None else kept.numel(), (tensor, kept))
+    return (encoded_name, dtype_code, shape, tensor.data_ptr(), tensor.nbytes, mask_kind,
+            0 if kept is None else kept.data_ptr(), 0 if kept is None else kept.numel(), None, 0, 0, 0,
+            (tensor, kept))
+
+
+def _quantise_on_device(specs: list) -> None:
+    """Replaces, in place, the entries of tensors that Triton runs on (CUDA tensors; any under
+    FIBEC_BACKEND=triton with the interpreter), on the first such tensor's device, by int8 bodies
+    quantised there."""
+    from fibec import _backend
+
+    staged = [k for k, spec in enumerate(specs) if spec[3].numel() and _backend.use_triton(spec[3])]
+    if not staged:
+        return
+    from fibec import _payload_on_device as on_device
+
+    device = specs[staged[0]][3].device
+    staged = [k for k in staged if specs[k][3].device == device]
+    keeps = [None if specs[k][5] is None else
+             on_device.Keep(specs[k][5].to(device), {_MASK_ROWS: 0, _MASK_COLS: 1}.get(specs[k][4]))
+             for k in staged]
+    for k, body in zip(staged, on_device.stage_int8([specs[k][3] for k in staged], keeps)):
+        if body is None:
+            continue
+        encoded_name, dtype_code, shape, _, mask_kind, _ = specs[k]
+        flags = body.flags
+        specs[k] = (encoded_name, dtype_code, shape, 0, 0, _MASK_KEEP_ALL if flags is None else mask_kind,
+                    0 if flags is None else flags.data_ptr(), 0 if flags is None else flags.numel(),
+                    body.scales.data_ptr(), body.scales.numel(), body.quantised.data_ptr(),
+                    body.quantised.numel(), body)
 
 
 def _mask_spec(name: str, tensor: torch.Tensor, mask: MaskSpec) -> tuple[int, torch.Tensor]:
-    """(mask kind, contiguous CPU bool tensor of the kept units)."""
+    """(mask kind, contiguous bool tensor of the kept units, on the mask's device)."""
     if isinstance(mask, tuple):
         if len(mask) != 2:
             raise ValueError(f"masks[{name!r}] must be an element mask or a (neuron_mask, mask_dim) pair")
@@ -192,8 +234,6 @@ def _mask_spec(name: str, tensor: torch.Tensor, mask: MaskSpec) -> tuple[int, to
         check_tensor(f"masks[{name!r}]", mask)  # raises, naming the argument
     if mask.shape != expected:
         raise ValueError(f"masks[{name!r}] must have shape {tuple(expected)}, got {tuple(mask.shape)}")
-    if not mask.is_cpu:
-        mask = mask.cpu()
     if mask.dtype != torch.bool:
         mask = mask.detach() != 0
     return kind, mask.contiguous()

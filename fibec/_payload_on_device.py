@@ -1,0 +1,122 @@
+"""encode()'s int8 values of tensors that live on a GPU: the kept entries are gathered and quantised
+there (fibec/kernels/quantize.py, byte for byte the C++ encoder's), and only the bodies (about a
+quarter of the fp32 bytes) and the masks, as bits, cross to the host, in one copy.
+
+The layout stays the C++ encoder's choice (docs/PAYLOAD.md, "Encoding choice"): a masked tensor's
+layout follows its mask, and a tensor without a mask is staged here only when none of its entries
+has all bits 0, which is when the encoder would store it dense; one that holds such an entry is
+left to the host, where the encoder reads it to choose among dense, rows, columns and elements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fibec.kernels import quantize
+
+_SAME_WIDTH_INTEGER = {4: torch.int32, 2: torch.int16}
+
+
+@dataclass(frozen=True)
+class Keep:
+    """A mask on the tensor's device: bool [rows] (dim 0), [columns] (dim 1) or of the tensor's
+    shape (dim None, elements)."""
+
+    mask: torch.Tensor
+    dim: int | None
+
+
+@dataclass(frozen=True)
+class Staged:
+    """One tensor's int8 body on the host: scales uint8 [4 * ceil(n / 64)] (fp32 bytes) and
+    quantised uint8 [n], over the n values its mask keeps in stream order; flags uint8 [units]
+    (1 = kept) for a masked tensor, None for one that keeps everything."""
+
+    flags: torch.Tensor | None
+    scales: torch.Tensor
+    quantised: torch.Tensor
+
+
+def stage_int8(tensors: list[torch.Tensor], keeps: list[Keep | None]) -> list[Staged | None]:
+    """Bodies of contiguous float tensors (fp32/fp16/bf16, at least one entry each, all on one
+    device), each with its mask or None. None in the result: a tensor without a mask that holds an
+    entry whose bits are all 0 (the host plans it). Synchronises with the device twice: once for
+    the stream lengths, once for the copy."""
+    # A stream's length (-1: no mask and a zero entry), for all tensors in one transfer.
+    lengths = []
+    for tensor, keep in zip(tensors, keeps):
+        if keep is None:
+            zero = (tensor.view(_SAME_WIDTH_INTEGER[tensor.element_size()]) == 0).any()
+            lengths.append(torch.where(zero, -1, tensor.numel()))
+        else:
+            lengths.append(keep.mask.sum() * (tensor.numel() // keep.mask.numel()))
+    lengths = torch.stack(lengths).tolist()
+
+    # Each stream starts at a multiple of the block size, so that one launch quantises them all and
+    # no block holds values of two tensors; the padding is zeros, which change no block's scale.
+    starts, total = [], 0
+    for length in lengths:
+        starts.append(total)
+        total += max(length, 0) + (-max(length, 0)) % quantize.BLOCK
+    blocks = total // quantize.BLOCK
+    bits_at, end = [], 4 * blocks + total  # scales (4 bytes a block), then the int8 values, then mask bits
+    for keep, length in zip(keeps, lengths):
+        bits_at.append(end)
+        end += 0 if keep is None or length < 0 else -(-keep.mask.numel() // 8)
+    device = tensors[0].device
+    staging = torch.empty(max(end, 1), dtype=torch.uint8, device=device)
+    # One slot past the streams takes every entry a mask drops.
+    streams = torch.zeros(total + 1, dtype=torch.float32, device=device)
+    for tensor, keep, start, length, at in zip(tensors, keeps, starts, lengths, bits_at):
+        if length < 0:
+            continue
+        flat = tensor.reshape(-1)
+        if keep is None:
+            streams[start:start + length].copy_(flat)
+            continue
+        kept = _kept_entries(tensor, keep)
+        streams.scatter_(0, torch.where(kept, torch.cumsum(kept, 0) + (start - 1), total), flat.float())
+        staging[at:at + -(-keep.mask.numel() // 8)].copy_(_packed_bits(keep.mask.reshape(-1)))
+    if total:
+        quantize.int8_blocks(streams[:total], out=(staging[:4 * blocks].view(torch.float32),
+                                                   staging[4 * blocks:4 * blocks + total].view(torch.int8)))
+    host = _to_host(staging)
+
+    staged = []
+    for keep, start, length, at in zip(keeps, starts, lengths, bits_at):
+        if length < 0:
+            staged.append(None)
+            continue
+        first_block = start // quantize.BLOCK
+        flags = None
+        if keep is not None:
+            units = keep.mask.numel()
+            flags = torch.from_numpy(np.unpackbits(host[at:at + -(-units // 8)].numpy(), count=units,
+                                                   bitorder="little"))
+        staged.append(Staged(flags, host[4 * first_block:4 * (first_block + -(-length // quantize.BLOCK))],
+                             host[4 * blocks + start:4 * blocks + start + length]))
+    return staged
+
+
+def _to_host(staging: torch.Tensor) -> torch.Tensor:
+    """The one copy: into pinned memory from a GPU (pageable memory would stage it again)."""
+    host = torch.empty(staging.numel(), dtype=torch.uint8, pin_memory=staging.is_cuda)
+    return host.copy_(staging)
+
+
+def _kept_entries(tensor: torch.Tensor, keep: Keep) -> torch.Tensor:
+    """bool [numel]: the entries a mask keeps, in row-major order (the order of the stream)."""
+    if keep.dim is None:
+        return keep.mask.reshape(-1)
+    units = keep.mask[:, None] if keep.dim == 0 else keep.mask[None, :]
+    return units.expand(tensor.shape).reshape(-1)
+
+
+def _packed_bits(mask: torch.Tensor) -> torch.Tensor:
+    """uint8 [ceil(n / 8)] of bool [n]: entry i in bit i % 8 of byte i // 8."""
+    padded = torch.zeros(-(-mask.numel() // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:mask.numel()] = mask
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (padded.view(-1, 8) << shifts).sum(1, dtype=torch.uint8)
