@@ -283,7 +283,8 @@ def summary(record: dict, baseline: dict | None) -> dict[str, float]:
            "up_mb": last["cum_uploaded_bytes"] / 1e6, "down_mb": last["cum_downloaded_bytes"] / 1e6,
            "up_mb_round": last["cum_uploaded_bytes"] / 1e6 / len(rounds),
            "down_mb_round": last["cum_downloaded_bytes"] / 1e6 / len(rounds),
-           "compute_s": last["cum_compute_s"], "link_s": sum(link_seconds(r) for r in rounds)}
+           "compute_s": last["cum_compute_s"], "cpu_s": last.get("cum_cpu_s", math.nan),
+           "link_s": sum(link_seconds(r) for r in rounds)}
     if baseline is not None:
         base = summary(baseline, None)
         row.update({f"to95_{k}": v for k, v in time_to(rounds, TARGET_OF_BASELINE * base["global"]).items()})
@@ -333,7 +334,8 @@ def paired_interval(values: list[float]) -> str:
 COLUMNS = (("global", "global acc"), ("global_last3", "global acc, last 3"), ("global_eval1", "global acc, 1st eval"),
            ("global_eval2", "global acc, 2nd eval"), ("personal", "personal acc"),
            ("majority", "majority"), ("up_mb", "up MB"), ("up_ratio", "baseline up ÷ up"), ("up_mb_round", "up MB/round"), ("down_mb", "down MB"),
-           ("down_mb_round", "down MB/round"), ("compute_s", "compute s"), ("to95_rounds", "rounds to 95%"),
+           ("down_mb_round", "down MB/round"), ("compute_s", "compute s"), ("cpu_s", "CPU s"),
+           ("to95_rounds", "rounds to 95%"),
            ("to95_compute_s", "compute s to 95%"), ("to95_link_s", "link s to 95%"))
 
 
@@ -360,7 +362,12 @@ def report(grid: dict) -> Path:
              "payload lengths: the links on which fewer bytes would pay for the time target. The link-model "
              "speed-up depends only on the link rates relative to the clients' compute speed: clients k times "
              "faster than the machine that measured the compute reach the same speed-up at k times the "
-             "uplink.", ""]
+             "uplink. *compute s*: the clients' wall-clock seconds of local work (scoring, training, "
+             "encoding), summed; *CPU s*: the CPU seconds of the same work, which a shared or paused machine "
+             "does not inflate (recorded since 2026-12-05; one thread per run).", ""]
+    # Columns no recorded run of the grid has (figures added to the records later) are left out.
+    columns = [(k, label) for k, label in COLUMNS
+               if any(not math.isnan(summary(r, None).get(k, 0.0)) for r in done.values())]
     if grid.get("target_method"):
         lines += targets(grid, done, grid["target_method"], baseline)
     if grid.get("credit"):
@@ -371,14 +378,14 @@ def report(grid: dict) -> Path:
         cell_runs = runs_of_cell(grid, cell)
         baselines = baseline_runs(grid, cell_runs, done, baseline)
         lines += [f"## {cell['data']}, Dirichlet alpha {cell['alpha']:g}", "",
-                  "| method | variant | seeds | " + " | ".join(label for _, label in COLUMNS) + " |",
-                  "|---|---|---|" + "---|" * len(COLUMNS)]
+                  "| method | variant | seeds | " + " | ".join(label for _, label in columns) + " |",
+                  "|---|---|---|" + "---|" * len(columns)]
         groups: dict[tuple[str, str], list[dict]] = {}
         for r in cell_runs:
             if r.key in done:
                 groups.setdefault((r.method, r.variant), []).append(summary(done[r.key], baselines.get(r.seed)))
         for (method, variant), rows in groups.items():
-            cells = [mean_std([row.get(k, math.nan) for row in rows]) for k, _ in COLUMNS]
+            cells = [mean_std([row.get(k, math.nan) for row in rows]) for k, _ in columns]
             lines.append(f"| {method} | {variant} | {len(rows)} | " + " | ".join(cells) + " |")
         lines.append("")
         plot_cell(grid, cell, cell_runs, done, plots)

@@ -199,6 +199,37 @@ def test_fibecfed_scores_all_its_data_by_fisher_before_it_first_trains(tiny_bert
     torch.testing.assert_close(torch.tensor(first_scores, dtype=torch.float32), one_by_one, rtol=1e-4, atol=1e-7)
 
 
+def test_a_clients_cpu_seconds_leave_out_time_it_spent_waiting(tiny_bert, task, tmp_path, monkeypatch):
+    """compute_s is wall-clock; cpu_s counts only the process's CPU time, so a machine shared with
+    other jobs, or a run paused meanwhile, does not inflate it."""
+    import time
+
+    cfg, fed = federation(tiny_bert, task, tmp_path)
+    client = fed.clients[0]
+    initial_start = time.process_time()
+    plan = first_plan(fed, client)  # the first ranking pass: pending until the update reports it
+    ranking_cpu = time.process_time() - initial_start
+    encode = codec.encode
+    monkeypatch.setattr(client_module.codec, "encode", lambda *a, **k: (time.sleep(0.5), encode(*a, **k))[1])
+    fit_start = time.process_time()
+    update = client.fit(fed.model, fed.server.payload(plan), plan)
+    fit_cpu = time.process_time() - fit_start
+    wall, cpu = update.metrics["compute_s"], update.metrics["cpu_s"]
+    assert wall - cpu >= 0.45  # the sleep is wall time, not CPU time
+    assert 0 < cpu <= ranking_cpu + fit_cpu + 1e-3  # the ranking pass's CPU seconds are included, once
+
+
+def test_each_round_records_its_clients_cpu_seconds_and_their_sum(tiny_bert, task, tmp_path):
+    records = run(tiny_bert, task, tmp_path, rounds=2)
+    total = 0.0
+    for record in records:
+        assert set(record["client_cpu_s"]) == set(record["client_compute_s"])
+        assert all(0 < s for s in record["client_cpu_s"].values())
+        assert record["cpu_s"] == pytest.approx(sum(record["client_cpu_s"].values()))
+        total += record["cpu_s"]
+        assert record["cum_cpu_s"] == pytest.approx(total)
+
+
 def first_pass_scores(tiny_bert, task, out):
     """(what client 1 holds when its round starts: model, state, data, tokenizer, loss; its difficulty
     scores right after its scoring pass, before any training step)."""

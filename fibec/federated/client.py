@@ -99,6 +99,16 @@ def encode_layer_scores(scores: dict[str, float], layers: tuple[str, ...]) -> by
     return codec.encode({LAYER_SCORES: vector}, check_finite=True)
 
 
+def _clock() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): the two clocks of a client's compute."""
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _clock()
+    return wall - start[0], cpu - start[1]
+
+
 def _largest_entries(values: torch.Tensor, density: float) -> torch.Tensor:
     """bool mask of values' shape keeping its ceil(density * size) entries of largest magnitude."""
     k = fraction_count(density, values.numel())
@@ -126,6 +136,7 @@ class Client:
         self.tracker = DifficultyTracker(lengths, data.labels if settings.class_balanced else None)
         self.rounds_trained = 0
         self.pending_compute_s = 0.0  # work since the last update reported it (the first GAL ranking)
+        self.pending_cpu_s = 0.0  # the same work's CPU seconds (a shared or paused machine does not count)
         self.pending_scoring_s = 0.0  # of which the Fisher scoring pass over all local data
         self.residual: dict[str, torch.Tensor] = {}  # error feedback: what the uploads have not delivered yet
         counts = torch.tensor(data.label_counts(), dtype=torch.float32)
@@ -145,6 +156,7 @@ class Client:
         return {"state": {n: t.clone() for n, t in self.state.items()},
                 "importance": self.importance.state_dict(), "tracker": self.tracker.state_dict(),
                 "rounds_trained": self.rounds_trained, "pending_compute_s": self.pending_compute_s,
+                "pending_cpu_s": self.pending_cpu_s,
                 "pending_scoring_s": self.pending_scoring_s,
                 "residual": {n: r.clone() for n, r in self.residual.items()}}
 
@@ -166,6 +178,7 @@ class Client:
         self.tracker.load_state_dict(state["tracker"])
         self.rounds_trained = int(state["rounds_trained"])
         self.pending_compute_s = float(state["pending_compute_s"])
+        self.pending_cpu_s = float(state.get("pending_cpu_s", 0.0))  # absent from checkpoints before it
         self.pending_scoring_s = float(state.get("pending_scoring_s", 0.0))  # absent from checkpoints before it
         unknown = [n for n in state["residual"] if n not in self.state]
         if unknown:
@@ -182,19 +195,21 @@ class Client:
         also yields difficulty scores for those samples and the first neuron importance, which
         the client keeps (with the `full` difficulty prior it scores all its data here).
         """
-        start = time.perf_counter()
+        start = _clock()
         set_state(model, self.state)
         if self.settings.gal_ranker == "sensitivity":
             scores = layer_sensitivity(model, self._shuffled_batches(0), layers=list(self.layout.layers),
                                        num_batches=RANKING_BATCHES, seed=self._seed(0))
         else:
             scores = self._score(model, full=self._full_pass_due())
-        self.pending_compute_s += time.perf_counter() - start
+        wall, cpu = _since(start)
+        self.pending_compute_s += wall
+        self.pending_cpu_s += cpu
         return encode_layer_scores(scores, self.layout.layers)
 
     def fit(self, model: torch.nn.Module, payload: bytes, plan: RoundPlan) -> ClientUpdate:
         """Load the received weights, train `local_steps` curriculum batches, return the update."""
-        start = time.perf_counter()
+        start = _clock()
         settings = self.settings
         received = codec.decode(payload)
         sent_names = self.method.payload_names(self.layout, plan.sent)
@@ -253,6 +268,8 @@ class Client:
             scores = encode_layer_scores(traces, self.layout.layers)
 
         pending, self.pending_compute_s = self.pending_compute_s, 0.0
+        pending_cpu, self.pending_cpu_s = self.pending_cpu_s, 0.0
+        wall, cpu = _since(start)
         scoring, self.pending_scoring_s = self.pending_scoring_s, 0.0
         lora_total = sum(params[n].numel() for n in self.layout.param_names(self.layout.layers))
         frozen = sum(params[self.layout.factors[layer][k]].numel() * (1.0 - mask.float().mean().item())
@@ -263,7 +280,8 @@ class Client:
             "curriculum_fraction": self.sampler.fraction(plan.round_idx),
             "samples_seen": len({i for b in batches for i in b}),
             "local_steps": len(batches),
-            "compute_s": time.perf_counter() - start + pending,
+            "compute_s": wall + pending,
+            "cpu_s": cpu + pending_cpu,
             "scoring_s": scoring,
             # The share of this client's data whose difficulty is a measured Fisher score, not a prior.
             "fisher_scored": float(self.tracker.scored.mean()),

@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write
 
 # The fields of a round's record that measure time: identical runs differ in them and nowhere else.
-TIMING_FIELDS = ("wall_time", "elapsed", "compute_s", "cum_compute_s", "client_compute_s", "scoring_s")
+TIMING_FIELDS = ("wall_time", "elapsed", "compute_s", "cum_compute_s", "client_compute_s", "scoring_s", "cpu_s",
+                 "cum_cpu_s", "client_cpu_s")
 
 
 def without_timings(record: dict) -> dict:

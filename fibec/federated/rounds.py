@@ -88,7 +88,7 @@ class Coordinator:
                                                         replace=False))
         self._round = {"round": round_idx + 1, "method": self.method, "clients": chosen,
                        "uploaded_bytes": 0, "downloaded_bytes": 0, "client_uploaded_bytes": {},
-                       "client_compute_s": {}}
+                       "client_compute_s": {}, "client_cpu_s": {}}
         return RoundStart(round_idx, chosen, round_idx == 0 and self.server.needs_ranking and not self.server.gal)
 
     def _upload(self, cid: int, nbytes: int) -> None:
@@ -115,6 +115,7 @@ class Coordinator:
         for update in updates:
             self._upload(update.cid, update.uploaded_bytes)
             self._round["client_compute_s"][str(update.cid)] = update.metrics.get("compute_s", 0.0)
+            self._round["client_cpu_s"][str(update.cid)] = update.metrics.get("cpu_s", 0.0)
         result = self.server.aggregate(self._plan, updates)
         record = self._round
         record["accepted"] = result.accepted
@@ -156,10 +157,12 @@ class Coordinator:
         if failures:
             record["failed"] = {str(cid): reason for cid, reason in sorted(failures.items())}
         record["compute_s"] = float(sum(record["client_compute_s"].values()))
+        record["cpu_s"] = float(sum(record["client_cpu_s"].values()))
         previous = self.records[-1] if self.records else {}
         record["cum_uploaded_bytes"] = previous.get("cum_uploaded_bytes", 0) + record["uploaded_bytes"]
         record["cum_downloaded_bytes"] = previous.get("cum_downloaded_bytes", 0) + record["downloaded_bytes"]
         record["cum_compute_s"] = previous.get("cum_compute_s", 0.0) + record["compute_s"]
+        record["cum_cpu_s"] = previous.get("cum_cpu_s", 0.0) + record["cpu_s"]
         if self.evaluates:
             record["eval_split"] = self.cfg.eval_on
             overall = self.evaluator.global_score(self.model, self.server.state)
