@@ -422,41 +422,56 @@ def baseline_runs(grid: dict, cell_runs: list[Run], done: dict, baseline: str,
 TARGETS = (("global_diff", "global acc − baseline"), ("global_diff_ci", "global acc − baseline: paired mean [95% CI]"),
            ("personal_diff", "personal acc − baseline"),
            ("personal_over_majority", "personal acc − majority"), ("up_ratio", "baseline up ÷ up"),
-           ("rounds_speedup", "speed-up to 95%, rounds"), ("compute_s_speedup", "speed-up to 95%, compute"),
+           ("updown_ratio", "baseline up+down ÷ up+down"), ("rounds_speedup", "speed-up to 95%, rounds"), ("compute_s_speedup", "speed-up to 95%, compute"),
            ("link_s_speedup", "speed-up to 95%, link model"),
            ("uplink_for_2x", "uplink for 2x, Mbit/s: median (range)"))
 # With `transport_baseline_variant`: the baseline run with the target's transport, on the same seed.
 SAME_TRANSPORT_TARGETS = (("transport_global_diff", "global acc − baseline, same transport: paired mean [95% CI]"),
-                          ("transport_up_ratio", "baseline, same transport: up ÷ up"))
+                          ("transport_up_ratio", "baseline, same transport: up ÷ up"),
+                          ("transport_updown_ratio", "baseline, same transport: up+down ÷ up+down"))
 TARGET_FORMATS = {"uplink_for_2x": median_range, "global_diff_ci": paired_interval,
                   "transport_global_diff": paired_interval}
 
 
+def transport_variant(grid: dict, variant: str) -> str | None:
+    """The baseline's variant that sends what the target's `variant` sends: the grid's
+    `transport_baseline_variant`, or with "same" the baseline's run of that variant (or the one
+    `transport_of` names for it)."""
+    same_transport = grid.get("transport_baseline_variant")
+    if same_transport != "same":
+        return same_transport
+    return grid.get("transport_of", {}).get(variant, variant)
+
+
 def targets(grid: dict, done: dict, target: str, baseline: str) -> list[str]:
     """Per cell and variant of `target`, against `baseline` on the seeds both finished: the accuracy
-    differences under both protocols, the upload ratio and how many times sooner it reaches 95% of
-    the baseline's final global accuracy (baseline's time ÷ target's; never reached: nan, shown as
-    "never" when no seed reached it), and the uplink below which that is TARGET_SPEEDUP times
-    sooner under the link model. With `transport_baseline_variant`, also the accuracy difference and
-    upload ratio against the baseline with the target's transport (its seeds only), so that the bytes
-    the transport saves are not credited to the method. Variants are never pooled: each is its own row."""
+    differences under both protocols, the upload and upload+download ratios and how many times sooner
+    it reaches 95% of the baseline's final global accuracy (baseline's time ÷ target's; never reached:
+    nan, shown as "never" when no seed reached it), and the uplink below which that is TARGET_SPEEDUP
+    times sooner under the link model. With `transport_baseline_variant`, also the accuracy difference
+    and byte ratios against the baseline with the target's transport (its seeds only; see
+    transport_variant), so that the bytes the transport saves are not credited to the method. Variants
+    are never pooled: each is its own row; with `pooled = true`, each variant also gets a row over all
+    cells' pairs (the mean of the per-run figures)."""
     same_transport = grid.get("transport_baseline_variant")
     columns = TARGETS + (SAME_TRANSPORT_TARGETS if same_transport else ())
+    described = ("the same variant" + (" (or the one `transport_of` names)" if grid.get("transport_of") else "")
+                 if same_transport == "same" else same_transport)
     lines = [f"## {target} against {baseline}", "",
              f"Mean ± sample std (ddof 1) over the seeds on which both finished; the paired columns give the "
              f"mean of the per-seed differences with its 95% Student-t interval. Targets: global accuracy within 1 point "
              f"of {baseline} or better; personal accuracy not below {baseline}'s and above the majority "
              f"baseline; >= 10x fewer uploaded bytes; >= 2x sooner to 95% of {baseline}'s final accuracy."
-             + (f" *Same transport*: {baseline} {same_transport}, which sends what {target} sends (value format, "
+             + (f" *Same transport*: {baseline} {described}, which sends what {target} sends (value format, "
                 f"upload density, error feedback): the bytes {target} saves beyond it are its own." if same_transport
                 else ""), "",
              "| data | alpha | variant | seeds | " + " | ".join(label for _, label in columns) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]
+    pooled: dict[str, list[dict]] = {}
     for cell in grid["cells"]:
         cell_runs = runs_of_cell(grid, cell)
         baselines = baseline_runs(grid, cell_runs, done, baseline)
         baseline_summaries = {seed: summary(record, record) for seed, record in baselines.items()}
-        transported = baseline_runs(grid, cell_runs, done, baseline, same_transport) if same_transport else {}
         rows_of_variant: dict[str, list[dict]] = {}
         for r in cell_runs:
             if r.method == target and r.key in done and r.seed in baselines:
@@ -465,21 +480,33 @@ def targets(grid: dict, done: dict, target: str, baseline: str) -> list[str]:
                        "personal_diff": mine["personal"] - base["personal"],
                        "personal_over_majority": mine["personal"] - mine["majority"],
                        "up_ratio": mine["up_ratio"],
+                       "updown_ratio": (base["up_mb"] + base["down_mb"]) / (mine["up_mb"] + mine["down_mb"]),
                        **{f"{k}_speedup": base[f"to95_{k}"] / mine[f"to95_{k}"] if mine[f"to95_{k}"] else math.nan
                           for k in ("rounds", "compute_s", "link_s")},
                        "uplink_for_2x": uplink_for_speedup(done[r.key]["rounds"], baselines[r.seed]["rounds"],
                                                            TARGET_OF_BASELINE * base["global"]),
-                       "transport_global_diff": math.nan, "transport_up_ratio": math.nan}
+                       "transport_global_diff": math.nan, "transport_up_ratio": math.nan,
+                       "transport_updown_ratio": math.nan}
+                transported = (baseline_runs(grid, cell_runs, done, baseline, transport_variant(grid, r.variant))
+                               if same_transport else {})
                 if r.seed in transported:
                     other = summary(transported[r.seed], None)
                     row["transport_global_diff"] = mine["global"] - other["global"]
                     row["transport_up_ratio"] = other["up_mb"] / mine["up_mb"]
+                    row["transport_updown_ratio"] = (other["up_mb"] + other["down_mb"]) / (mine["up_mb"] + mine["down_mb"])
                 rows_of_variant.setdefault(r.variant, []).append(row)
+                pooled.setdefault(r.variant, []).append(row)
         for variant, rows in rows_of_variant.items():
-            lines.append(f"| {cell['data']} | {cell['alpha']:g} | {variant} | {len(rows)} | "
-                         + " | ".join(TARGET_FORMATS.get(k, mean_std)([row[k] for row in rows]) for k, _ in columns)
-                         + " |")
+            lines.append(target_row(cell["data"], f"{cell['alpha']:g}", variant, rows, columns))
+    if grid.get("pooled"):
+        for variant, rows in pooled.items():
+            lines.append(target_row("all cells", "-", variant, rows, columns))
     return lines + [""]
+
+
+def target_row(data: str, alpha: str, variant: str, rows: list[dict], columns: tuple) -> str:
+    return (f"| {data} | {alpha} | {variant} | {len(rows)} | "
+            + " | ".join(TARGET_FORMATS.get(k, mean_std)([row[k] for row in rows]) for k, _ in columns) + " |")
 
 
 def credit(grid: dict, done: dict, baseline: str) -> list[str]:

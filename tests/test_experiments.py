@@ -73,7 +73,7 @@ def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp
     assert "| fibecfed | - | 1 |" in report and "| fedavg | - | 1 |" in report and "rounds to 95%" in report
     assert (tmp_path / "report" / "RESULTS_plots" / "default-a1-round.png").exists()
     target_row = next(line for line in report.splitlines() if line.startswith("| default | 1 | - | 1 |"))
-    assert len(target_row.split("|")) == 4 + 9 + 2  # data, alpha, variant, seeds and the nine target columns
+    assert len(target_row.split("|")) == 4 + 10 + 2  # data, alpha, variant, seeds and the ten target columns
     assert "## fibecfed against fedavg" in report and "Where it loses: nowhere yet." in report
     assert "--only default-a1-s0-fibecfed" in report and "recorded under settings" not in report
 
@@ -190,12 +190,14 @@ def test_target_table_gives_each_variant_its_own_row(grid_module):
     assert by_variant["slow"][4] == "-0.030" and by_variant["fast"][4] == "0.020"  # global acc − fedavg
     assert by_variant["slow"][5] == "-0.030" and by_variant["fast"][5] == "+0.020"  # one seed: no interval
     assert by_variant["slow"][8] == "10.000" and by_variant["fast"][8] == "20.000"  # fedavg up ÷ up
+    # up + down over 4 rounds: fedavg 4 x (10_000 + 1_000), slow 4 x (1_000 + 1_000), fast 4 x (500 + 1_000).
+    assert by_variant["slow"][9] == "5.500" and by_variant["fast"][9] == "7.333"
     # fedavg reaches 0.95 x 0.8 = 0.76 in round 3; slow in round 4, fast in round 1.
-    assert by_variant["slow"][9] == "0.750" and by_variant["fast"][9] == "3.000"
+    assert by_variant["slow"][10] == "0.750" and by_variant["fast"][10] == "3.000"
     # Link model to 95% at uplink u bytes/s (downlink 5u): fedavg 3 (1 + 1000 / 5u + 10000 / u), slow
     # 4 (1 + 1000 / 5u + 1000 / u): twice as fast for u <= 4200 B/s = 0.0336 Mbit/s, of which the sweep
     # (40 rates a decade from 0.01) holds 10^-1.475 = 0.0335. fast is 3x sooner on compute alone.
-    assert by_variant["slow"][12] == "0.0335 |" and by_variant["fast"][12] == "1e+03 |"
+    assert by_variant["slow"][13] == "0.0335 |" and by_variant["fast"][13] == "1e+03 |"
 
 
 def test_spreads_are_sample_std_and_paired_differences_get_a_t_interval(grid_module):
@@ -224,6 +226,41 @@ def test_the_target_table_credits_the_transport_to_the_baseline_that_has_it(grid
     assert column["baseline, same transport: up ÷ up"].startswith("2.000 ± 0.000")  # the method's own share
     # Paired differences to the same-transport baseline: -0.01 and +0.01.
     assert column["global acc − baseline, same transport: paired mean [95% CI]"].startswith("+0.000 [")
+
+
+def test_each_variant_is_paired_with_the_baseline_of_its_own_transport_and_pooled_over_cells(grid_module):
+    grid = {"cells": [{"data": "d", "alpha": 0.5}, {"data": "e", "alpha": 0.5}], "seeds": [0, 1],
+            "methods": ["fibecfed", "fedavg"], "transport_baseline_variant": "same", "pooled": True,
+            "transport_of": {"small-int4": "int4"}, "baseline_variant": "fp32",
+            "variants": {"fp32": {"methods": ["fedavg"]}, "int8": {"methods": ["fibecfed", "fedavg"]},
+                         "int4": {"methods": ["fibecfed", "fedavg"]}, "small-int4": {"methods": ["fibecfed"]}}}
+    done = {}
+    for data in ("d", "e"):
+        for seed in (0, 1):
+            def add(method, variant, accuracy, uploaded):
+                key = f"{data}-a0.5-s{seed}-{method}-{variant}"
+                done[key] = fabricated_record(key, [accuracy], uploaded)
+            add("fedavg", "fp32", 0.80, 40_000)
+            add("fedavg", "int8", 0.80, 10_000)
+            add("fedavg", "int4", 0.79, 5_000)
+            add("fibecfed", "int8", 0.81, 2_000)
+            add("fibecfed", "int4", 0.80, 1_000)
+            add("fibecfed", "small-int4", 0.78 if data == "d" else 0.80, 500)
+    lines = grid_module.targets(grid, done, "fibecfed", "fedavg")
+    header = [c.strip(" |") for c in next(line for line in lines if line.startswith("| data |")).split(" | ")]
+    rows = {(cells[0], cells[2]): dict(zip(header, cells)) for cells in
+            ([c.strip(" |") for c in line.split(" | ")] for line in lines if line.startswith(("| d |", "| all cells |")))}
+    same_up = "baseline, same transport: up ÷ up"
+    assert rows[("d", "int8")][same_up].startswith("5.000") and rows[("d", "int4")][same_up].startswith("5.000")
+    assert rows[("d", "small-int4")][same_up].startswith("10.000")  # against fedavg int4, as transport_of says
+    assert rows[("d", "int4")]["baseline up ÷ up"] == "40.000 ± 0.000"  # against fp32 fedavg
+    # fp32 fedavg: 40_000 up + 1_000 down; int4 fibecfed: 1_000 + 1_000.
+    assert rows[("d", "int4")]["baseline up+down ÷ up+down"] == "20.500 ± 0.000"
+    assert rows[("d", "int4")]["baseline, same transport: up+down ÷ up+down"].startswith("3.000")
+    # Pooled over both cells' 4 pairs: small-int4 is -2 points on d and level on e.
+    pooled = rows[("all cells", "small-int4")]
+    assert pooled["seeds"] == "4" and pooled["global acc − baseline"] == "-0.010 ± 0.012"
+    assert pooled["global acc − baseline, same transport: paired mean [95% CI]"].startswith("+0.000 [")
 
 
 def test_what_each_piece_buys_pairs_every_row_with_both_baselines_on_their_common_seeds(grid_module):
