@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fibec.kernels import quantize
-
 _SAME_WIDTH_INTEGER = {4: torch.int32, 2: torch.int16}
 
 
@@ -44,6 +42,8 @@ def stage_int8(tensors: list[torch.Tensor], keeps: list[Keep | None]) -> list[St
     device), each with its mask or None. None in the result: a tensor without a mask that holds an
     entry whose bits are all 0 (the host plans it). Synchronises with the device twice: once for
     the stream lengths, once for the copy."""
+    from fibec.kernels import quantize  # needs triton, which installs on Linux only
+
     # A stream's length (-1: no mask and a zero entry), for all tensors in one transfer.
     lengths = []
     for tensor, keep in zip(tensors, keeps):

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fibec import _codec, _compat
+from fibec import _backend, _codec, _compat, _payload_on_device
 from fibec._checks import FLOAT_DTYPES, check_int, check_tensor
 
 __all__ = ["PayloadError", "encode", "decode", "inspect", "release_cached_memory", "VALUE_FORMATS"]
@@ -194,19 +194,15 @@ def _quantise_on_device(specs: list) -> None:
     """Replaces, in place, the entries of tensors that Triton runs on (CUDA tensors; any under
     FIBEC_BACKEND=triton with the interpreter), on the first such tensor's device, by int8 bodies
     quantised there."""
-    from fibec import _backend
-
     staged = [k for k, spec in enumerate(specs) if spec[3].numel() and _backend.use_triton(spec[3])]
     if not staged:
         return
-    from fibec import _payload_on_device as on_device
-
     device = specs[staged[0]][3].device
     staged = [k for k in staged if specs[k][3].device == device]
     keeps = [None if specs[k][5] is None else
-             on_device.Keep(specs[k][5].to(device), {_MASK_ROWS: 0, _MASK_COLS: 1}.get(specs[k][4]))
+             _payload_on_device.Keep(specs[k][5].to(device), {_MASK_ROWS: 0, _MASK_COLS: 1}.get(specs[k][4]))
              for k in staged]
-    for k, body in zip(staged, on_device.stage_int8([specs[k][3] for k in staged], keeps)):
+    for k, body in zip(staged, _payload_on_device.stage_int8([specs[k][3] for k in staged], keeps)):
         if body is None:
             continue
         encoded_name, dtype_code, shape, _, mask_kind, _ = specs[k]
