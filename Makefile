@@ -77,7 +77,7 @@ sanitize: $(STAMP)
 	cd $(SANITIZED) && LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
 	    ASAN_OPTIONS=detect_leaks=0 PYTHONPATH=. $(INTERP) sh -c '\
 	    $(abspath $(PY)) -c "import fibec._codec as c; assert \"$(SANITIZED)\" in c.__file__, c.__file__" && \
-	    $(abspath $(PY)) -m pytest -p no:cacheprovider tests/test_codec.py tests/test_codec_on_device.py -q && $(abspath $(PY)) tests/fuzz_codec.py'
+	    $(abspath $(PY)) -m pytest -p no:cacheprovider tests/test_codec.py tests/test_codec_on_device.py tests/test_codec_decode_on_device.py -q && $(abspath $(PY)) tests/fuzz_codec.py'
 
 clean:
 	rm -rf $(VENV) $(LATEST) build dist *.egg-info

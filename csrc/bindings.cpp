@@ -12,6 +12,7 @@
 #include "dlpack.h"
 #include "output_block.h"
 #include "payload.h"
+#include "quant_blocks.h"
 
 namespace py = pybind11;
 using namespace fibec;
@@ -21,16 +22,18 @@ namespace {
 // A C-contiguous buffer export (any number of dimensions), released on destruction.
 class ByteView {
   public:
-    ByteView(const py::handle& obj, const char* what) {
-        if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_C_CONTIGUOUS) != 0) {
+    ByteView(const py::handle& obj, const char* what, bool writable = false) {
+        if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) != 0) {
             PyErr_Clear();
-            throw py::type_error(std::string(what) + " must be a C-contiguous buffer");
+            throw py::type_error(std::string(what) + (writable ? " must be a writable C-contiguous buffer"
+                                                               : " must be a C-contiguous buffer"));
         }
     }
     ~ByteView() { PyBuffer_Release(&view_); }
     ByteView(const ByteView&) = delete;
     ByteView& operator=(const ByteView&) = delete;
     const uint8_t* data() const { return static_cast<const uint8_t*>(view_.buf); }
+    uint8_t* mutable_data() const { return static_cast<uint8_t*>(view_.buf); }
     size_t size() const { return static_cast<size_t>(view_.len); }
 
   private:
@@ -251,7 +254,56 @@ class Section {
         return py::make_tuple(names, capsules);
     }
 
+    // For decoding on a device (fibec/_payload_on_device.py): None unless every record holds int8
+    // or int4 values; else (blocks, elements, [(first block, values, elements) per record]) of the
+    // staging layout that stage_quantised writes: blocks * 4 bytes of fp32 scales, blocks * 64
+    // int8 values (each record's from a whole block on, zeros between), then one bit per element
+    // of every record in turn, set where the record holds a value.
+    py::object quantised_layout() const {
+        uint64_t blocks = 0, elements = 0;
+        if (!quantised_totals(blocks, elements)) return py::none();
+        py::list records;
+        uint64_t block = 0;
+        for (const Record& r : records_) {
+            records.append(py::make_tuple(block, r.n_values, r.numel));
+            block += quant_blocks(r.n_values);
+        }
+        return py::make_tuple(blocks, elements, records);
+    }
+
+    // Writes that layout to out (its size exactly), verifying the checksum first when asked at
+    // construction; the layout must have been one (not None).
+    void stage_quantised(const py::object& out) const {
+        ByteView target(out, "out", true);
+        uint64_t blocks = 0, elements = 0;
+        if (!quantised_totals(blocks, elements))
+            throw py::value_error("stage_quantised: a record does not hold int8 or int4 values");
+        const uint64_t bits_at = blocks * (4 + kQuantBlock);
+        if (target.size() != bits_at + (elements + 7) / 8) throw py::value_error("stage_quantised: out has the wrong size");
+        run(nullptr, {}, false);
+        py::gil_scoped_release release;
+        uint8_t* base = target.mutable_data();
+        std::memset(base + 4 * blocks, 0, target.size() - 4 * blocks);
+        uint64_t block = 0, element = 0;
+        for (const Record& r : records_) {
+            fibec::stage_quantised(r, shuffled_, base + 4 * block, reinterpret_cast<int8_t*>(base + 4 * blocks + kQuantBlock * block),
+                            base + bits_at, element);
+            block += quant_blocks(r.n_values);
+            element += r.numel;
+        }
+    }
+
   private:
+    // Sums the blocks and elements of the staging layout; false if a record holds other values.
+    bool quantised_totals(uint64_t& blocks, uint64_t& elements) const {
+        for (const Record& r : records_) {
+            if (r.values != kInt8Block && r.values != kInt4Block) return false;
+            blocks += quant_blocks(r.n_values);
+            elements += r.numel;
+        }
+        return true;
+    }
+
     void run(uint8_t* base, const std::vector<uint64_t>& offsets, bool streaming) const {
         py::gil_scoped_release release;
         uint32_t crc = verify_crc_ ? crc32c(view_.data(), offset_) : 0;
@@ -295,10 +347,13 @@ PYBIND11_MODULE(_codec, m) {
              py::arg("max_output_bytes"), py::arg("verify_crc"))
         .def("tensors", &Section::tensors)
         .def("verify", &Section::verify)
-        .def("decode", &Section::decode);
+        .def("decode", &Section::decode)
+        .def("quantised_layout", &Section::quantised_layout)
+        .def("stage_quantised", &Section::stage_quantised, py::arg("out"));
     m.def("crc32c", &crc32c_py, py::arg("data"), py::arg("crc") = 0);
     m.def("release_cached_blocks", &OutputBlock::release_cached);
     m.def("cached_block_bytes", &OutputBlock::cached_bytes);
     m.attr("FORMAT_VERSION") = kVersion;
     m.attr("HEADER_SIZE") = kHeaderSize;
+    m.attr("QUANT_BLOCK") = kQuantBlock;
 }

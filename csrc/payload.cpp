@@ -918,6 +918,52 @@ void fill_record(const Record& r, uint8_t* out, bool shuffled, bool streaming) {
     }
 }
 
+namespace {
+
+// Sets bits [from, from + count) of a zeroed bit array (bit i in bit i % 8 of byte i / 8).
+void set_bits(uint8_t* bits, uint64_t from, uint64_t count) {
+    while (count && from % 8) {
+        bits[from / 8] |= static_cast<uint8_t>(1u << (from % 8));
+        ++from, --count;
+    }
+    std::memset(bits + from / 8, 0xFF, count / 8);
+    from += count / 8 * 8;
+    for (uint64_t end = from + count % 8; from < end; ++from) bits[from / 8] |= static_cast<uint8_t>(1u << (from % 8));
+}
+
+}  // namespace
+
+void stage_quantised(const Record& r, bool shuffled, uint8_t* scales, int8_t* q, uint8_t* kept_bits, uint64_t first_bit) {
+    const uint64_t blocks = quant_blocks(r.n_values);
+    if (shuffled)
+        unshuffle_bytes(r.value_body, scales, blocks, 4);
+    else
+        copy_bytes(scales, r.value_body, 4 * blocks);
+    const uint8_t* values = r.value_body + 4 * blocks;
+    if (r.values == kInt8Block) {
+        copy_bytes(reinterpret_cast<uint8_t*>(q), values, r.n_values);
+    } else {
+        for (uint64_t i = 0; i < r.n_values; ++i) {
+            const int nibble = (values[i / 2] >> (4 * (i % 2))) & 0xF;
+            q[i] = static_cast<int8_t>(nibble >= 8 ? nibble - 16 : nibble);
+        }
+    }
+    if (r.encoding == kDense) return set_bits(kept_bits, first_bit, r.numel);
+    IndexReader reader(r.index_code, r.index, r.index_len, r.universe);
+    const uint64_t rows = r.shape.size() == 2 ? r.shape[0] : 1;
+    const uint64_t cols = r.shape.size() == 2 ? r.shape[1] : r.numel;
+    if (r.encoding == kRows) {
+        for (uint64_t k = 0; k < r.n_kept; ++k) set_bits(kept_bits, first_bit + reader.next() * cols, cols);
+    } else if (r.encoding == kCols) {
+        std::vector<uint64_t> kept(r.n_kept);
+        for (auto& col : kept) col = reader.next();
+        for (uint64_t row = 0; row < rows; ++row)
+            for (uint64_t col : kept) set_bits(kept_bits, first_bit + row * cols + col, 1);
+    } else {
+        for (uint64_t k = 0; k < r.n_kept; ++k) set_bits(kept_bits, first_bit + reader.next(), 1);
+    }
+}
+
 uint32_t checksum_and_fill(const Record& r, uint8_t* out, uint32_t crc, bool streaming) {
     crc = crc32c(r.begin, static_cast<size_t>(r.value_body - r.begin), crc);  // fields and index body
     if (out && r.encoding == kDense && r.values == r.dtype)

@@ -127,6 +127,13 @@ void fill_record(const Record& record, uint8_t* out, bool shuffled, bool streami
 // with streaming stores if asked: see crc32c_copy).
 uint32_t checksum_and_fill(const Record& record, uint8_t* out, uint32_t crc, bool streaming);
 
+// Copies an int8 or int4 record's body apart for dequantising elsewhere (fibec/_payload_on_device.py):
+// its quant_blocks(n_values) fp32 scales, unshuffled if `shuffled`, to scales; its n_values values,
+// one int8 each (int4 widened), to q; and its kept entries as set bits [first_bit, first_bit + numel)
+// of kept_bits (bit i in bit i % 8 of byte i / 8), which the caller zeroed.
+void stage_quantised(const Record& record, bool shuffled, uint8_t* scales, int8_t* q, uint8_t* kept_bits,
+                     uint64_t first_bit);
+
 size_t dtype_size(uint8_t code);
 
 }  // namespace fibec

@@ -1,6 +1,10 @@
-"""encode()'s int8 values of tensors that live on a GPU: the kept entries are gathered and quantised
-there (fibec/kernels/quantize.py, byte for byte the C++ encoder's), and only the bodies (about a
-quarter of the fp32 bytes) and the masks, as bits, cross to the host, in one copy.
+"""int8 values of tensors that live on a GPU, encoded and decoded there: only the bodies (about a
+quarter of the fp32 bytes) and the masks, as bits, cross between host and device, in one copy.
+
+encode(): the kept entries are gathered and quantised on the device (fibec/kernels/quantize.py,
+byte for byte the C++ encoder's). decode(device=...): the C++ side validates the payload (and its
+checksum) and copies each record's scales, values and kept entries, as bits, apart on the host;
+they cross in one copy and are dequantised and placed there, as the host decoder would.
 
 The layout stays the C++ encoder's choice (docs/PAYLOAD.md, "Encoding choice"): a masked tensor's
 layout follows its mask, and a tensor without a mask is staged here only when none of its entries
@@ -13,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from fibec import _codec
 
 _SAME_WIDTH_INTEGER = {4: torch.int32, 2: torch.int16}
 
@@ -120,3 +126,36 @@ def _packed_bits(mask: torch.Tensor) -> torch.Tensor:
     padded[:mask.numel()] = mask
     shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
     return (padded.view(-1, 8) << shifts).sum(1, dtype=torch.uint8)
+
+
+def dequantise_staged(section: "_codec.Section", layout: tuple, device: torch.device) -> torch.Tensor:
+    """fp32 [elements] on device: the entries of every record of a validated section in turn, 0 where
+    the encoder dropped one, from one copy of the bodies (layout: section.quantised_layout(), not
+    None). Waits for nothing on the device."""
+    blocks, elements, records = layout
+    block = _codec.QUANT_BLOCK
+    # Per record, int64: where its values start in the block-aligned stream less the values of the
+    # records before it (what turns a running count of kept entries into a stream position), and
+    # its element count. They travel with the bodies, in the same copy.
+    tables = torch.empty((2, len(records)), dtype=torch.int64)
+    kept_before = 0
+    for k, (first_block, n_values, numel) in enumerate(records):
+        tables[0, k], tables[1, k] = first_block * block - kept_before, numel
+        kept_before += n_values
+    table_bytes = tables.numel() * 8
+    host = torch.empty(table_bytes + blocks * (4 + block) + -(-elements // 8), dtype=torch.uint8,
+                       pin_memory=device.type == "cuda")
+    host[:table_bytes].view(torch.int64).copy_(tables.view(-1))
+    section.stage_quantised(host[table_bytes:].numpy())
+    staged = host.to(device, non_blocking=True)
+
+    shift, counts = staged[:table_bytes].view(torch.int64).view(2, -1)
+    scales = staged[table_bytes:table_bytes + 4 * blocks].view(torch.float32)
+    values_at = table_bytes + 4 * blocks
+    stream = torch.zeros(blocks * block + 1, dtype=torch.float32, device=device)  # the last: dropped entries
+    torch.mul(staged[values_at:values_at + blocks * block].view(torch.int8).view(blocks, block), scales[:, None],
+              out=stream[:-1].view(blocks, block))
+    bits = staged[values_at + blocks * block:]
+    kept = ((bits[:, None] >> torch.arange(8, dtype=torch.uint8, device=device)) & 1).view(-1)[:elements].bool()
+    position = torch.cumsum(kept, 0) - 1 + torch.repeat_interleave(shift, counts, output_size=elements)
+    return stream[torch.where(kept, position, blocks * block)]

@@ -99,8 +99,9 @@ def encode(
     return _codec.frame(compressed, len(section), len(specs), _FLAG_ZSTD)
 
 
-def decode(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | None = None) -> dict[str, torch.Tensor]:
-    """Decode a payload into {name: tensor} (CPU, original dtype and shape, in encoded order).
+def decode(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | None = None,
+           device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Decode a payload into {name: tensor} (original dtype and shape, in encoded order).
 
     Raises PayloadError, with the reason, for anything that is not a valid payload. Entries
     not kept by the encoder's mask are 0; a tensor whose mask kept nothing is all zeros.
@@ -108,11 +109,40 @@ def decode(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | N
     dense outputs); by default max(64 MiB, 256 x len(payload)). Raise it to accept payloads
     of very sparse tensors whose dense size exceeds that.
 
-    The tensors are separate storages over one shared block, freed with the last of them
+    device: where the tensors go (default: the CPU). On another device a payload of int8 or int4
+    values is dequantised there: the host validates it (checksum included) and only the bodies and
+    the kept entries, as bits, cross, in one copy; the tensors are views of one block there. A
+    payload of other values is decoded on the host and copied. The values are the host's either way.
+
+    On the CPU the tensors are separate storages over one shared block, freed with the last of them
     (docs/PAYLOAD.md, "Memory of decoded tensors"); they are writable but not resizable.
     """
-    names, capsules = _call(_parse(payload, max_output_bytes).decode)
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch.device or a device name such as 'cuda', got {device!r}") from None
+    section = _parse(payload, max_output_bytes)
+    if device is not None and device.type != "cpu":
+        return _decode_to(device, section)
+    names, capsules = _call(section.decode)
     return dict(zip(names, map(_compat.dlpack_converter(), capsules)))
+
+
+def _decode_to(device: torch.device, section: "_codec.Section") -> dict[str, torch.Tensor]:
+    """decode()'s tensors on a device other than the CPU."""
+    layout = section.quantised_layout()
+    if layout is None:
+        names, capsules = _call(section.decode)
+        return {name: tensor.to(device) for name, tensor in zip(names, map(_compat.dlpack_converter(), capsules))}
+    flat = _call(_payload_on_device.dequantise_staged, section, layout, device)
+    described = section.tensors()
+    dtypes = [_CODE_DTYPES[dtype_code] for _, dtype_code, _, _ in described]
+    if len(set(dtypes)) == 1:
+        flat = flat.to(dtypes[0])  # one conversion for the whole block
+    pieces = flat.split([numel for _, _, numel in layout[2]])
+    return {name: piece.to(dtype).view(shape)
+            for (name, _, shape, _), dtype, piece in zip(described, dtypes, pieces)}
 
 
 def inspect(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | None = None) -> dict:

@@ -118,6 +118,9 @@ class FedConfig:
                                           "round's median (0: no bound)", low=0.0)
     seed: int = setting(0, "seed of partition, sampling, init and training", low=0)
     eval_every: int = setting(1, "evaluate every k rounds", low=1)
+    personal_eval_every: int = setting(1, "of the rounds that evaluate, run the personalised protocol (a "
+                                          "pass over the evaluation set per client model) on every k-th "
+                                          "round and the last; the global one runs on all", low=1)
     eval_samples: int = setting(100, "size of the fixed evaluation subset (0: the whole split)", low=0)
     device: str = setting("auto", "where the model runs (auto: CUDA when there is one; the ops then use "
                                   "the Triton kernels)", choices=("auto", "cpu", "cuda"))

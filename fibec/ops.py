@@ -202,7 +202,8 @@ def masked_adamw_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     p's shape (the update is computed in fp32 and rounded into p). mask: bool/uint8 element mask of
     p's shape, a neuron mask [rows] or [cols] of a 2-D p (`mask_dim` 0/1 when p is square), or
     None for a dense step. `step`: shared step count including this update (bias correction).
-    Entries the mask leaves unset keep p, exp_avg and exp_avg_sq bit-for-bit.
+    Entries the mask leaves unset keep p, exp_avg and exp_avg_sq bit-for-bit (on the GPU, element
+    and column masks read them and write them back unchanged in groups of 8 around selected ones).
     """
     _check_param_and_grad(p, grad)
     _check_state("exp_avg", exp_avg, p)
@@ -234,7 +235,8 @@ def masked_sgd_(p: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None, 
 
     p, grad, mask as in masked_adamw_. buf: fp32 momentum buffer of p's shape, required when
     momentum > 0 (start from zeros: the first step then sets buf = grad, as torch does), and
-    ignored when momentum == 0. Entries the mask leaves unset keep p and buf bit-for-bit.
+    ignored when momentum == 0. Entries the mask leaves unset keep p and buf bit-for-bit (written
+    back unchanged as in masked_adamw_).
     """
     _check_param_and_grad(p, grad)
     mask_dim = None if mask is None else check_update_mask(p, mask, mask_dim)

@@ -73,7 +73,7 @@ def plot(results: dict[str, list[dict]], out_dir: Path) -> list[Path]:
         for method, records in results.items():
             for key, style, label in (("global_accuracy", "-", "global"), ("personal_accuracy", "--", "personal")):
                 points = [(r[x_key] * scale, r[key]) for r in records if key in r]
-                if key == "personal_accuracy" and all(r.get(key) == r.get("global_accuracy") for r in records):
+                if key == "personal_accuracy" and all(r[key] == r["global_accuracy"] for r in records if key in r):
                     continue  # no personal layers: the same figure as the global one
                 if points:
                     xs, ys = zip(*points)

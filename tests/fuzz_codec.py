@@ -2,7 +2,9 @@
 
 Run as a script, in its own process, so that a crash (segfault, abort) shows up as the
 process's exit status. Every input must decode or raise PayloadError; an accepted
-input must decode exactly as the pure-Python reference decoder does. Prints
+input must decode exactly as the pure-Python reference decoder does. Each input also takes
+decode(device=...)'s path (the CPU standing in for the device): it refuses what decode()
+refuses and returns the same values. Prints
 "fuzz: N cases, only PayloadError" and exits 0 on success.
 
     FIBEC_FUZZ_CASES=20000         how many inputs (default 20000)
@@ -25,6 +27,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from payload_reference_decoder import crc32c, decode as reference_decode  # noqa: E402
 
+from fibec import codec  # noqa: E402
 from fibec.codec import PayloadError, decode, encode  # noqa: E402
 
 HUGE = [0, 1, 2, 7, 8, 9, 63, 64, 65, 255, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40,
@@ -168,8 +171,15 @@ def check(data: bytes) -> None:
     try:
         decoded = decode(data)
     except PayloadError:
-        return
+        try:
+            _decoded_on_device_path(data)
+        except PayloadError:
+            return
+        raise AssertionError("decode(device=...)'s path accepted a payload that decode() refuses")
     Stats.accepted += 1
+    for name, t in _decoded_on_device_path(data).items():
+        assert t.dtype == decoded[name].dtype and t.shape == decoded[name].shape, name
+        assert bool(((_bits(t) == _bits(decoded[name])) | (t.isnan() & decoded[name].isnan())).all()), name
     if sum(t.numel() for t in decoded.values()) <= 4096:
         reference = reference_decode(data)
         assert list(reference) == list(decoded), "reference decoder disagrees on names"
@@ -178,6 +188,10 @@ def check(data: bytes) -> None:
             same_bits = _bits(t.reshape(-1)) == _bits(expected)
             both_nan = torch.isnan(t.reshape(-1)) & torch.isnan(expected)  # NaN payloads may differ
             assert bool((same_bits | both_nan).all()), name
+
+
+def _decoded_on_device_path(data: bytes) -> dict[str, torch.Tensor]:
+    return codec._decode_to(torch.device("cpu"), codec._parse(data, None))
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,10 @@ def test_masked_and_unmasked_tensors_encode_to_the_host_encoders_bytes(monkeypat
     assert on_device == host
 
 
+def test_the_kernels_block_is_the_payload_formats():
+    assert quantize.BLOCK == _codec.QUANT_BLOCK
+
+
 def test_an_unmasked_tensor_with_a_zero_entry_is_planned_on_the_host(monkeypatch):
     """Its layout (rows, columns or elements dropped) is chosen from its values by the C++ encoder."""
     zero_rows = random((8, 40), torch.float32, 1)

@@ -563,3 +563,17 @@ def test_evaluation_scores_every_sample_as_it_would_alone(tiny_bert, task):
     batched = score(model, data, tokenizer, batch_size=4, max_length=24)
     assert batched.count == 23 and batched.correct == correct
     assert batched.loss_sum == pytest.approx(loss_sum, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fibecfed", "fedavg"])
+def test_the_personalised_protocol_runs_on_every_kth_evaluated_round_and_the_last(tiny_bert, task, tmp_path,
+                                                                                    monkeypatch, method):
+    cfg, fed = federation(tiny_bert, task, tmp_path, method=method, rounds=5, eval_every=1, personal_eval_every=2)
+    passes, transport = [], fed.transport
+    evaluate_personal = transport.evaluate_personal
+    monkeypatch.setattr(transport, "evaluate_personal", lambda shared: passes.append(1) or evaluate_personal(shared))
+    records = run_rounds(coordinator(cfg, fed, method), transport)
+    assert [r["round"] for r in records if "global_accuracy" in r] == [1, 2, 3, 4, 5]
+    assert [r["round"] for r in records if "personal_accuracy" in r] == [2, 4, 5]
+    assert all("majority_accuracy" in r for r in records if "personal_accuracy" in r)
+    assert len(passes) == (3 if method == "fibecfed" else 0)  # fedavg has no personal layers: the global figure

@@ -150,8 +150,9 @@ def test_sgd_half_params_match_float64(backend, device, dtype):
 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
-def test_unselected_entries_are_never_read_nor_written(backend, device, kind):
-    """NaN everywhere the mask is unset: the selected entries stay finite and exact, the NaNs stay bit-for-bit."""
+def test_unselected_entries_keep_their_bits(backend, device, kind):
+    """NaN everywhere the mask is unset: the selected entries stay finite and exact, the NaNs stay
+    bit-for-bit (element and column masks write whole groups of 8 back, the unset entries as read)."""
     shape = (9, 130)
     gen = torch.Generator().manual_seed(5)
     mask, mask_dim, full = _random_mask(kind, shape, 0.5, gen, device=device)
@@ -175,6 +176,32 @@ def test_unselected_entries_are_never_read_nor_written(backend, device, kind):
     assert not p[full].isnan().any() and not buf[full].isnan().any()
     assert torch.equal(_bits(p[~full]), _bits(p_before[~full]))
     assert torch.equal(_bits(buf[~full]), _bits(buf_before[~full]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_groups_written_back_stop_at_the_end_of_the_tensor(backend, device, kind, dtype):
+    """Views over the head of poisoned buffers, with sizes that are not multiples of a group of 8:
+    the last selected entry's group must not reach into the rest of the buffer."""
+    shape = (3, 13)
+    gen = torch.Generator().manual_seed(11)
+    mask, mask_dim, _ = _random_mask(kind, shape, 0.5, gen, device=device)
+    mask.view(-1)[-1] = True  # the last entry, row or column
+    full = mask if mask_dim is None else (mask[:, None] if mask_dim == 0 else mask[None, :]).expand(shape)
+    buffers = [torch.full((64,), float("nan"), device=device, dtype=d) for d in (dtype, dtype, torch.float32,
+                                                                                 torch.float32)]
+    values = [_randn(shape, gen, device, dtype), _randn(shape, gen, device, dtype), _randn(shape, gen, device),
+              _randn(shape, gen, device).abs()]
+    tensors = []
+    for buffer, value in zip(buffers, values):
+        buffer[:value.numel()] = value.view(-1)
+        tensors.append(buffer[:value.numel()].view(shape))
+    tails = [_bits(buffer[values[0].numel():]).clone() for buffer in buffers]
+    masked_adamw_(*tensors, mask, step=2, mask_dim=mask_dim, **ADAMW)
+    masked_sgd_(tensors[0], tensors[1], mask, lr=0.1, momentum=0.9, buf=tensors[2], mask_dim=mask_dim)
+    for buffer, tail in zip(buffers, tails):
+        assert torch.equal(_bits(buffer[values[0].numel():]), tail)
+    assert all(not t[full].isnan().any() for t in tensors)
 
 
 @pytest.mark.parametrize("kind,density", [("element", 0.005), ("rows", 0.15), ("cols", 0.02)])

@@ -490,7 +490,7 @@ class FibecFedStrategy(Strategy):
                                           _weighted_bytes("values"))
             coordinator.enter([(pid, payload, weight) for pid, (payload, weight) in values.items()])
         personal = None
-        if coordinator.evaluates and coordinator.personalised:
+        if coordinator.evaluates_personal and coordinator.personalised:
             content = RecordDict({_BYTES: ArrayRecord({"payload": bytes_array(coordinator.shared_payload())}),
                                   _TASK: self._task()})
             with_share = [pid for pid, share in enumerate(coordinator.evaluator.shares) if share is not None]

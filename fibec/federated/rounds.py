@@ -144,6 +144,13 @@ class Coordinator:
         n = self.rounds_done + 1
         return n % self.cfg.eval_every == 0 or n == self.cfg.rounds
 
+    @property
+    def evaluates_personal(self) -> bool:
+        """Whether that evaluation includes the personalised protocol (every personal_eval_every
+        rounds and the last one)."""
+        n = self.rounds_done + 1
+        return self.evaluates and (n % self.cfg.personal_eval_every == 0 or n == self.cfg.rounds)
+
     def shared_payload(self) -> bytes:
         """What every client holds from the server now, in the run's value format (for the
         personalised evaluation)."""
@@ -167,6 +174,7 @@ class Coordinator:
             record["eval_split"] = self.cfg.eval_on
             overall = self.evaluator.global_score(self.model, self.server.state)
             record["global_accuracy"], record["global_loss"] = overall.accuracy, overall.loss
+        if self.evaluates_personal:
             if personal is None:
                 personal = overall
             record["personal_accuracy"], record["personal_loss"] = personal.accuracy, personal.loss
@@ -192,7 +200,7 @@ def run_rounds(coordinator: Coordinator, transport: Transport) -> list[dict]:
         if result.entering:
             coordinator.enter(transport.layer_values(result.accepted, result.entering))
         personal = None
-        if coordinator.evaluates and coordinator.personalised:
+        if coordinator.evaluates_personal and coordinator.personalised:
             personal = transport.evaluate_personal(coordinator.shared_payload())
         coordinator.finish(personal, transport.take_failures())
     return coordinator.records
