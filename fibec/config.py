@@ -32,7 +32,8 @@ ENGINES = ("inprocess", "flower")
 # Settings added after runs were saved, each with the value that reproduces such a run: a saved
 # config (or checkpoint) without the setting is read with this value.
 VALUES_BEFORE_ADDED: dict[str, object] = {"scale_steps": False, "server_lr": 1.0, "score_batch_size": 16,
-                                          "secure": False}
+                                          "secure": False, "personal_eval_every": 1, "upload_density": 1.0,
+                                          "device": "auto"}
 
 
 class ConfigError(ValueError):

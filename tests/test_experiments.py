@@ -132,6 +132,24 @@ def test_committed_grid_files_expand_into_valid_run_settings(grid_module, path):
         assert grid_module.config_of(loaded, run).method == run.method
 
 
+def test_every_setting_a_committed_record_lacks_is_read_with_the_value_it_had():
+    """A setting added after runs were saved needs its old value in VALUES_BEFORE_ADDED, or
+    resuming or reproducing those runs reads today's default (and a checkpoint looks mismatched)."""
+    import json
+    from dataclasses import fields
+
+    from fibec.config import VALUES_BEFORE_ADDED, FedConfig
+
+    names = {field.name for field in fields(FedConfig)}
+    lacking = {}
+    for path in sorted((GRID.parent / "records").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            missing = names - set(json.loads(line)["config"]) - set(VALUES_BEFORE_ADDED)
+            if missing:
+                lacking.setdefault(path.name, set()).update(missing)
+    assert lacking == {}
+
+
 def test_a_variant_may_name_a_shared_method_and_keep_to_some_seeds(grid_module):
     grid = {"name": "g", "runs": "runs/g", "cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1, 2],
             "methods": ["fibecfed", "fedavg"],
