@@ -303,3 +303,22 @@ def test_what_each_piece_buys_pairs_every_row_with_both_baselines_on_their_commo
     # Paired differences in points: to fedavg -2 and -1; to fedavg transport -1 and +1.
     assert mine["− fedavg, points"].startswith("-1.5 [") and mine["− fedavg transport, points"].startswith("+0.0 [")
     assert rows[("fedavg", "transport")]["− fedavg transport, points"] == ""  # no difference to itself
+
+
+def test_paired_comparisons_give_a_minus_b_at_the_last_round_and_over_the_second_half(grid_module):
+    grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1, 2], "methods": ["fibecfed", "no-sparse"],
+            "shared_methods": ["fibecfed", "no-sparse"], "pairs": [["no-sparse", "-", "fibecfed", "-"]]}
+    done = {}
+    # no-sparse ahead at the last round on every seed (+2, +1, +3 points); over rounds 3-4 the means
+    # differ by (-1 + 2) / 2 = +0.5, (-2 + 1) / 2 = -0.5 and (-2 + 3) / 2 = +0.5 points.
+    for seed, (mine, theirs) in enumerate([([0.5, 0.6, 0.69, 0.82], [0.5, 0.6, 0.70, 0.80]),
+                                           ([0.5, 0.6, 0.68, 0.81], [0.5, 0.6, 0.70, 0.80]),
+                                           ([0.5, 0.6, 0.68, 0.83], [0.5, 0.6, 0.70, 0.80])]):
+        done[f"d-a0.5-s{seed}-no-sparse--"] = fabricated_record("x", mine, 1_000)
+        done[f"d-a0.5-s{seed}-fibecfed--"] = fabricated_record("x", theirs, 1_000)
+    row = next(line for line in grid_module.paired_comparisons(grid, done) if line.startswith("| d |"))
+    cells = [c.strip(" |") for c in row.split(" | ")]
+    assert cells[2:5] == ["no-sparse -", "fibecfed -", "3"]
+    assert cells[5].startswith("+2.0 [") and cells[6] == "3/3"
+    assert cells[7].startswith("+0.2 [") and cells[8] == "2/3"
+    assert grid_module.summary(done["d-a0.5-s1-no-sparse--"], None)["global_second_half"] == pytest.approx(0.745)
