@@ -112,7 +112,7 @@ step tests 150 env FIBEC_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -n "$
 step fisher 180 "$PY" bench/bench_fisher.py --gpu-json "$OUT/fisher.json" "$WORKERS"
 step collector 60 "$PY" bench/bench_collector.py --json "$OUT/collector.json"
 step masked_update 40 "$PY" bench/bench_masked_update.py --gpu-json "$OUT/masked_update.json"
-step codec 30 "$PY" bench/bench_codec.py --gpu-json "$OUT/codec.json"
+step codec 45 "$PY" bench/bench_codec.py --gpu-json "$OUT/codec.json"
 if [ -f "$CARRY/minilm/model.safetensors" ] && [ -d "$CARRY/data/sms_spam" ]; then
     step rounds 120 "$PY" bench/bench_rounds.py --json "$OUT/rounds.json" --model "$CARRY/minilm" \
         --data sms_spam --data-root "$CARRY/data" --rounds "$ROUNDS" --threads "$THREADS"
