@@ -565,6 +565,35 @@ def test_evaluation_scores_every_sample_as_it_would_alone(tiny_bert, task):
     assert batched.loss_sum == pytest.approx(loss_sum, rel=1e-5)
 
 
+def test_evaluation_reads_its_sums_back_once_not_once_a_batch(tiny_bert, task, monkeypatch):
+    """A read of a device tensor on the host waits for a GPU (counted where score() makes it)."""
+    import sys
+
+    from fibec.federated.evaluation import score
+
+    train, _ = task
+    data = train.subset(list(range(23)))
+    model, tokenizer = load_classifier(tiny_bert, num_labels=data.num_labels)
+    reads = []
+    originals = {name: getattr(torch.Tensor, name) for name in ("__float__", "__int__", "item", "tolist", "cpu")}
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_name == "score":
+                reads.append(name)
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    for name in originals:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    per_batch_size = {}
+    for batch_size in (2, 8):
+        reads.clear()
+        score(model, data, tokenizer, batch_size=batch_size, max_length=24)
+        per_batch_size[batch_size] = list(reads)
+    assert per_batch_size[2] == per_batch_size[8] == ["tolist"]
+
+
 @pytest.mark.parametrize("method", ["fibecfed", "fedavg"])
 def test_the_personalised_protocol_runs_on_every_kth_evaluated_round_and_the_last(tiny_bert, task, tmp_path,
                                                                                     monkeypatch, method):
