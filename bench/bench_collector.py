@@ -4,9 +4,11 @@ with and without the collector, in one process (bench/gpu.sh's collector step).
 Models are random-init from a config (time does not depend on the weights): a MiniLM-size BERT
 (hidden 384, 6 layers) in fp32 with LoRA r 8 on query/value, and on a GPU a LLaMA-1B-size model
 (hidden 2048, 16 layers) in bf16 with LoRA r 16 on q/v and on all seven linear layers. Per case:
-the median step time of each, the overhead, and the host-device synchronisations per step
-(torch.cuda's sync debug mode counts them; on a GPU only). Without CUDA the same cases run at
-tiny sizes on the CPU, to check the script end to end.
+the median step time of each, the overhead, the host time of a step (until its last launch returns),
+the host-device synchronisations per step (torch.cuda's sync debug mode counts them; on a GPU only),
+and a torch.profiler summary of three steps with the collector: kernel launches a step and the ops
+that take the most host and device time (issue 24: profile before changing kernels). Without
+CUDA the same cases run at tiny sizes on the CPU, to check the script end to end.
 
     python bench/bench_collector.py [--json PATH] [--steps K]
 """
@@ -72,8 +74,8 @@ def build(case: dict, device: torch.device):
         attention_mask
 
 
-def step_times(model, optimizer, inputs, collector, cpu_mask, steps: int) -> tuple[float, float]:
-    """(median ms per step, host-device synchronisations per step)."""
+def training_step(model, optimizer, inputs, collector, cpu_mask):
+    """One forward, backward and AdamW step, as a training loop makes it."""
     def step() -> None:
         if collector is not None:
             collector.token_mask = cpu_mask  # as a training loop hands over its batch's mask
@@ -82,13 +84,19 @@ def step_times(model, optimizer, inputs, collector, cpu_mask, steps: int) -> tup
         loss.backward()
         optimizer.step()
 
+    return step
+
+
+def step_times(step, steps: int) -> tuple[float, float, float]:
+    """(median ms per step, median ms of host time per step, host-device synchronisations per step)."""
     for _ in range(3):
         step()
     sync()
-    times = []
+    times, host = [], []
     for _ in range(steps):
         start = time.perf_counter()
         step()
+        host.append((time.perf_counter() - start) * 1e3)
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     syncs = float("nan")
@@ -101,7 +109,28 @@ def step_times(model, optimizer, inputs, collector, cpu_mask, steps: int) -> tup
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message) for w in caught)
-    return statistics.median(times), syncs
+    return statistics.median(times), statistics.median(host), syncs
+
+
+def profiled(step, steps: int = 3, top: int = 12) -> dict:
+    """Kernel launches per step, and the ops with the most self host time and self device time
+    per step, over `steps` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    events = prof.key_averages()
+
+    def ranked(time_of, label: str) -> list[dict]:
+        return [{"op": e.key, "calls": e.count / steps, label: time_of(e) / steps}
+                for e in sorted(events, key=time_of, reverse=True)[:top] if time_of(e) > 0]
+
+    return {"launches": sum(e.count for e in events if "LaunchKernel" in e.key) / steps,
+            "host_us": ranked(lambda e: e.self_cpu_time_total, "self_host_us"),
+            "device_us": ranked(lambda e: e.self_device_time_total, "self_device_us") if gpu else []}
 
 
 def main() -> None:
@@ -116,14 +145,23 @@ def main() -> None:
     rows = []
     for case in cases(gpu):
         model, optimizer, inputs, cpu_mask = build(case, device)
-        plain_ms, plain_syncs = step_times(model, optimizer, inputs, None, cpu_mask, args.steps)
+        plain = training_step(model, optimizer, inputs, None, cpu_mask)
+        plain_ms, plain_host_ms, plain_syncs = step_times(plain, args.steps)
+        plain_profile = profiled(plain)
         with FisherCollector(model, "lora", loss_reduction="mean") as collector:
-            collected_ms, collected_syncs = step_times(model, optimizer, inputs, collector, cpu_mask, args.steps)
+            collected = training_step(model, optimizer, inputs, collector, cpu_mask)
+            collected_ms, collected_host_ms, collected_syncs = step_times(collected, args.steps)
+            collected_profile = profiled(collected)
         row = dict(case=case["name"], batch=list(case["batch"]), plain_ms=plain_ms, with_collector_ms=collected_ms,
-                   overhead=collected_ms / plain_ms - 1, plain_syncs=plain_syncs, with_collector_syncs=collected_syncs)
+                   overhead=collected_ms / plain_ms - 1, plain_host_ms=plain_host_ms,
+                   with_collector_host_ms=collected_host_ms, plain_syncs=plain_syncs,
+                   with_collector_syncs=collected_syncs, plain_launches=plain_profile["launches"],
+                   with_collector_launches=collected_profile["launches"], with_collector_profile=collected_profile)
         rows.append(row)
-        print(f"{case['name']}: plain {plain_ms:.1f} ms, with FisherCollector {collected_ms:.1f} ms "
-              f"({100 * row['overhead']:+.0f}%); syncs a step {plain_syncs} -> {collected_syncs}", flush=True)
+        print(f"{case['name']}: plain {plain_ms:.1f} ms (host {plain_host_ms:.1f}), with FisherCollector "
+              f"{collected_ms:.1f} ms (host {collected_host_ms:.1f}, {100 * row['overhead']:+.0f}%); syncs a step "
+              f"{plain_syncs} -> {collected_syncs}; kernel launches a step {plain_profile['launches']:g} -> "
+              f"{collected_profile['launches']:g}", flush=True)
         del model, optimizer
         if gpu:
             torch.cuda.empty_cache()

@@ -6,7 +6,7 @@
 #   fisher.json         fisher_diag / lora_fisher_diag at LLM sizes vs matmul and the peers (bench_fisher.py)
 #   masked_update.json  masked_adamw_ at 64M entries vs copy_ bandwidth (bench_masked_update.py)
 #   codec.json          codec on CUDA tensors through pinned buffers vs host-device copies (bench_codec.py)
-#   collector.json      a LoRA training step with and without FisherCollector, syncs a step (bench_collector.py)
+#   collector.json      a LoRA training step with and without FisherCollector: host time, syncs, launches, profile (bench_collector.py)
 #   rounds.json         `fibec compare` time per round with MiniLM on real data (bench_rounds.py)
 #   summary.json        each step's exit code and seconds, and every target's measured ratio
 # Steps, each under its own time limit, in order of importance: set-up, versions, the op tests on CUDA
@@ -110,7 +110,7 @@ step environment 30 bash -c environment
 step tests 150 env FIBEC_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -n "$JOBS" \
     tests/test_fisher_ops.py tests/test_fisher_ops_errors.py tests/test_fisher_ops_splits.py tests/test_masked_update.py
 step fisher 180 "$PY" bench/bench_fisher.py --gpu-json "$OUT/fisher.json" "$WORKERS"
-step collector 60 "$PY" bench/bench_collector.py --json "$OUT/collector.json"
+step collector 75 "$PY" bench/bench_collector.py --json "$OUT/collector.json"
 step masked_update 40 "$PY" bench/bench_masked_update.py --gpu-json "$OUT/masked_update.json"
 step codec 45 "$PY" bench/bench_codec.py --gpu-json "$OUT/codec.json"
 if [ -f "$CARRY/minilm/model.safetensors" ] && [ -d "$CARRY/data/sms_spam" ]; then

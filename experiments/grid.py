@@ -575,7 +575,8 @@ def paired_comparisons(grid: dict, done: dict) -> list[str]:
         by_row = {(r.method, r.variant, r.seed): summary(done[r.key], None)
                   for r in runs_of_cell(grid, cell) if r.key in done}
         for a_method, a_variant, b_method, b_variant in grid["pairs"]:
-            seeds = [s for s in grid["seeds"] if (a_method, a_variant, s) in by_row and (b_method, b_variant, s) in by_row]
+            seeds = [s for s in grid["seeds"]
+                     if (a_method, a_variant, s) in by_row and (b_method, b_variant, s) in by_row]
             if not seeds:
                 continue
             cells = []

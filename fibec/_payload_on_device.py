@@ -137,11 +137,8 @@ def dequantise_staged(section: "_codec.Section", layout: tuple, device: torch.de
     # Per record, int64: where its values start in the block-aligned stream less the values of the
     # records before it (what turns a running count of kept entries into a stream position), and
     # its element count. They travel with the bodies, in the same copy.
-    tables = torch.empty((2, len(records)), dtype=torch.int64)
-    kept_before = 0
-    for k, (first_block, n_values, numel) in enumerate(records):
-        tables[0, k], tables[1, k] = first_block * block - kept_before, numel
-        kept_before += n_values
+    first_block, n_values, numel = torch.tensor(records, dtype=torch.int64).view(-1, 3).unbind(1)
+    tables = torch.stack([first_block * block - (torch.cumsum(n_values, 0) - n_values), numel])
     table_bytes = tables.numel() * 8
     host = torch.empty(table_bytes + blocks * (4 + block) + -(-elements // 8), dtype=torch.uint8,
                        pin_memory=device.type == "cuda")

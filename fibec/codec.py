@@ -141,7 +141,7 @@ def _decode_to(device: torch.device, section: "_codec.Section") -> dict[str, tor
     if len(set(dtypes)) == 1:
         flat = flat.to(dtypes[0])  # one conversion for the whole block
     pieces = flat.split([numel for _, _, numel in layout[2]])
-    return {name: piece.to(dtype).view(shape)
+    return {name: (piece if piece.dtype == dtype else piece.to(dtype)).view(shape)
             for (name, _, shape, _), dtype, piece in zip(described, dtypes, pieces)}
 
 

@@ -94,11 +94,11 @@ def difficulty_scores(model: torch.nn.Module, data_batches: Iterable[Mapping[str
                 if loss is None:
                     raise ValueError("data_batches: the model returned no loss (batches need 'labels')")
                 loss.backward()
-                sample = fc.sample_scores.detach().float().cpu()
+                sample = fc.sample_scores.detach()
                 if sample.shape[0] != _batch_size(batch):
                     raise RuntimeError(f"FisherCollector gave {sample.shape[0]} scores for a batch of "
                                        f"{_batch_size(batch)}")
-                chunks.append((batch["index"].cpu(), sample))
+                chunks.append((batch["index"].cpu(), sample))  # read back once, after the last batch
             fisher = {name: {k: v.detach().clone() for k, v in parts.items()} for name, parts in fc.fisher.items()}
             traces = dict(fc.layer_traces)
     finally:
@@ -109,7 +109,8 @@ def difficulty_scores(model: torch.nn.Module, data_batches: Iterable[Mapping[str
         raise ValueError("data_batches yielded no batch")
     size = num_samples if num_samples is not None else 1 + max(int(i.max()) for i, _ in chunks)
     scores = torch.full((size,), float("nan"), dtype=torch.float32)
-    for idx, sample in chunks:
+    arrived = torch.cat([sample for _, sample in chunks]).float().cpu()
+    for (idx, _), sample in zip(chunks, arrived.split([len(idx) for idx, _ in chunks])):
         scores[idx] = sample
     return (scores, fisher, traces) if return_fisher else scores
 

@@ -565,6 +565,35 @@ def test_evaluation_scores_every_sample_as_it_would_alone(tiny_bert, task):
     assert batched.loss_sum == pytest.approx(loss_sum, rel=1e-5)
 
 
+def test_evaluation_reads_its_sums_back_once_not_once_a_batch(tiny_bert, task, monkeypatch):
+    """A read of a device tensor on the host waits for a GPU (counted where score() makes it)."""
+    import sys
+
+    from fibec.federated.evaluation import score
+
+    train, _ = task
+    data = train.subset(list(range(23)))
+    model, tokenizer = load_classifier(tiny_bert, num_labels=data.num_labels)
+    reads = []
+    originals = {name: getattr(torch.Tensor, name) for name in ("__float__", "__int__", "item", "tolist", "cpu")}
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_name == "score":
+                reads.append(name)
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    for name in originals:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    per_batch_size = {}
+    for batch_size in (2, 8):
+        reads.clear()
+        score(model, data, tokenizer, batch_size=batch_size, max_length=24)
+        per_batch_size[batch_size] = list(reads)
+    assert per_batch_size[2] == per_batch_size[8] == ["tolist"]
+
+
 @pytest.mark.parametrize("method", ["fibecfed", "fedavg"])
 def test_the_personalised_protocol_runs_on_every_kth_evaluated_round_and_the_last(tiny_bert, task, tmp_path,
                                                                                     monkeypatch, method):
@@ -577,3 +606,41 @@ def test_the_personalised_protocol_runs_on_every_kth_evaluated_round_and_the_las
     assert [r["round"] for r in records if "personal_accuracy" in r] == [2, 4, 5]
     assert all("majority_accuracy" in r for r in records if "personal_accuracy" in r)
     assert len(passes) == (3 if method == "fibecfed" else 0)  # fedavg has no personal layers: the global figure
+
+
+@pytest.mark.parametrize("method", ["fibecfed", "fedavg"])
+def test_training_reads_losses_and_scores_back_once_a_round_not_once_a_step(tiny_bert, task, tmp_path, monkeypatch,
+                                                                           method):
+    """Each read of a device tensor on the host (float(), .item(), .cpu(), ...) waits for a GPU; the
+    client's reads during a round's training must not grow with its steps (on the CPU every tensor
+    is on the host, so the reads are counted where the client makes them)."""
+    import sys
+
+    reads = []
+    originals = {name: getattr(torch.Tensor, name) for name in ("__float__", "item", "tolist", "cpu", "numpy")}
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.endswith("federated/client.py"):  # the tracker then reads what is on the host already
+                reads.append(name)
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    train = client_module.Client._train
+
+    def counted_train(*args, **kwargs):
+        with monkeypatch.context() as patch:
+            for name in originals:
+                patch.setattr(torch.Tensor, name, counting(name))
+            return train(*args, **kwargs)
+
+    monkeypatch.setattr(client_module.Client, "_train", counted_train)
+    per_steps = {}
+    for steps in (2, 5):
+        cfg, fed = federation(tiny_bert, task, tmp_path / str(steps), method=method, local_steps=steps, rounds=1,
+                              scale_steps=False)
+        reads.clear()
+        run_rounds(coordinator(cfg, fed, method), fed.transport)
+        per_steps[steps] = len(reads)
+    assert per_steps[2] == per_steps[5] > 0

@@ -376,7 +376,9 @@ class Client:
         """
         logits = out.logits.float()
         if self.settings.logit_adjust:
-            logits = logits + self.settings.logit_adjust * self.log_prior.to(logits.device)
+            if self.log_prior.device != logits.device:  # moved once, not every step
+                self.log_prior = self.log_prior.to(logits.device)
+            logits = logits + self.settings.logit_adjust * self.log_prior
         return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device))
 
     def _reorder(self) -> None:
@@ -393,7 +395,10 @@ class Client:
         return select_neurons(scores, self.settings.rho) if scores else {}
 
     def _train(self, model, optimizer, batches, collector) -> list[float]:
-        losses = []
+        """The round's optimiser steps; returns each step's loss. The losses and the per-sample
+        scores stay where the model runs until the last step: reading them every step would make
+        the host wait for a GPU after each one."""
+        losses, scored = [], []
         device = next(model.parameters()).device
         model.train()
         for positions in batches:
@@ -406,8 +411,12 @@ class Client:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
             if collector is not None and self.method.curriculum:
-                self.tracker.observe(batch["index"], collector.sample_scores)
+                scored.append((batch["index"], collector.sample_scores))
         optimizer.zero_grad(set_to_none=True)
-        return losses
+        if scored:
+            arrived = torch.cat([scores for _, scores in scored]).float().cpu()
+            for (index, _), scores in zip(scored, arrived.split([len(index) for index, _ in scored])):
+                self.tracker.observe(index, scores)  # in step order: a later score of a sample wins
+        return torch.stack(losses).float().cpu().tolist() if losses else []

@@ -44,19 +44,23 @@ class Score:
 def score(model: torch.nn.Module, data: TextClassificationData | None, tokenizer, *, batch_size: int,
           max_length: int) -> Score:
     """Correct predictions and summed cross-entropy of the model as loaded on all of `data`, in
-    batches of similar length, so that little of each forward pass is padding."""
+    batches of similar length, so that little of each forward pass is padding. The sums stay where
+    the model runs until the last batch (one read back, not one a batch)."""
     if data is None or len(data) == 0:
         return Score()
     model.eval()
-    correct, loss_sum = 0, 0.0
     device = next(model.parameters()).device
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     by_length = shortest_first(data, tokenizer, max_length=max_length)
     for batch in make_batches(data, tokenizer, by_length, batch_size, max_length=max_length):
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k != "labels"}
-        logits = model(**inputs).logits.float().cpu()
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-    return Score(float(correct), loss_sum, len(data))
+        logits = model(**inputs).logits.float()
+        labels = batch["labels"].to(device)
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+        correct += (logits.argmax(-1) == labels).sum()
+    correct, loss_sum = torch.stack([correct.double(), loss_sum]).tolist()
+    return Score(correct, loss_sum, len(data))
 
 
 def _apportion(weights: list[int], total: int) -> list[int]:
