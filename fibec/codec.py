@@ -122,6 +122,8 @@ def decode(payload: bytes | bytearray | memoryview, *, max_output_bytes: int | N
             device = torch.device(device)
         except (RuntimeError, TypeError):
             raise ValueError(f"device must be a torch.device or a device name such as 'cuda', got {device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}, but this torch sees no CUDA device")
     section = _parse(payload, max_output_bytes)
     if device is not None and device.type != "cpu":
         return _decode_to(device, section)

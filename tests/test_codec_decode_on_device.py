@@ -137,6 +137,12 @@ def test_a_device_that_is_not_one_is_named_in_the_error(device):
         codec.decode(codec.encode({"a": torch.ones(3)}, values="int8"), device=device)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_cuda_device_is_named_in_the_error():
+    with pytest.raises(ValueError, match="device='cuda'.*no CUDA"):
+        codec.decode(codec.encode({"a": torch.ones(3)}, values="int8"), device="cuda")
+
+
 def test_the_staging_entry_refuses_a_buffer_of_the_wrong_size_or_format():
     quantised = codec._parse(codec.encode({"a": torch.ones(3, 70)}, values="int8"), None)
     blocks, elements, _ = quantised.quantised_layout()
