@@ -108,7 +108,8 @@ step environment 30 bash -c environment
 # compile the whole space again and again; test_fisher_ops_splits.py checks every config and,
 # on a GPU, one autotuned launch over the whole space.
 step tests 150 env FIBEC_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -n "$JOBS" \
-    tests/test_fisher_ops.py tests/test_fisher_ops_errors.py tests/test_fisher_ops_splits.py tests/test_masked_update.py
+    tests/test_fisher_ops.py tests/test_fisher_ops_errors.py tests/test_fisher_ops_splits.py tests/test_masked_update.py \
+    tests/test_codec_on_device.py tests/test_codec_decode_on_device.py
 step fisher 180 "$PY" bench/bench_fisher.py --gpu-json "$OUT/fisher.json" "$WORKERS"
 step collector 75 "$PY" bench/bench_collector.py --json "$OUT/collector.json"
 step masked_update 40 "$PY" bench/bench_masked_update.py --gpu-json "$OUT/masked_update.json"

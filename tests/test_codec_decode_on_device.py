@@ -67,6 +67,18 @@ def test_quantised_payloads_decode_on_the_device_to_the_host_decoders_values(dty
         torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu.sh runs it on one)")
+@pytest.mark.parametrize("values", ["int8", "int4"])
+@pytest.mark.parametrize("level", [None, 3], ids=["raw", "zstd"])
+def test_quantised_payloads_decode_on_a_gpu_to_the_host_decoders_values(values, level):
+    tensors, masks = tensors_and_masks(torch.bfloat16)
+    payload = codec.encode(tensors, masks=masks, values=values, level=level)
+    on_gpu = codec.decode(payload, device="cuda")
+    for name, expected in codec.decode(payload).items():
+        assert on_gpu[name].is_cuda and on_gpu[name].dtype == expected.dtype, name
+        torch.testing.assert_close(on_gpu[name].cpu(), expected, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
 def test_a_payload_without_tensors_decodes_to_nothing_on_the_device():
     assert decoded_on_cpu_device_path(codec.encode({}, values="int8")) == {}
 
