@@ -67,9 +67,12 @@ bench: $(STAMP)
 
 # The codec's C++ under AddressSanitizer and UBSan (by hand, minutes): a copy of the package
 # and tests whose extension is built with both, then the codec tests (with the GPU path's bodies,
-# under the interpreter) and 20,000 fuzz cases.
+# under the interpreter) and 20,000 fuzz cases. pybind11's headers come from the build requirement
+# of pyproject.toml (pip installs it only in an isolated build environment otherwise).
 SANITIZED := build/sanitize
 sanitize: $(STAMP)
+	$(PY) -c "import pybind11" 2>/dev/null || $(PY) -m pip install -q "$$($(PY) -c "import tomllib; \
+	    print(next(r for r in tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'] if r.startswith('pybind11')))")"
 	rm -rf $(SANITIZED) && mkdir -p $(SANITIZED) && cp -r fibec tests $(SANITIZED)/ && rm -f $(SANITIZED)/fibec/_codec*.so
 	g++ -std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
 	    -shared -fPIC $$($(PY) -m pybind11 --includes) csrc/*.cpp \
