@@ -943,10 +943,7 @@ void stage_quantised(const Record& r, bool shuffled, uint8_t* scales, int8_t* q,
     if (r.values == kInt8Block) {
         copy_bytes(reinterpret_cast<uint8_t*>(q), values, r.n_values);
     } else {
-        for (uint64_t i = 0; i < r.n_values; ++i) {
-            const int nibble = (values[i / 2] >> (4 * (i % 2))) & 0xF;
-            q[i] = static_cast<int8_t>(nibble >= 8 ? nibble - 16 : nibble);
-        }
+        for (uint64_t i = 0; i < r.n_values; ++i) q[i] = static_cast<int8_t>(int4_step(values, i));
     }
     if (r.encoding == kDense) return set_bits(kept_bits, first_bit, r.numel);
     IndexReader reader(r.index_code, r.index, r.index_len, r.universe);

@@ -177,10 +177,7 @@ void quantise_int4(const float* x, uint64_t n, uint8_t* body) {
 
 void dequantise_int4(const uint8_t* body, uint64_t n, float* out) {
     const uint8_t* q = body + 4 * quant_blocks(n);
-    dequantise_blocks(body, n, 0, out, [q](uint64_t i) {
-        const int nibble = (q[i / 2] >> (4 * (i % 2))) & 0xF;
-        return nibble >= 8 ? nibble - 16 : nibble;
-    });
+    dequantise_blocks(body, n, 0, out, [q](uint64_t i) { return int4_step(q, i); });
 }
 
 void quantise(const float* x, uint64_t n, uint8_t* body) {

@@ -31,4 +31,10 @@ void quantise_int4(const float* x, uint64_t n, uint8_t* body);
 // out[i] = q[i] * scale[i / kQuantBlock] (a nibble 0x8 reads as -8, which no encoder writes).
 void dequantise_int4(const uint8_t* body, uint64_t n, float* out);
 
+// The int4 step of value i of packed values q (low nibble first, two's complement).
+inline int int4_step(const uint8_t* q, uint64_t i) {
+    const int nibble = (q[i / 2] >> (4 * (i % 2))) & 0xF;
+    return nibble >= 8 ? nibble - 16 : nibble;
+}
+
 }  // namespace fibec

@@ -138,18 +138,21 @@ class Coordinator:
         used = self.server.enter(values)
         self._round["entering_from"] = used
 
+    def _due(self, every: int) -> bool:
+        """Whether the round in progress is every `every`-th one or the last."""
+        n = self.rounds_done + 1
+        return n % every == 0 or n == self.cfg.rounds
+
     @property
     def evaluates(self) -> bool:
         """Whether this round ends with an evaluation (every eval_every rounds and the last one)."""
-        n = self.rounds_done + 1
-        return n % self.cfg.eval_every == 0 or n == self.cfg.rounds
+        return self._due(self.cfg.eval_every)
 
     @property
     def evaluates_personal(self) -> bool:
         """Whether that evaluation includes the personalised protocol (every personal_eval_every
         rounds and the last one)."""
-        n = self.rounds_done + 1
-        return self.evaluates and (n % self.cfg.personal_eval_every == 0 or n == self.cfg.rounds)
+        return self.evaluates and self._due(self.cfg.personal_eval_every)
 
     def shared_payload(self) -> bytes:
         """What every client holds from the server now, in the run's value format (for the
