@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <utility>
 
 #include "crc32c.h"
@@ -260,48 +261,53 @@ class Section {
     // int8 values (each record's from a whole block on, zeros between), then one bit per element
     // of every record in turn, set where the record holds a value.
     py::object quantised_layout() const {
-        uint64_t blocks = 0, elements = 0;
-        if (!quantised_totals(blocks, elements)) return py::none();
+        const std::optional<QuantisedLayout> layout = quantised_layout_of();
+        if (!layout) return py::none();
         py::list records;
-        uint64_t block = 0;
-        for (const Record& r : records_) {
-            records.append(py::make_tuple(block, r.n_values, r.numel));
-            block += quant_blocks(r.n_values);
-        }
-        return py::make_tuple(blocks, elements, records);
+        for (size_t k = 0; k < records_.size(); ++k)
+            records.append(py::make_tuple(layout->first_block[k], records_[k].n_values, records_[k].numel));
+        return py::make_tuple(layout->blocks, layout->elements, records);
     }
 
     // Writes that layout to out (its size exactly), verifying the checksum first when asked at
     // construction; the layout must have been one (not None).
     void stage_quantised(const py::object& out) const {
         ByteView target(out, "out", true);
-        uint64_t blocks = 0, elements = 0;
-        if (!quantised_totals(blocks, elements))
-            throw py::value_error("stage_quantised: a record does not hold int8 or int4 values");
-        const uint64_t bits_at = blocks * (4 + kQuantBlock);
-        if (target.size() != bits_at + (elements + 7) / 8) throw py::value_error("stage_quantised: out has the wrong size");
+        const std::optional<QuantisedLayout> layout = quantised_layout_of();
+        if (!layout) throw py::value_error("stage_quantised: a record does not hold int8 or int4 values");
+        const uint64_t blocks = layout->blocks, bits_at = blocks * (4 + kQuantBlock);
+        if (target.size() != bits_at + (layout->elements + 7) / 8)
+            throw py::value_error("stage_quantised: out has the wrong size");
         run(nullptr, {}, false);
         py::gil_scoped_release release;
         uint8_t* base = target.mutable_data();
         std::memset(base + 4 * blocks, 0, target.size() - 4 * blocks);
-        uint64_t block = 0, element = 0;
-        for (const Record& r : records_) {
-            fibec::stage_quantised(r, shuffled_, base + 4 * block, reinterpret_cast<int8_t*>(base + 4 * blocks + kQuantBlock * block),
-                            base + bits_at, element);
-            block += quant_blocks(r.n_values);
-            element += r.numel;
+        for (size_t k = 0; k < records_.size(); ++k) {
+            const uint64_t block = layout->first_block[k];
+            fibec::stage_quantised(records_[k], shuffled_, base + 4 * block,
+                                   reinterpret_cast<int8_t*>(base + 4 * blocks + kQuantBlock * block), base + bits_at,
+                                   layout->first_element[k]);
         }
     }
 
   private:
-    // Sums the blocks and elements of the staging layout; false if a record holds other values.
-    bool quantised_totals(uint64_t& blocks, uint64_t& elements) const {
+    // The staging layout's totals and where each record starts in it.
+    struct QuantisedLayout {
+        uint64_t blocks = 0, elements = 0;
+        std::vector<uint64_t> first_block, first_element;
+    };
+
+    // The staging layout; none if a record holds values other than int8 or int4.
+    std::optional<QuantisedLayout> quantised_layout_of() const {
+        QuantisedLayout layout;
         for (const Record& r : records_) {
-            if (r.values != kInt8Block && r.values != kInt4Block) return false;
-            blocks += quant_blocks(r.n_values);
-            elements += r.numel;
+            if (r.values != kInt8Block && r.values != kInt4Block) return std::nullopt;
+            layout.first_block.push_back(layout.blocks);
+            layout.first_element.push_back(layout.elements);
+            layout.blocks += quant_blocks(r.n_values);
+            layout.elements += r.numel;
         }
-        return true;
+        return layout;
     }
 
     void run(uint8_t* base, const std::vector<uint64_t>& offsets, bool streaming) const {

@@ -505,43 +505,44 @@ void for_each_kept(const TensorIn& t, const TensorPlan& plan, F&& f) {
         if (is_nonzero(width, t.data, i)) f(i);
 }
 
-// Calls f(offset, count) for each run of source elements to store, in stream order.
-template <class F>
-void for_each_source_run(const TensorIn& t, const TensorPlan& plan, F&& f) {
-    switch (plan.encoding) {
+// The layout rule of every sparse encoding, shared by the encoder and the decoders: calls
+// f(offset, count) for each run of kept elements in stream order, where each_kept(g) calls g(i)
+// for each kept unit (row, column or element) in increasing order. Adjacent columns make one run
+// (found once, used on every row); each kept element is its own run, since merging neighbours
+// in a random mask costs a mispredicted branch per element (measured: encode and decode of
+// top-25% uploads 10-30% slower).
+template <class EachKept, class F>
+void for_each_run(Encoding encoding, uint64_t rows, uint64_t cols, uint64_t numel, EachKept&& each_kept, F&& f) {
+    switch (encoding) {
         case kDense:
-            if (plan.numel) f(uint64_t{0}, plan.numel);
+            if (numel) f(uint64_t{0}, numel);
             return;
         case kRows:
-            for_each_kept(t, plan, [&](uint64_t r) { f(r * plan.cols, plan.cols); });
+            each_kept([&](uint64_t r) { f(r * cols, cols); });
             return;
         case kCols: {
             std::vector<std::pair<uint64_t, uint64_t>> runs;
-            for_each_kept(t, plan, [&](uint64_t c) {
+            each_kept([&](uint64_t c) {
                 if (!runs.empty() && runs.back().first + runs.back().second == c)
                     ++runs.back().second;
                 else
                     runs.emplace_back(c, 1);
             });
-            for (uint64_t r = 0; r < plan.rows; ++r)
-                for (const auto& [c, n] : runs) f(r * plan.cols + c, n);
+            for (uint64_t r = 0; r < rows; ++r)
+                for (const auto& [c, n] : runs) f(r * cols + c, n);
             return;
         }
-        case kElements: {
-            uint64_t start = 0, count = 0;
-            for_each_kept(t, plan, [&](uint64_t e) {
-                if (count && start + count == e) {
-                    ++count;
-                    return;
-                }
-                if (count) f(start, count);
-                start = e;
-                count = 1;
-            });
-            if (count) f(start, count);
+        case kElements:
+            each_kept([&](uint64_t e) { f(e, uint64_t{1}); });
             return;
-        }
     }
+}
+
+// Calls f(offset, count) for each run of source elements to store, in stream order.
+template <class F>
+void for_each_source_run(const TensorIn& t, const TensorPlan& plan, F&& f) {
+    for_each_run(plan.encoding, plan.rows, plan.cols, plan.numel,
+                 [&](auto&& g) { for_each_kept(t, plan, g); }, f);
 }
 
 void write_index(const TensorIn& t, const TensorPlan& plan, uint8_t* out) {
@@ -845,29 +846,30 @@ std::vector<Record> parse_section(const uint8_t* data, size_t len, uint32_t n_te
 
 namespace {
 
-// Writes a sparse record's dense tensor from its value stream, already in the tensor's
-// dtype (W bytes per value).
+// Calls f(offset, count) for each run of a decoded record's kept elements, in stream order
+// (its index body was checked when the payload was parsed).
+template <class F>
+void for_each_record_run(const Record& r, F&& f) {
+    const uint64_t rows = r.shape.size() == 2 ? r.shape[0] : 1;
+    const uint64_t cols = r.shape.size() == 2 ? r.shape[1] : r.numel;
+    for_each_run(r.encoding, rows, cols, r.numel, [&](auto&& g) {
+        IndexReader reader(r.index_code, r.index, r.index_len, r.universe);
+        for (uint64_t k = 0; k < r.n_kept; ++k) g(reader.next());
+    }, f);
+}
+
+// Writes a sparse record's dense tensor from its value stream, already in the tensor's dtype
+// (W bytes per value).
 template <size_t W>
 void scatter(const Record& r, const uint8_t* stream, uint8_t* out) {
     std::memset(out, 0, r.out_bytes);
-    IndexReader reader(r.index_code, r.index, r.index_len, r.universe);
-    const uint64_t rows = r.shape.size() == 2 ? r.shape[0] : 1;
-    const uint64_t cols = r.shape.size() == 2 ? r.shape[1] : r.numel;
-    if (r.encoding == kRows) {
-        for (uint64_t k = 0; k < r.n_kept; ++k) copy_bytes(out + reader.next() * cols * W, stream + k * cols * W, cols * W);
-    } else if (r.encoding == kCols) {
-        std::vector<uint64_t> kept(r.n_kept);
-        for (auto& col : kept) col = reader.next();
-        for (uint64_t row = 0; row < rows; ++row) {
-            uint8_t* line = out + row * cols * W;
-            for (uint64_t col : kept) {
-                std::memcpy(line + col * W, stream, W);
-                stream += W;
-            }
-        }
-    } else {
-        for (uint64_t k = 0; k < r.n_kept; ++k) std::memcpy(out + reader.next() * W, stream + k * W, W);
-    }
+    for_each_record_run(r, [&](uint64_t offset, uint64_t n) {
+        if (n == 1)
+            std::memcpy(out + offset * W, stream, W);  // every element of an element mask
+        else
+            std::memcpy(out + offset * W, stream, n * W);
+        stream += n * W;
+    });
 }
 
 }  // namespace
@@ -945,20 +947,7 @@ void stage_quantised(const Record& r, bool shuffled, uint8_t* scales, int8_t* q,
     } else {
         for (uint64_t i = 0; i < r.n_values; ++i) q[i] = static_cast<int8_t>(int4_step(values, i));
     }
-    if (r.encoding == kDense) return set_bits(kept_bits, first_bit, r.numel);
-    IndexReader reader(r.index_code, r.index, r.index_len, r.universe);
-    const uint64_t rows = r.shape.size() == 2 ? r.shape[0] : 1;
-    const uint64_t cols = r.shape.size() == 2 ? r.shape[1] : r.numel;
-    if (r.encoding == kRows) {
-        for (uint64_t k = 0; k < r.n_kept; ++k) set_bits(kept_bits, first_bit + reader.next() * cols, cols);
-    } else if (r.encoding == kCols) {
-        std::vector<uint64_t> kept(r.n_kept);
-        for (auto& col : kept) col = reader.next();
-        for (uint64_t row = 0; row < rows; ++row)
-            for (uint64_t col : kept) set_bits(kept_bits, first_bit + row * cols + col, 1);
-    } else {
-        for (uint64_t k = 0; k < r.n_kept; ++k) set_bits(kept_bits, first_bit + reader.next(), 1);
-    }
+    for_each_record_run(r, [&](uint64_t offset, uint64_t n) { set_bits(kept_bits, first_bit + offset, n); });
 }
 
 uint32_t checksum_and_fill(const Record& r, uint8_t* out, uint32_t crc, bool streaming) {

@@ -109,10 +109,20 @@ def difficulty_scores(model: torch.nn.Module, data_batches: Iterable[Mapping[str
         raise ValueError("data_batches yielded no batch")
     size = num_samples if num_samples is not None else 1 + max(int(i.max()) for i, _ in chunks)
     scores = torch.full((size,), float("nan"), dtype=torch.float32)
-    arrived = torch.cat([sample for _, sample in chunks]).float().cpu()
-    for (idx, _), sample in zip(chunks, arrived.split([len(idx) for idx, _ in chunks])):
+    for idx, sample in scores_on_host(chunks):
         scores[idx] = sample
     return (scores, fisher, traces) if return_fisher else scores
+
+
+def scores_on_host(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(indices [n_i], per-sample scores [n_i])] with every chunk's scores read back to the host in
+    one read: each read of a device tensor is a wait for the device, so batches keep their scores
+    where they were computed and hand them over here, once. Returns the same pairs in order, the
+    scores as float32 CPU tensors."""
+    if not chunks:
+        return []
+    arrived = torch.cat([scores for _, scores in chunks]).float().cpu()
+    return list(zip([index for index, _ in chunks], arrived.split([scores.shape[0] for _, scores in chunks])))
 
 
 class CurriculumSampler:

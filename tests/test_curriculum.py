@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from host_reads import counting_host_reads, within
 
 from fibec.curriculum import (PACING_KINDS, CurriculumSampler, DifficultyTracker, difficulty_scores, pacing_fraction,
                               within_label_rank)
@@ -196,30 +197,23 @@ def test_difficulty_scores_land_at_batch_index_positions(task, tokenizer):
     torch.testing.assert_close(partial[[0, 5]], in_order[[0, 5]], rtol=1e-5, atol=0)
 
 
-def test_difficulty_scores_read_the_scores_back_once_not_once_a_batch(task, tokenizer, monkeypatch):
+def test_difficulty_scores_read_the_scores_back_once_not_once_a_batch(task, tokenizer):
     """A read of a device tensor on the host waits for a GPU: the scoring pass reads its scores back
-    once, whatever its number of batches (counted where difficulty_scores makes the reads)."""
-    import sys
-
+    once, whatever its number of batches (counted in everything the pass calls, the model
+    included; the batches' int64 indices are the host's own)."""
     from fibec.data import make_batches
 
     data, _ = task
     model = tiny_lora_bert(len(tokenizer))
-    reads = []
-    cpu = torch.Tensor.cpu
-
-    def counted_cpu(self, *args, **kwargs):
-        if sys._getframe(1).f_code.co_name == "difficulty_scores" and self.dtype != torch.int64:
-            reads.append(self.numel())  # the batches' indices are the host's own
-        return cpu(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "cpu", counted_cpu)
     per_batch_size = {}
     for batch_size in (2, 7):
-        reads.clear()
-        difficulty_scores(model, make_batches(data, tokenizer, None, batch_size, max_length=24))
-        per_batch_size[batch_size] = list(reads)
-    assert per_batch_size[2] == per_batch_size[7] == [len(data)]
+        with counting_host_reads(lambda frame, tensor: within(frame, "difficulty_scores")
+                                 and tensor.dtype != torch.int64) as reads:
+            difficulty_scores(model, make_batches(data, tokenizer, None, batch_size, max_length=24))
+        per_batch_size[batch_size] = reads
+    # Everything the pass reads (the scores in one piece, the layer traces once) whatever its batches.
+    assert per_batch_size[2] == per_batch_size[7]
+    assert [n for name, n in per_batch_size[2] if name == "cpu"] == [len(data)]
 
 
 def test_difficulty_scores_are_deterministic_restore_mode_and_grads(task, tokenizer):

