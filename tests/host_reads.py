@@ -35,7 +35,6 @@ def counting_host_reads(where: Callable[[FrameType, torch.Tensor], bool], reads:
         yield reads
 
 
-
 def within(frame: FrameType | None, function: str) -> bool:
     """Whether `frame` runs in a call of `function` (its own code or anything it calls)."""
     while frame is not None:
