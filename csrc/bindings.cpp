@@ -58,7 +58,7 @@ const uint8_t* tensor_memory(const py::handle& address, const py::handle& bytes,
 // tensors: [(name: bytes, dtype: int, shape: tuple, data address: int, data bytes: int,
 //            mask kind: int, mask address: int, mask bytes: int, scales address: int | None,
 //            scales bytes: int, quantised address: int, quantised bytes: int,
-//            what keeps that memory alive)]; scales address None: no int8 body given; data
+//            what keeps that memory alive)]; scales address None: no int8/int4 body given; data
 //            address 0 with a body: the values are not on the host.
 py::bytes encode(const py::list& tensors, int values, bool shuffle, bool check_finite, bool framed) {
     if (values < kF32 || values > kInt4Block) throw py::value_error("unknown value format code");

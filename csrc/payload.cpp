@@ -639,8 +639,8 @@ Encoder::Encoder(std::vector<TensorIn> tensors, EncodeOptions options)
         plan.values = options.values == kF32 ? t.dtype : options.values;
         if (t.given_body && !t.data && (options.check_finite || t.mask_kind == MaskKind::kAuto))
             throw EncodeError("tensor '" + t.name + "': its values are needed on the host");
-        if (t.given_body && plan.values != kInt8Block)
-            throw EncodeError("tensor '" + t.name + "': a quantised body is int8, not the requested values");
+        if (t.given_body && plan.values != kInt8Block && plan.values != kInt4Block)
+            throw EncodeError("tensor '" + t.name + "': a quantised body is int8 or int4, not the requested values");
         if (options.check_finite)
             for (uint64_t i = 0; i < plan.numel; ++i)
                 if (!is_finite_bits(t.dtype, t.data, i))
@@ -651,7 +651,8 @@ Encoder::Encoder(std::vector<TensorIn> tensors, EncodeOptions options)
         else
             plan_masked(t, plan);
         plan.values_len = value_body_size(plan.values, plan.n_values);
-        if (t.given_body && (t.scales_bytes != 4 * quant_blocks(plan.n_values) || t.quantised_bytes != plan.n_values))
+        if (t.given_body && (t.scales_bytes != 4 * quant_blocks(plan.n_values) ||
+                             t.scales_bytes + t.quantised_bytes != plan.values_len))
             throw EncodeError("tensor '" + t.name + "': its quantised body does not hold the " +
                               std::to_string(plan.n_values) + " values its mask keeps");
         section_size_ += 2 + t.name.size() + 5 + 8 * t.shape.size() + 24 + plan.index_len + plan.values_len;

@@ -38,9 +38,10 @@ constexpr unsigned kMaxDims = 8;
 
 // One tensor to encode, read in place. `mask` is one byte per unit (nonzero = kept):
 // rows for kRows, columns for kCols, elements for kElements; unused for kAuto and kKeepAll.
-// With `given_body`, `scales`/`quantised` are the int8 values body already computed by the caller
-// (on the GPU: fibec/kernels/quantize.py) over the stream the mask keeps: quant_blocks(n) fp32
-// scales and n int8 values, with their byte counts; `data` is then unread and may be null.
+// With `given_body`, `scales`/`quantised` are the int8 or int4 values body (the requested format)
+// already computed by the caller (on the GPU: fibec/kernels/quantize.py) over the stream the mask
+// keeps: quant_blocks(n) fp32 scales and the n values (int8_bytes(n) or int4_bytes(n) bytes), with
+// their byte counts; `data` is then unread and may be null.
 struct TensorIn {
     std::string name;
     uint8_t dtype;

@@ -1,5 +1,6 @@
-"""int8 values of tensors that live on a GPU, encoded and decoded there: only the bodies (about a
-quarter of the fp32 bytes) and the masks, as bits, cross between host and device, in one copy.
+"""int8 and int4 values of tensors that live on a GPU, encoded and decoded there: only the bodies
+(about a quarter of the fp32 bytes for int8, an eighth for int4) and the masks, as bits, cross
+between host and device, in one copy.
 
 encode(): the kept entries are gathered and quantised on the device (fibec/kernels/quantize.py,
 byte for byte the C++ encoder's). decode(device=...): the C++ side validates the payload (and its
@@ -34,8 +35,8 @@ class Keep:
 
 @dataclass(frozen=True)
 class Staged:
-    """One tensor's int8 body on the host: scales uint8 [4 * ceil(n / 64)] (fp32 bytes) and
-    quantised uint8 [n], over the n values its mask keeps in stream order; flags uint8 [units]
+    """One tensor's body on the host: scales uint8 [4 * ceil(n / 64)] (fp32 bytes) and quantised
+    uint8 [n] (int8) or [ceil(n / 2)] (int4), over the n values its mask keeps in stream order; flags uint8 [units]
     (1 = kept) for a masked tensor, None for one that keeps everything."""
 
     flags: torch.Tensor | None
@@ -43,8 +44,8 @@ class Staged:
     quantised: torch.Tensor
 
 
-def stage_int8(tensors: list[torch.Tensor], keeps: list[Keep | None]) -> list[Staged | None]:
-    """Bodies of contiguous float tensors (fp32/fp16/bf16, at least one entry each, all on one
+def stage_quantised(tensors: list[torch.Tensor], keeps: list[Keep | None], values: str) -> list[Staged | None]:
+    """`values` ("int8" or "int4") bodies of contiguous float tensors (fp32/fp16/bf16, at least one entry each, all on one
     device), each with its mask or None. None in the result: a tensor without a mask that holds an
     entry whose bits are all 0 (the host plans it). Synchronises with the device twice: once for
     the stream lengths, once for the copy."""
@@ -67,7 +68,10 @@ def stage_int8(tensors: list[torch.Tensor], keeps: list[Keep | None]) -> list[St
         starts.append(total)
         total += max(length, 0) + (-max(length, 0)) % quantize.BLOCK
     blocks = total // quantize.BLOCK
-    bits_at, end = [], 4 * blocks + total  # scales (4 bytes a block), then the int8 values, then mask bits
+    # Scales (4 bytes a block), then the values (a whole number of bytes: total is a multiple of
+    # the block), then the mask bits.
+    values_bytes = quantize.value_bytes(values, total)
+    bits_at, end = [], 4 * blocks + values_bytes
     for keep, length in zip(keeps, lengths):
         bits_at.append(end)
         end += 0 if keep is None or length < 0 else -(-keep.mask.numel() // 8)
@@ -86,8 +90,9 @@ def stage_int8(tensors: list[torch.Tensor], keeps: list[Keep | None]) -> list[St
         streams.scatter_(0, torch.where(kept, torch.cumsum(kept, 0) + (start - 1), total), flat.float())
         staging[at:at + -(-keep.mask.numel() // 8)].copy_(_packed_bits(keep.mask.reshape(-1)))
     if total:
-        quantize.int8_blocks(streams[:total], out=(staging[:4 * blocks].view(torch.float32),
-                                                   staging[4 * blocks:4 * blocks + total].view(torch.int8)))
+        body = staging[4 * blocks:4 * blocks + values_bytes]
+        quantize.quantise_blocks(streams[:total], values, out=(staging[:4 * blocks].view(torch.float32),
+                                                               body.view(torch.int8) if values == "int8" else body))
     host = _to_host(staging)
 
     staged = []
@@ -101,8 +106,9 @@ def stage_int8(tensors: list[torch.Tensor], keeps: list[Keep | None]) -> list[St
             units = keep.mask.numel()
             flags = torch.from_numpy(np.unpackbits(host[at:at + -(-units // 8)].numpy(), count=units,
                                                    bitorder="little"))
+        values_at = 4 * blocks + quantize.value_bytes(values, start)
         staged.append(Staged(flags, host[4 * first_block:4 * (first_block + -(-length // quantize.BLOCK))],
-                             host[4 * blocks + start:4 * blocks + start + length]))
+                             host[values_at:values_at + quantize.value_bytes(values, length)]))
     return staged
 
 

@@ -48,9 +48,9 @@ def encode(
     """Encode named float tensors into one payload.
 
     tensors: {name: contiguous fp32/fp16/bf16 tensor of any shape (up to 8 dims)}. CUDA
-        tensors are copied to the host first, except with values="int8" (and Triton installed,
-        check_finite off): their kept entries are quantised on the GPU and only the int8 bodies
-        and masks cross, in one copy (a tensor without a mask that holds a zero entry is copied
+        tensors are copied to the host first, except with values="int8" or "int4" (and Triton
+        installed, check_finite off): their kept entries are quantised on the GPU and only the
+        bodies and masks cross, in one copy (a tensor without a mask that holds a zero entry is copied
         whole, for the layout choice); the bytes are the same either way.
     masks: {name: element_mask | (neuron_mask, mask_dim)}: an element mask has the tensor's
         shape; a neuron mask of a 2-D tensor [O, I] is [O] with mask_dim=0 (rows) or [I] with
@@ -86,8 +86,8 @@ def encode(
 
     # The specs hold the tensors (and masks) whose memory the C++ side reads by address.
     specs = [_tensor_spec(name, tensor, masks.get(name)) for name, tensor in tensors.items()]
-    if values == "int8" and not check_finite:
-        _quantise_on_device(specs)
+    if values in ("int8", "int4") and not check_finite:
+        _quantise_on_device(specs, values)
     specs = [spec if isinstance(spec, tuple) else _on_host(spec) for spec in specs]
     compress = level is not None
     section = _codec.encode(specs, _VALUE_CODES[values], compress, bool(check_finite), not compress)
@@ -222,10 +222,10 @@ def _on_host(spec: list) -> tuple:
             (tensor, kept))
 
 
-def _quantise_on_device(specs: list) -> None:
+def _quantise_on_device(specs: list, values: str) -> None:
     """Replaces, in place, the entries of tensors that Triton runs on (CUDA tensors; any under
-    FIBEC_BACKEND=triton with the interpreter), on the first such tensor's device, by int8 bodies
-    quantised there."""
+    FIBEC_BACKEND=triton with the interpreter), on the first such tensor's device, by `values`
+    ("int8" or "int4") bodies quantised there."""
     staged = [k for k, spec in enumerate(specs) if spec[3].numel() and _backend.use_triton(spec[3])]
     if not staged:
         return
@@ -234,7 +234,7 @@ def _quantise_on_device(specs: list) -> None:
     keeps = [None if specs[k][5] is None else
              _payload_on_device.Keep(specs[k][5].to(device), {_MASK_ROWS: 0, _MASK_COLS: 1}.get(specs[k][4]))
              for k in staged]
-    for k, body in zip(staged, _payload_on_device.stage_int8([specs[k][3] for k in staged], keeps)):
+    for k, body in zip(staged, _payload_on_device.stage_quantised([specs[k][3] for k in staged], keeps, values)):
         if body is None:
             continue
         encoded_name, dtype_code, shape, _, mask_kind, _ = specs[k]

@@ -58,7 +58,7 @@ def record_launches(sms: int, shared: int) -> list:
         setattr(fisher, name, Recorder(getattr(fisher, name).kernel, launches))
     for name in ("_masked_adamw", "_masked_sgd"):
         setattr(masked_update, name, Recorder(getattr(masked_update, name).kernel, launches))
-    quantize._int8_blocks = Recorder(quantize._int8_blocks.kernel, launches)
+    quantize._LAUNCHERS = {name: Recorder(launcher.kernel, launches) for name, launcher in quantize._LAUNCHERS.items()}
 
     # (N, T): many samples (whole samples per split) and few long ones (token chunks, second pass).
     for dtype, (N, T), masked in itertools.product(FLOATS, [(64, 16), (2, 1024)], [False, True]):
@@ -80,8 +80,8 @@ def record_launches(sms: int, shared: int) -> list:
         for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):
             masked_update.masked_sgd(p, p, mask, mask_dim, lr=1e-3, momentum=momentum, buf=state,
                                      weight_decay=0.0, nesterov=nesterov)
-    for dtype in FLOATS:
-        quantize.int8_blocks(torch.zeros(1000, dtype=dtype))
+    for dtype, values in itertools.product(FLOATS, quantize.FORMATS):
+        quantize.quantise_blocks(torch.zeros(1000, dtype=dtype), values)
     return launches
 
 

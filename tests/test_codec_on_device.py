@@ -1,4 +1,4 @@
-"""encode(values="int8") of tensors Triton runs on: quantised where they live, the same bytes.
+"""encode(values="int8" or "int4") of tensors Triton runs on: quantised where they live, the same bytes.
 
 Without a GPU the device path runs on CPU tensors under FIBEC_BACKEND=triton and the interpreter;
 every payload is compared byte for byte with the host encoder's (FIBEC_BACKEND=torch)."""
@@ -13,7 +13,7 @@ from fibec.kernels import quantize  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def triton_runs_here():
-    if not torch.cuda.is_available() and not quantize._int8_blocks._interpreted:
+    if not torch.cuda.is_available() and not quantize._LAUNCHERS["int8"]._interpreted:
         pytest.skip("no GPU and TRITON_INTERPRET unset: the kernel cannot run here")
 
 
@@ -21,14 +21,17 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def both_ways(monkeypatch, tensors, masks=None, level=None) -> tuple[bytes, bytes]:
+QUANTISED = ["int8", "int4"]
+
+
+def both_ways(monkeypatch, tensors, masks=None, level=None, values="int8") -> tuple[bytes, bytes]:
     """(the host encoder's payload, the device path's) of the same tensors."""
     monkeypatch.setenv("FIBEC_BACKEND", "torch")
     host = codec.encode({n: t.cpu() for n, t in tensors.items()},
                         masks=None if masks is None else {n: _cpu(m) for n, m in masks.items()},
-                        values="int8", level=level)
+                        values=values, level=level)
     monkeypatch.setenv("FIBEC_BACKEND", "triton")
-    on_device = codec.encode(tensors, masks=masks, values="int8", level=level)
+    on_device = codec.encode(tensors, masks=masks, values=values, level=level)
     return host, on_device
 
 
@@ -53,7 +56,8 @@ def coin(shape, p, seed) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("level", [None, 3], ids=["raw", "zstd"])
-def test_masked_and_unmasked_tensors_encode_to_the_host_encoders_bytes(monkeypatch, dtype, level):
+@pytest.mark.parametrize("values", QUANTISED)
+def test_masked_and_unmasked_tensors_encode_to_the_host_encoders_bytes(monkeypatch, dtype, level, values):
     tensors = {
         "rows": random((37, 130), dtype, 1), "cols": random((9, 71), dtype, 2),
         "elements": random((4, 66), dtype, 3), "three_d": random((3, 5, 7), dtype, 4),
@@ -67,7 +71,7 @@ def test_masked_and_unmasked_tensors_encode_to_the_host_encoders_bytes(monkeypat
         "keeps_everything": torch.ones(5, 13, dtype=torch.bool, device=device()),
         "special_masked": coin((11, 17), 0.5, 9),
     }
-    host, on_device = both_ways(monkeypatch, tensors, masks, level)
+    host, on_device = both_ways(monkeypatch, tensors, masks, level, values)
     assert on_device == host
 
 
@@ -82,41 +86,44 @@ def test_an_unmasked_tensor_with_a_zero_entry_is_planned_on_the_host(monkeypatch
     negative_zero = random((8, 40), torch.float32, 2)
     negative_zero[0, 0] = -0.0  # not all bits 0: stays dense, staged
     staged = []
-    stage = _payload_on_device.stage_int8
+    stage = _payload_on_device.stage_quantised
 
-    def spy(tensors, keeps):
-        bodies = stage(tensors, keeps)
+    def spy(tensors, keeps, values):
+        bodies = stage(tensors, keeps, values)
         staged.extend(body is not None for body in bodies)
         return bodies
 
-    monkeypatch.setattr(_payload_on_device, "stage_int8", spy)
+    monkeypatch.setattr(_payload_on_device, "stage_quantised", spy)
     host, on_device = both_ways(monkeypatch, {"zero_rows": zero_rows, "negative_zero": negative_zero})
     assert on_device == host
     assert staged == [False, True]
     assert codec.inspect(on_device)["tensors"][0]["encoding"] == "rows"
 
 
-def test_only_the_int8_bodies_and_mask_bits_cross_to_the_host(monkeypatch):
+@pytest.mark.parametrize("values", QUANTISED)
+def test_only_the_quantised_bodies_and_mask_bits_cross_to_the_host(monkeypatch, values):
     tensors = {"a": random((64, 96), torch.float32, 1), "b": random((32, 96), torch.float32, 2)}
     masks = {"a": coin((64, 96), 0.25, 1), "b": (coin(32, 0.5, 2), 0)}
     monkeypatch.setenv("FIBEC_BACKEND", "torch")
-    host = codec.encode(tensors, masks=masks, values="int8")
+    host = codec.encode(tensors, masks=masks, values=values)
     monkeypatch.setenv("FIBEC_BACKEND", "triton")
     monkeypatch.setattr(codec, "_on_host", lambda spec: pytest.fail(f"{spec[0]} copied to the host whole"))
     copies = []
     to_host = _payload_on_device._to_host
     monkeypatch.setattr(_payload_on_device, "_to_host", lambda staging: copies.append(staging.numel()) or
                         to_host(staging))
-    assert codec.encode(tensors, masks=masks, values="int8") == host
+    assert codec.encode(tensors, masks=masks, values=values) == host
     a_kept, b_kept = int(masks["a"].sum()), int(masks["b"][0].sum()) * 96
     padded = -(-a_kept // 64) * 64 + -(-b_kept // 64) * 64
-    # One copy: the scales and int8 values of the kept entries, and each mask as bits.
-    assert copies == [padded // 64 * 4 + padded + 64 * 96 // 8 + 32 // 8]
+    # One copy: the scales and values (a byte each for int8, half for int4) of the kept entries,
+    # and each mask as bits.
+    value_bytes = padded if values == "int8" else padded // 2
+    assert copies == [padded // 64 * 4 + value_bytes + 64 * 96 // 8 + 32 // 8]
 
 
 def test_check_finite_and_other_value_formats_read_the_tensors_on_the_host(monkeypatch):
     monkeypatch.setenv("FIBEC_BACKEND", "triton")
-    monkeypatch.setattr(_payload_on_device, "stage_int8", lambda *a: pytest.fail("staged"))
+    monkeypatch.setattr(_payload_on_device, "stage_quantised", lambda *a: pytest.fail("staged"))
     x = random((3, 70), torch.float32, 1)
     x[1, 2] = float("inf")
     with pytest.raises(ValueError, match="non-finite value at flat index 72"):
@@ -124,7 +131,8 @@ def test_check_finite_and_other_value_formats_read_the_tensors_on_the_host(monke
     assert codec.decode(codec.encode({"x": x}, values="fp16"))["x"].shape == (3, 70)
 
 
-@pytest.mark.parametrize("body", ["short_scales", "long_values", "no_data_unmasked", "other_values"])
+@pytest.mark.parametrize("body", ["short_scales", "long_values", "int8_values_as_int4", "no_data_unmasked",
+                                  "other_values"])
 def test_the_encoder_rejects_a_quantised_body_that_does_not_fit_its_mask(body):
     scales, q = torch.zeros(4 * 2, dtype=torch.uint8), torch.zeros(100, dtype=torch.uint8)
     kind, values = 4, 4  # keep everything; int8
@@ -132,6 +140,8 @@ def test_the_encoder_rejects_a_quantised_body_that_does_not_fit_its_mask(body):
         scales = scales[:4]
     elif body == "long_values":
         q = torch.zeros(101, dtype=torch.uint8)
+    elif body == "int8_values_as_int4":
+        values = 5  # int4: 100 values take 50 bytes
     elif body == "no_data_unmasked":
         kind = 0
     else:
@@ -139,6 +149,7 @@ def test_the_encoder_rejects_a_quantised_body_that_does_not_fit_its_mask(body):
     spec = (b"x", 1, (10, 10), 0, 0, kind, 0, 0, scales.data_ptr(), scales.numel(), q.data_ptr(), q.numel(),
             (scales, q))
     message = {"short_scales": "does not hold the 100 values", "long_values": "does not hold the 100 values",
-               "no_data_unmasked": "needed on the host", "other_values": "int8, not the requested"}[body]
+               "int8_values_as_int4": "does not hold the 100 values", "no_data_unmasked": "needed on the host",
+               "other_values": "int8 or int4, not the requested"}[body]
     with pytest.raises(ValueError, match=message):
         _codec.encode([spec], values, False, False, True)
