@@ -132,6 +132,14 @@ def test_committed_grid_files_expand_into_valid_run_settings(grid_module, path):
         assert grid_module.config_of(loaded, run).method == run.method
 
 
+@pytest.mark.parametrize("path", COMMITTED_GRIDS, ids=lambda path: path.name)
+def test_committed_records_are_what_their_grid_file_runs_now(grid_module, path):
+    """A default that moves must be pinned in every grid file whose records used it: else the file no
+    longer reproduces its records, and a resumed grid would mix runs of two settings."""
+    loaded = grid_module.load_grid(path)
+    assert grid_module.describe_stale(grid_module.stale_runs(loaded, grid_module.read_records(loaded))) == []
+
+
 def test_every_setting_a_committed_record_lacks_is_read_with_the_value_it_had():
     """A setting added after runs were saved needs its old value in VALUES_BEFORE_ADDED, or
     resuming or reproducing those runs reads today's default (and a checkpoint looks mismatched)."""
@@ -244,6 +252,24 @@ def test_the_target_table_credits_the_transport_to_the_baseline_that_has_it(grid
     assert column["baseline, same transport: up ÷ up"].startswith("2.000 ± 0.000")  # the method's own share
     # Paired differences to the same-transport baseline: -0.01 and +0.01.
     assert column["global acc − baseline, same transport: paired mean [95% CI]"].startswith("+0.000 [")
+
+
+def test_a_variant_whose_transport_the_baseline_never_ran_says_so_rather_than_never(grid_module):
+    grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1], "methods": ["fibecfed", "fedavg"],
+            "shared_methods": ["fibecfed", "fedavg"], "transport_baseline_variant": "same",
+            "variants": {"int8": {"methods": ["fibecfed"]}}}
+    done = {}
+    for seed in (0, 1):
+        done[f"d-a0.5-s{seed}-fedavg--"] = fabricated_record("x", [0.8], 2_000)
+        done[f"d-a0.5-s{seed}-fibecfed--"] = fabricated_record("x", [0.8], 1_000)
+        done[f"d-a0.5-s{seed}-fibecfed-int8"] = fabricated_record("x", [0.8], 1_500)
+    lines = grid_module.targets(grid, done, "fibecfed", "fedavg")
+    header = next([cell.strip(" |") for cell in line.split(" | ")] for line in lines if line.startswith("| data |"))
+    rows = {row[2]: dict(zip(header, row)) for row in ([cell.strip(" |") for cell in line.split(" | ")]
+                                                       for line in lines if line.startswith("| d | 0.5 |"))}
+    assert rows["-"]["baseline, same transport: up ÷ up"] == "2.000 ± 0.000"
+    assert rows["int8"]["baseline, same transport: up ÷ up"] == "no such run"
+    assert rows["int8"]["global acc − baseline, same transport: paired mean [95% CI]"] == "no such run"
 
 
 def test_each_variant_is_paired_with_the_baseline_of_its_own_transport_and_pooled_over_cells(grid_module):
