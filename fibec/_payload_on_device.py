@@ -36,8 +36,8 @@ class Keep:
 @dataclass(frozen=True)
 class Staged:
     """One tensor's body on the host: scales uint8 [4 * ceil(n / 64)] (fp32 bytes) and quantised
-    uint8 [n] (int8) or [ceil(n / 2)] (int4), over the n values its mask keeps in stream order; flags uint8 [units]
-    (1 = kept) for a masked tensor, None for one that keeps everything."""
+    uint8 [n] (int8) or [ceil(n / 2)] (int4), over the n values its mask keeps in stream order;
+    flags uint8 [units] (1 = kept) for a masked tensor, None for one that keeps everything."""
 
     flags: torch.Tensor | None
     scales: torch.Tensor
@@ -45,10 +45,10 @@ class Staged:
 
 
 def stage_quantised(tensors: list[torch.Tensor], keeps: list[Keep | None], values: str) -> list[Staged | None]:
-    """`values` ("int8" or "int4") bodies of contiguous float tensors (fp32/fp16/bf16, at least one entry each, all on one
-    device), each with its mask or None. None in the result: a tensor without a mask that holds an
-    entry whose bits are all 0 (the host plans it). Synchronises with the device twice: once for
-    the stream lengths, once for the copy."""
+    """`values` ("int8" or "int4") bodies of contiguous float tensors (fp32/fp16/bf16, at least one
+    entry each, all on one device), each with its mask or None. None in the result: a tensor
+    without a mask that holds an entry whose bits are all 0 (the host plans it). Synchronises with
+    the device twice: once for the stream lengths, once for the copy."""
     from fibec.kernels import quantize  # needs triton, which installs on Linux only
 
     # A stream's length (-1: no mask and a zero entry), for all tensors in one transfer.
