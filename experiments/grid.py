@@ -493,11 +493,10 @@ def targets(grid: dict, done: dict, target: str, baseline: str) -> list[str]:
                        "uplink_for_2x": uplink_for_speedup(done[r.key]["rounds"], baselines[r.seed]["rounds"],
                                                            TARGET_OF_BASELINE * base["global"]),
                        "transport_global_diff": math.nan, "transport_up_ratio": math.nan,
-                       "transport_updown_ratio": math.nan, "has_transport": False}
+                       "transport_updown_ratio": math.nan}
                 transported = (baseline_runs(grid, cell_runs, done, baseline, transport_variant(grid, r.variant))
                                if same_transport else {})
                 if r.seed in transported:
-                    row["has_transport"] = True
                     other = summary(transported[r.seed], None)
                     row["transport_global_diff"] = mine["global"] - other["global"]
                     row["transport_up_ratio"] = other["up_mb"] / mine["up_mb"]
@@ -514,8 +513,9 @@ def targets(grid: dict, done: dict, target: str, baseline: str) -> list[str]:
 
 def target_row(data: str, alpha: str, variant: str, rows: list[dict], columns: tuple) -> str:
     def figure(key: str) -> str:
-        if key.startswith("transport_") and not any(row["has_transport"] for row in rows):
-            return "no such run"  # the baseline never ran with this variant's transport: not "never"
+        # A same-transport figure is nan only where the baseline has no run with that transport.
+        if key.startswith("transport_") and all(math.isnan(row[key]) for row in rows):
+            return "no such run"
         return TARGET_FORMATS.get(key, mean_std)([row[key] for row in rows])
 
     return f"| {data} | {alpha} | {variant} | {len(rows)} | " + " | ".join(figure(k) for k, _ in columns) + " |"
