@@ -557,20 +557,39 @@ def test_blockwise_bodies_are_exactly_the_documented_quantisation(n, values):
         assert (decoded[:64] - x[128:192]).abs().max() <= step / 2 and not decoded[64:].any()
 
 
-def test_int4_decodes_every_nibble_and_refuses_a_used_padding_nibble():
-    def resealed(payload: bytearray) -> bytes:
-        payload[-4:] = struct.pack("<I", reference_crc32c(bytes(payload[:-4])))
-        return bytes(payload)
+def _resealed(payload: bytearray) -> bytes:
+    """The payload with its checksum made right again after an edit."""
+    payload[-4:] = struct.pack("<I", reference_crc32c(bytes(payload[:-4])))
+    return bytes(payload)
 
+
+def test_int4_decodes_every_nibble_and_refuses_a_used_padding_nibble():
     odd = bytearray(encode({"x": torch.ones(3)}, values="int4"))  # q = 7, 7, 7: bytes 0x77, 0x07
     assert odd[-6:-4] == b"\x77\x07"
     odd[-5] = 0x87  # the third value -8 (never written, still read), its padding nibble 8
     with pytest.raises(PayloadError, match="high nibble"):
-        decode(resealed(odd))
+        decode(_resealed(odd))
     with pytest.raises(Exception):
-        reference_decode(resealed(odd))
+        reference_decode(_resealed(odd))
     odd[-5] = 0x08  # the third value -8, padding 0
-    assert decode(resealed(odd))["x"].tolist() == pytest.approx([1.0, 1.0, -8 / 7])
+    assert decode(_resealed(odd))["x"].tolist() == pytest.approx([1.0, 1.0, -8 / 7])
+
+
+@pytest.mark.parametrize("tail", [0, 2, 37])
+def test_int4_whole_blocks_decode_every_byte_as_the_reference_decoder_does(tail):
+    # Eight whole blocks (the vectorised path) whose packed bytes run through all 256 values,
+    # nibble 8 (-8, read though never written) included, then a shorter block.
+    g = torch.Generator().manual_seed(tail)
+    x = torch.randn(8 * 64 + tail, generator=g) * torch.logspace(-2, 2, 8 * 64 + tail)
+    payload = bytearray(encode({"x": x}, values="int4"))
+    (record,) = inspect(bytes(payload))["tensors"]
+    packed_at = len(payload) - 4 - record["values_bytes"] + 4 * (8 + (tail > 0))
+    payload[packed_at:packed_at + 256] = bytes(range(256))
+    sealed = _resealed(payload)
+    decoded = decode(sealed)["x"]
+    assert decoded.numpy().tobytes() == reference_decode(sealed)["x"][2]
+    scale = x[:64].abs().max() / 7  # byte 8 is 0x08: value 16 reads as -8 steps, value 17 as 0
+    assert decoded[16].item() == pytest.approx(-8 * scale.item()) and decoded[17].item() == 0.0
 
 
 def test_threads_encoding_and_decoding_at_once_each_get_their_own_tensors():
