@@ -168,6 +168,29 @@ def test_negative_zero_and_nan_survive_lossless_auto_encoding():
         assert torch.equal(_bits(decode(encode({"t": tensor}))["t"]), _bits(tensor))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 200, 64 * 6 + 7])
+def test_element_layouts_keep_exactly_the_entries_with_a_set_bit_across_64_entry_words(n, dtype):
+    # The encoder reads flags and values 64 at a time: a word with none kept, one with all kept,
+    # -0.0 (a set bit, so kept) and a scalar tail, with the mask given and found.
+    g = torch.Generator().manual_seed(_seed(n, str(dtype)))
+    t = _random(n, dtype, _seed(n)) * (torch.rand(n, generator=g) < 0.1)
+    t[64:128] = _random(n, dtype, 1)[64:128]
+    t[128:192] = 0.0
+    t[1::37] = -0.0
+    has_bits = _bits(t) != 0
+    given = torch.rand(n, generator=g) < 0.1
+    given[64:128] = True
+    given[128:192] = False
+    for masks, kept in ((None, has_bits), ({"t": given}, given)):
+        payload = encode({"t": t}, masks=masks)
+        (record,) = inspect(payload)["tensors"]
+        assert record["kept"] == (int(kept.sum()) if record["encoding"] != "dense" else n)
+        expected = torch.where(kept, t, torch.zeros_like(t))
+        assert torch.equal(_bits(decode(payload)["t"]), _bits(expected))
+        assert reference_decode(payload)["t"][2] == _bits(expected).numpy().tobytes()
+
+
 def test_index_code_is_the_smaller_of_varint_and_bitmap():
     every_other = torch.zeros(4000)
     every_other[::2] = 1.0
