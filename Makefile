@@ -61,7 +61,7 @@ package-check: $(STAMP)
 	bash package-check/check.sh $(PY) $(SMOKE_PYTHONS)
 
 bench: $(STAMP)
-	$(PY) -m pip install -c $(VENV)/torch-pin.txt -e ".[test,bench]"
+	$(PY) -m pip install -c $(VENV)/constraints.txt -e ".[test,bench]"
 	$(PY) -m pip install --no-deps backpack-for-pytorch
 	HF_HUB_OFFLINE=1 $(PY) -m pytest bench -q --benchmark-columns=median,iqr,rounds
 

@@ -228,16 +228,52 @@ bool is_finite_bits(uint8_t dtype, const uint8_t* p, uint64_t i) {
     return dtype == kF16 ? (h & 0x7C00u) != 0x7C00u : (h & 0x7F80u) != 0x7F80u;
 }
 
-// An element is "zero" only when all its bits are 0: -0.0 is kept, so fp32 stays bit-exact.
-bool is_nonzero(size_t width, const uint8_t* p, uint64_t i) {
-    if (width == 4) {
-        uint32_t u;
-        std::memcpy(&u, p + 4 * i, 4);
-        return u != 0;
+// Bit j set where p[j] != 0, for the 64 flags or values at p (SSE2 is part of x86-64).
+template <class U>
+inline uint64_t nonzero_bits64(const U* p) {
+#if defined(__SSE2__)
+    static_assert(sizeof(U) == 1 || sizeof(U) == 2 || sizeof(U) == 4, "flags, half or single words");
+    const __m128i zero = _mm_setzero_si128();
+    const auto equal_zero = [&](int k) {  // the k-th 16 bytes, each lane compared with 0
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + k);
+        return sizeof(U) == 1 ? _mm_cmpeq_epi8(v, zero) : sizeof(U) == 2 ? _mm_cmpeq_epi16(v, zero) : _mm_cmpeq_epi32(v, zero);
+    };
+    constexpr int kVectors = static_cast<int>(sizeof(U)) * 4;  // 16-byte vectors in 64 values
+    uint64_t zeros = 0;
+    for (int k = 0, bit = 0; k < kVectors; bit += 16) {  // 16 lanes' answers a movemask
+        __m128i lanes;
+        if constexpr (sizeof(U) == 1) {
+            lanes = equal_zero(k++);
+        } else if constexpr (sizeof(U) == 2) {
+            lanes = _mm_packs_epi16(equal_zero(k), equal_zero(k + 1));
+            k += 2;
+        } else {
+            lanes = _mm_packs_epi16(_mm_packs_epi32(equal_zero(k), equal_zero(k + 1)),
+                                    _mm_packs_epi32(equal_zero(k + 2), equal_zero(k + 3)));
+            k += 4;
+        }
+        zeros |= static_cast<uint64_t>(static_cast<uint32_t>(_mm_movemask_epi8(lanes))) << bit;
     }
-    uint16_t h;
-    std::memcpy(&h, p + 2 * i, 2);
-    return h != 0;
+    return ~zeros;
+#else
+    uint64_t bits = 0;
+    for (int j = 0; j < 64; ++j) bits |= static_cast<uint64_t>(p[j] != 0) << j;
+    return bits;
+#endif
+}
+
+// Calls f(i) for each i < n where x[i] != 0, in increasing order; values are read as unsigned
+// words, so an element is "zero" only when all its bits are (-0.0 is kept: fp32 stays
+// bit-exact). 64 at a time, then one call per
+// set bit: a random mask costs a mispredicted branch per 64 entries, not per kept one.
+template <class U, class F>
+void for_each_nonzero(const U* x, uint64_t n, F&& f) {
+    uint64_t base = 0;
+    for (; base + 64 <= n; base += 64)
+        for (uint64_t bits = nonzero_bits64(x + base); bits; bits &= bits - 1)
+            f(base + static_cast<uint64_t>(__builtin_ctzll(bits)));
+    for (uint64_t i = base; i < n; ++i)
+        if (x[i] != 0) f(i);
 }
 
 // --------------------------------------------------------------- index readers
@@ -336,12 +372,11 @@ struct IndexStats {
 IndexStats flag_stats(const uint8_t* flags, uint64_t n) {
     IndexStats s;
     uint64_t next_expected = 0;
-    for (uint64_t i = 0; i < n; ++i) {
-        if (!flags[i]) continue;
+    for_each_nonzero(flags, n, [&](uint64_t i) {
         ++s.kept;
         s.varint_len += varint_size(i - next_expected);
         next_expected = i + 1;
-    }
+    });
     return s;
 }
 
@@ -370,11 +405,10 @@ void scan_nonzero(const U* x, uint64_t rows, uint64_t cols, bool lines, std::vec
             elements.varint_len += varint_size(r * cols - next_expected) + (cols - 1);
             next_expected = r * cols + cols;
         } else if (count > 0) {
-            for (uint64_t c = 0; c < cols; ++c) {
-                if (row[c] == 0) continue;
+            for_each_nonzero(row, cols, [&](uint64_t c) {
                 elements.varint_len += varint_size(r * cols + c - next_expected);
                 next_expected = r * cols + c + 1;
-            }
+            });
         }
     }
 }
@@ -495,14 +529,12 @@ void plan_masked(const TensorIn& t, TensorPlan& plan) {
 // Calls f(i) for each kept unit index, in increasing order.
 template <class F>
 void for_each_kept(const TensorIn& t, const TensorPlan& plan, F&& f) {
-    if (plan.flags) {
-        for (uint64_t i = 0; i < plan.universe; ++i)
-            if (plan.flags[i]) f(i);
-        return;
-    }
-    const size_t width = dtype_size(t.dtype);
-    for (uint64_t i = 0; i < plan.universe; ++i)
-        if (is_nonzero(width, t.data, i)) f(i);
+    if (plan.flags)
+        for_each_nonzero(plan.flags, plan.universe, f);
+    else if (dtype_size(t.dtype) == 4)
+        for_each_nonzero(reinterpret_cast<const uint32_t*>(t.data), plan.universe, f);
+    else
+        for_each_nonzero(reinterpret_cast<const uint16_t*>(t.data), plan.universe, f);
 }
 
 // The layout rule of every sparse encoding, shared by the encoder and the decoders: calls

@@ -168,6 +168,29 @@ def test_negative_zero_and_nan_survive_lossless_auto_encoding():
         assert torch.equal(_bits(decode(encode({"t": tensor}))["t"]), _bits(tensor))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 200, 64 * 6 + 7])
+def test_element_layouts_keep_exactly_the_entries_with_a_set_bit_across_64_entry_words(n, dtype):
+    # The encoder reads flags and values 64 at a time: a word with none kept, one with all kept,
+    # -0.0 (a set bit, so kept) and a scalar tail, with the mask given and found.
+    g = torch.Generator().manual_seed(_seed(n, str(dtype)))
+    t = _random(n, dtype, _seed(n)) * (torch.rand(n, generator=g) < 0.1)
+    t[64:128] = _random(n, dtype, 1)[64:128]
+    t[128:192] = 0.0
+    t[1::37] = -0.0
+    has_bits = _bits(t) != 0
+    given = torch.rand(n, generator=g) < 0.1
+    given[64:128] = True
+    given[128:192] = False
+    for masks, kept in ((None, has_bits), ({"t": given}, given)):
+        payload = encode({"t": t}, masks=masks)
+        (record,) = inspect(payload)["tensors"]
+        assert record["kept"] == (int(kept.sum()) if record["encoding"] != "dense" else n)
+        expected = torch.where(kept, t, torch.zeros_like(t))
+        assert torch.equal(_bits(decode(payload)["t"]), _bits(expected))
+        assert reference_decode(payload)["t"][2] == _bits(expected).numpy().tobytes()
+
+
 def test_index_code_is_the_smaller_of_varint_and_bitmap():
     every_other = torch.zeros(4000)
     every_other[::2] = 1.0
@@ -557,20 +580,39 @@ def test_blockwise_bodies_are_exactly_the_documented_quantisation(n, values):
         assert (decoded[:64] - x[128:192]).abs().max() <= step / 2 and not decoded[64:].any()
 
 
-def test_int4_decodes_every_nibble_and_refuses_a_used_padding_nibble():
-    def resealed(payload: bytearray) -> bytes:
-        payload[-4:] = struct.pack("<I", reference_crc32c(bytes(payload[:-4])))
-        return bytes(payload)
+def _resealed(payload: bytearray) -> bytes:
+    """The payload with its checksum made right again after an edit."""
+    payload[-4:] = struct.pack("<I", reference_crc32c(bytes(payload[:-4])))
+    return bytes(payload)
 
+
+def test_int4_decodes_every_nibble_and_refuses_a_used_padding_nibble():
     odd = bytearray(encode({"x": torch.ones(3)}, values="int4"))  # q = 7, 7, 7: bytes 0x77, 0x07
     assert odd[-6:-4] == b"\x77\x07"
     odd[-5] = 0x87  # the third value -8 (never written, still read), its padding nibble 8
     with pytest.raises(PayloadError, match="high nibble"):
-        decode(resealed(odd))
+        decode(_resealed(odd))
     with pytest.raises(Exception):
-        reference_decode(resealed(odd))
+        reference_decode(_resealed(odd))
     odd[-5] = 0x08  # the third value -8, padding 0
-    assert decode(resealed(odd))["x"].tolist() == pytest.approx([1.0, 1.0, -8 / 7])
+    assert decode(_resealed(odd))["x"].tolist() == pytest.approx([1.0, 1.0, -8 / 7])
+
+
+@pytest.mark.parametrize("tail", [0, 2, 37])
+def test_int4_whole_blocks_decode_every_byte_as_the_reference_decoder_does(tail):
+    # Eight whole blocks (the vectorised path) whose packed bytes run through all 256 values,
+    # nibble 8 (-8, read though never written) included, then a shorter block.
+    g = torch.Generator().manual_seed(tail)
+    x = torch.randn(8 * 64 + tail, generator=g) * torch.logspace(-2, 2, 8 * 64 + tail)
+    payload = bytearray(encode({"x": x}, values="int4"))
+    (record,) = inspect(bytes(payload))["tensors"]
+    packed_at = len(payload) - 4 - record["values_bytes"] + 4 * (8 + (tail > 0))
+    payload[packed_at:packed_at + 256] = bytes(range(256))
+    sealed = _resealed(payload)
+    decoded = decode(sealed)["x"]
+    assert decoded.numpy().tobytes() == reference_decode(sealed)["x"][2]
+    scale = x[:64].abs().max() / 7  # byte 8 is 0x08: value 16 reads as -8 steps, value 17 as 0
+    assert decoded[16].item() == pytest.approx(-8 * scale.item()) and decoded[17].item() == 0.0
 
 
 def test_threads_encoding_and_decoding_at_once_each_get_their_own_tensors():
