@@ -170,6 +170,7 @@ def run_grid(grid: dict, only: str | None) -> None:
         print(f"warning: recorded under other settings, kept as recorded (delete its line to rerun it, "
               f"or pin the setting in the grid file): {line}", flush=True)
     records_path(grid).parent.mkdir(parents=True, exist_ok=True)
+    minutes: list[float] = []  # this process's runs
     for i, run in enumerate(todo, 1):
         with claim(ROOT / grid["runs"] / f"{run.key}.lock") as mine:
             # Grid processes whose --only overlap share the records file and the run folders.
@@ -177,7 +178,19 @@ def run_grid(grid: dict, only: str | None) -> None:
                 why = "running in another process" if not mine else "recorded by another process"
                 print(f"[{i}/{len(todo)}] {run.key}: {why}, skipped", flush=True)
                 continue
+            start = time.perf_counter()
             run_one(grid, run, f"[{i}/{len(todo)}]")
+            minutes.append((time.perf_counter() - start) / 60)
+        recorded = read_records(grid)
+        print(progress_line(run.key, minutes, len(recorded), sum(r.key not in recorded for r in todo[i:])), flush=True)
+
+
+def progress_line(key: str, minutes: list[float], recorded: int, left: int) -> str:
+    """After a run: its time, the grid's count, and the runs left at this process's median pace
+    (a grid shared by k processes takes about 1/k of that)."""
+    pace = float(np.median(minutes))
+    return (f"  {key}: recorded in {minutes[-1]:.1f} min; {recorded} runs recorded, {left} left: "
+            f"{left * pace / 60:.1f} h of runs at this process's median {pace:.1f} min a run")
 
 
 @contextlib.contextmanager

@@ -55,6 +55,8 @@ def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert sorted(r["key"] for r in records) == ["default-a1-s0-fedavg--", "default-a1-s0-fibecfed--"]
     assert all(len(r["rounds"]) == 2 and r["config"]["rounds"] == 2 for r in records)
+    # Long grids say after each run how far they are and what is left.
+    assert "1 runs recorded, 1 left: " in first.stdout and "2 runs recorded, 0 left: 0.0 h" in first.stdout
     # A second run finds everything done and repeats nothing.
     again = grid("run", str(spec))
     assert "2 runs recorded, 0 to run" in again.stdout
