@@ -178,9 +178,7 @@ def run_grid(grid: dict, only: str | None) -> None:
                 why = "running in another process" if not mine else "recorded by another process"
                 print(f"[{i}/{len(todo)}] {run.key}: {why}, skipped", flush=True)
                 continue
-            start = time.perf_counter()
-            run_one(grid, run, f"[{i}/{len(todo)}]")
-            minutes.append((time.perf_counter() - start) / 60)
+            minutes.append(run_one(grid, run, f"[{i}/{len(todo)}]") / 60)
         recorded = read_records(grid)
         print(progress_line(run.key, minutes, len(recorded), sum(r.key not in recorded for r in todo[i:])), flush=True)
 
@@ -207,9 +205,10 @@ def claim(lock: Path):
         yield True
 
 
-def run_one(grid: dict, run: Run, tag: str) -> None:
+def run_one(grid: dict, run: Run, tag: str) -> float:
     """One run (resumed from its checkpoint when it has one of the same settings; started afresh
-    over one the grid file has since moved away from), then its line in the records file."""
+    over one the grid file has since moved away from), then its line in the records file; returns
+    the seconds it took in this process (the line's wall_s_this_process)."""
     from fibec.federated import checkpoint, runner
 
     cfg = config_of(grid, run)
@@ -236,6 +235,7 @@ def run_one(grid: dict, run: Run, tag: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    return line["wall_s_this_process"]
 
 
 # ---- summaries ------------------------------------------------------------------------------------
