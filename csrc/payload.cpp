@@ -264,8 +264,8 @@ inline uint64_t nonzero_bits64(const U* p) {
 
 // Calls f(i) for each i < n where x[i] != 0, in increasing order; values are read as unsigned
 // words, so an element is "zero" only when all its bits are (-0.0 is kept: fp32 stays
-// bit-exact). 64 at a time, then one call per
-// set bit: a random mask costs a mispredicted branch per 64 entries, not per kept one.
+// bit-exact). 64 at a time, then one call per set bit: a random mask costs a mispredicted
+// branch per 64 entries, not per kept one.
 template <class U, class F>
 void for_each_nonzero(const U* x, uint64_t n, F&& f) {
     uint64_t base = 0;

@@ -85,9 +85,10 @@ struct Int4Step {
     int operator()(uint64_t i) const { return int4_step(q, i); }
 };
 
-void quantise_scalar(const float* x, uint64_t n, uint8_t* body) {
+// The int8 blocks from first_block on.
+void quantise_scalar(const float* x, uint64_t n, uint64_t first_block, uint8_t* body) {
     uint8_t* q = body + 4 * quant_blocks(n);
-    for_each_block(n, 0, [&](uint64_t block, uint64_t start, uint64_t count) {
+    for_each_block(n, first_block, [&](uint64_t block, uint64_t start, uint64_t count) {
         quantise_block(x + start, count, body + 4 * block, q + start);
     });
 }
@@ -180,8 +181,7 @@ __attribute__((target("avx2"))) void quantise_whole_blocks_avx2(const float* x, 
 
 __attribute__((target("avx2"))) void quantise_avx2(const float* x, uint64_t n, uint8_t* body) {
     quantise_whole_blocks_avx2<false>(x, n, body);
-    const uint64_t whole = n / kQuantBlock, done = whole * kQuantBlock;
-    if (done < n) quantise_block(x + done, n - done, body + 4 * whole, body + 4 * quant_blocks(n) + done);
+    quantise_scalar(x, n, n / kQuantBlock, body);
 }
 
 __attribute__((target("avx2"))) void quantise_int4_avx2(const float* x, uint64_t n, uint8_t* body) {
@@ -259,7 +259,7 @@ void quantise(const float* x, uint64_t n, uint8_t* body) {
 #ifdef FIBEC_HAVE_X86_AVX2
     if (cpu_has_avx2()) return quantise_avx2(x, n, body);
 #endif
-    quantise_scalar(x, n, body);
+    quantise_scalar(x, n, 0, body);
 }
 
 void dequantise(const uint8_t* body, uint64_t n, float* out) {
