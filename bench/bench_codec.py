@@ -182,15 +182,12 @@ LOSSLESS = {"fibec fp32", "fibec fp32+zstd3", "torch.save", "safetensors", "zstd
             "blosc2 shuffle+zstd"}
 
 
-# Blockwise integer formats: q = round(x / scale), scale = block max / levels, so no entry moves
-# by more than half a step of the tensor's largest block.
-INTEGER_LEVELS = {"int8": 127, "int4": 7}
-
-
 def _check(method: str, tensors: Tensors, masks, decoded: Tensors) -> None:
     """Lossless methods reproduce the (masked) tensors exactly; lossy ones stay close."""
     assert sorted(decoded) == sorted(tensors), method
-    levels = next((n for values, n in INTEGER_LEVELS.items() if method.startswith(f"fibec {values}")), None)
+    # Blockwise integer formats: q = round(x / scale), scale = block max / levels, so no entry moves
+    # by more than half a step of the tensor's largest block.
+    levels = next((n for values, n in codec.INTEGER_LEVELS.items() if method.startswith(f"fibec {values}")), None)
     for name, t in tensors.items():
         out = decoded[name].float()
         if method in LOSSLESS:
