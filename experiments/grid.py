@@ -300,6 +300,7 @@ def summary(record: dict, baseline: dict | None) -> dict[str, float]:
            "up_mb_round": last["cum_uploaded_bytes"] / 1e6 / len(rounds),
            "down_mb_round": last["cum_downloaded_bytes"] / 1e6 / len(rounds),
            "compute_s": last["cum_compute_s"], "cpu_s": last.get("cum_cpu_s", math.nan),
+           "scoring_s": sum(r.get("scoring_s", math.nan) for r in rounds),
            "link_s": sum(link_seconds(r) for r in rounds)}
     if baseline is not None:
         base = summary(baseline, None)
@@ -352,7 +353,7 @@ COLUMNS = (("global", "global acc"), ("global_last3", "global acc, last 3"),
            ("global_eval2", "global acc, 2nd eval"), ("personal", "personal acc"),
            ("majority", "majority"), ("up_mb", "up MB"), ("up_ratio", "baseline up ÷ up"), ("up_mb_round", "up MB/round"), ("down_mb", "down MB"),
            ("down_mb_round", "down MB/round"), ("compute_s", "compute s"), ("cpu_s", "CPU s"),
-           ("to95_rounds", "rounds to 95%"),
+           ("scoring_s", "scoring s"), ("to95_rounds", "rounds to 95%"),
            ("to95_compute_s", "compute s to 95%"), ("to95_link_s", "link s to 95%"))
 
 
@@ -382,7 +383,8 @@ def report(grid: dict) -> Path:
              "faster than the machine that measured the compute reach the same speed-up at k times the "
              "uplink. *compute s*: the clients' wall-clock seconds of local work (scoring, training, "
              "encoding), summed; *CPU s*: the CPU seconds of the same work, which a shared or paused machine "
-             "does not inflate (recorded since 2026-12-05; one thread per run).", ""]
+             "does not inflate (recorded since 2026-12-05; one thread per run); *scoring s*: the part of "
+             "*compute s* the Fisher scoring passes over the clients' whole local data took (wall-clock).", ""]
     # Columns no recorded run of the grid has (figures added to the records later) are left out.
     columns = [(k, label) for k, label in COLUMNS
                if any(not math.isnan(summary(r, None).get(k, 0.0)) for r in done.values())]

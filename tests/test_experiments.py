@@ -192,6 +192,15 @@ def test_summary_gives_the_first_two_evaluations_for_a_slow_start(grid_module):
     assert math.isnan(grid_module.summary(once, None)["global_eval2"])
 
 
+def test_summary_sums_the_scoring_seconds_and_leaves_them_out_of_records_without_them(grid_module):
+    record = fabricated_record("d-a0.5-s0-fibecfed--", [0.5, 0.6, 0.7], 1_000)
+    for r, seconds in zip(record["rounds"], (40.0, 0.0, 2.5)):
+        r["scoring_s"] = seconds
+    assert grid_module.summary(record, None)["scoring_s"] == 42.5
+    older = fabricated_record("d-a0.5-s0-fibecfed--", [0.5, 0.6], 1_000)
+    assert math.isnan(grid_module.summary(older, None)["scoring_s"])
+
+
 def test_link_model_time_scales_with_compute_when_the_links_scale_with_it(grid_module):
     # What the report's header states: clients k times faster reach the same speed-up at k times the uplink.
     record = fabricated_record("d-a0.5-s0-fibecfed--", [0.5], 30_000)["rounds"][0]
