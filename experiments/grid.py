@@ -170,7 +170,6 @@ def run_grid(grid: dict, only: str | None) -> None:
         print(f"warning: recorded under other settings, kept as recorded (delete its line to rerun it, "
               f"or pin the setting in the grid file): {line}", flush=True)
     records_path(grid).parent.mkdir(parents=True, exist_ok=True)
-    minutes: list[float] = []  # this process's runs
     for i, run in enumerate(todo, 1):
         with claim(ROOT / grid["runs"] / f"{run.key}.lock") as mine:
             # Grid processes whose --only overlap share the records file and the run folders.
@@ -178,17 +177,27 @@ def run_grid(grid: dict, only: str | None) -> None:
                 why = "running in another process" if not mine else "recorded by another process"
                 print(f"[{i}/{len(todo)}] {run.key}: {why}, skipped", flush=True)
                 continue
-            minutes.append(run_one(grid, run, f"[{i}/{len(todo)}]") / 60)
+            seconds = run_one(grid, run, f"[{i}/{len(todo)}]")
         recorded = read_records(grid)
-        print(progress_line(run.key, minutes, len(recorded), sum(r.key not in recorded for r in todo[i:])), flush=True)
+        print(progress_line(run.key, seconds, recorded, [r for r in todo[i:] if r.key not in recorded]), flush=True)
 
 
-def progress_line(key: str, minutes: list[float], recorded: int, left: int) -> str:
-    """After a run: its time, the grid's count, and the runs left at this process's median pace
-    (a grid shared by k processes takes about 1/k of that)."""
-    pace = float(np.median(minutes))
-    return (f"  {key}: recorded in {minutes[-1]:.1f} min; {recorded} runs recorded, {left} left: "
-            f"{left * pace / 60:.1f} h of runs at this process's median {pace:.1f} min a run")
+def progress_line(key: str, seconds: float, recorded: dict[str, dict], left: list[Run]) -> str:
+    """After a run: its time, the grid's count, and the hours of runs left (hours_left)."""
+    return (f"  {key}: recorded in {seconds / 60:.1f} min; {len(recorded)} runs recorded, {len(left)} left: "
+            f"{hours_left(recorded, left):.1f} h of runs (a grid shared by k processes takes about 1/k of that)")
+
+
+def hours_left(recorded: dict[str, dict], left: list[Run]) -> float:
+    """Hours the runs `left` take, each at the median time of the recorded runs of its data set,
+    method and variant, or of all recorded runs where none is: a data set or method that runs
+    three times longer than another counts so. A resumed run records only its last part, so
+    where many were resumed the figure runs low."""
+    times: dict[tuple[str, str, str], list[float]] = {}
+    for r in recorded.values():
+        times.setdefault((r["data"], r["method"], r["variant"]), []).append(r["wall_s_this_process"])
+    overall = float(np.median([t for kind in times.values() for t in kind])) if times else math.nan
+    return sum(float(np.median(times.get((r.data, r.method, r.variant), [overall]))) for r in left) / 3600
 
 
 @contextlib.contextmanager

@@ -56,7 +56,7 @@ def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp
     assert sorted(r["key"] for r in records) == ["default-a1-s0-fedavg--", "default-a1-s0-fibecfed--"]
     assert all(len(r["rounds"]) == 2 and r["config"]["rounds"] == 2 for r in records)
     # Long grids say after each run how far they are and what is left.
-    assert "1 runs recorded, 1 left: " in first.stdout and "2 runs recorded, 0 left: 0.0 h" in first.stdout
+    assert "1 runs recorded, 1 left: " in first.stdout and "2 runs recorded, 0 left: 0.0 h of runs" in first.stdout
     # A second run finds everything done and repeats nothing.
     again = grid("run", str(spec))
     assert "2 runs recorded, 0 to run" in again.stdout
@@ -180,6 +180,17 @@ def fabricated_record(key: str, accuracies: list[float], uploaded_per_round: int
                "client_compute_s": {"0": 1.0}, "client_uploaded_bytes": {"0": uploaded_per_round}}
               for i, acc in enumerate(accuracies)]
     return {"key": key, "rounds": rounds}
+
+
+def test_hours_left_take_each_run_at_the_median_of_its_kind_or_of_all_runs(grid_module):
+    recorded = {f"k{i}": {"data": data, "method": method, "variant": "-", "wall_s_this_process": seconds}
+                for i, (data, method, seconds) in enumerate([("sst2", "fedavg", 3600), ("sst2", "fedavg", 1800),
+                                                             ("sst2", "fedavg", 5400), ("trec", "fedavg", 360)])}
+    left = [grid_module.Run("sst2", 0.5, 4, "fedavg", "-"), grid_module.Run("trec", 0.5, 4, "fedavg", "-"),
+            grid_module.Run("trec", 0.5, 4, "fibecfed", "-")]
+    # sst2 fedavg at its median (1 h), trec fedavg at its own (0.1 h), trec fibecfed at all runs' (0.75 h).
+    assert grid_module.hours_left(recorded, left) == pytest.approx(1.0 + 0.1 + 0.75)
+    assert math.isnan(grid_module.hours_left({}, left))  # nothing recorded yet to go by
 
 
 def test_summary_gives_the_first_two_evaluations_for_a_slow_start(grid_module):
