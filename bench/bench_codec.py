@@ -49,7 +49,7 @@ import pytest
 import torch
 
 from fibec import codec
-from fibec.federated.client import _largest_entries
+from fibec.federated.client import largest_entries_mask
 
 SMALL = os.environ.get("FIBEC_BENCH_SMALL", "0") not in ("", "0")
 ROUNDS = int(os.environ.get("FIBEC_BENCH_ROUNDS", "7"))
@@ -85,7 +85,7 @@ def lora_payload(layers: int, d: int, r: int = 16, keep: float | None = None, se
 
 def largest_entries(tensors: Tensors, density: float) -> dict[str, torch.Tensor]:
     """A client upload's element masks: each factor's `density` share of largest entries, on its device."""
-    return {name: _largest_entries(t.cpu(), density).to(t.device) for name, t in tensors.items()}
+    return {name: largest_entries_mask(t.cpu(), density).to(t.device) for name, t in tensors.items()}
 
 
 def lora_payload_top_entries(layers: int, d: int, density: float):
@@ -182,15 +182,12 @@ LOSSLESS = {"fibec fp32", "fibec fp32+zstd3", "torch.save", "safetensors", "zstd
             "blosc2 shuffle+zstd"}
 
 
-# Blockwise integer formats: q = round(x / scale), scale = block max / levels, so no entry moves
-# by more than half a step of the tensor's largest block.
-INTEGER_LEVELS = {"int8": 127, "int4": 7}
-
-
 def _check(method: str, tensors: Tensors, masks, decoded: Tensors) -> None:
     """Lossless methods reproduce the (masked) tensors exactly; lossy ones stay close."""
     assert sorted(decoded) == sorted(tensors), method
-    levels = next((n for values, n in INTEGER_LEVELS.items() if method.startswith(f"fibec {values}")), None)
+    # Blockwise integer formats: q = round(x / scale), scale = block max / levels, so no entry moves
+    # by more than half a step of the tensor's largest block.
+    levels = next((n for values, n in codec.INTEGER_LEVELS.items() if method.startswith(f"fibec {values}")), None)
     for name, t in tensors.items():
         out = decoded[name].float()
         if method in LOSSLESS:

@@ -7,7 +7,11 @@ Models are random-init from a config (time does not depend on the weights): a Mi
 the median step time of each, the overhead, the host time of a step (until its last launch returns),
 the host-device synchronisations per step (torch.cuda's sync debug mode counts them; on a GPU only),
 and a torch.profiler summary of three steps with the collector: kernel launches a step and the ops
-that take the most host and device time (issue 24: profile before changing kernels). Without
+that take the most host and device time (issue 24: profile before changing kernels). Then the
+Fisher scoring pass of the faithful curriculum (fibec.curriculum.difficulty_scores: forward and
+backward with the collector, no update, scores read back once) over the same batches, against a
+training step of the same batch: a client that holds n samples scores them all once, which costs
+n / N times that ratio of training steps (issue 25: the scoring's cost against a round). Without
 CUDA the same cases run at tiny sizes on the CPU, to check the script end to end.
 
     python bench/bench_collector.py [--json PATH] [--steps K]
@@ -112,6 +116,24 @@ def step_times(step, steps: int) -> tuple[float, float, float]:
     return statistics.median(times), statistics.median(host), syncs
 
 
+def scoring_ms(model, inputs: dict, cpu_mask: torch.Tensor, batches: int = 10, repeats: int = 3) -> float:
+    """Median ms a batch of the Fisher scoring pass over `batches` batches like `inputs`, held on the
+    host as a client's are."""
+    from fibec.curriculum import difficulty_scores
+
+    N = cpu_mask.shape[0]
+    host = {k: v.cpu() for k, v in inputs.items()} | {"attention_mask": cpu_mask}
+    data = [host | {"index": torch.arange(i * N, (i + 1) * N)} for i in range(batches)]
+    difficulty_scores(model, data[:1])
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        difficulty_scores(model, data)  # returns after reading the scores back: no sync needed after it
+        times.append((time.perf_counter() - start) * 1e3 / batches)
+    return statistics.median(times)
+
+
 def profiled(step, steps: int = 3, top: int = 12) -> dict:
     """Kernel launches per step, and the ops with the most self host time and self device time
     per step, over `steps` profiled steps."""
@@ -152,16 +174,19 @@ def main() -> None:
             collected = training_step(model, optimizer, inputs, collector, cpu_mask)
             collected_ms, collected_host_ms, collected_syncs = step_times(collected, args.steps)
             collected_profile = profiled(collected)
+        score_ms = scoring_ms(model, inputs, cpu_mask)
         row = dict(case=case["name"], batch=list(case["batch"]), plain_ms=plain_ms, with_collector_ms=collected_ms,
                    overhead=collected_ms / plain_ms - 1, plain_host_ms=plain_host_ms,
                    with_collector_host_ms=collected_host_ms, plain_syncs=plain_syncs,
                    with_collector_syncs=collected_syncs, plain_launches=plain_profile["launches"],
-                   with_collector_launches=collected_profile["launches"], with_collector_profile=collected_profile)
+                   with_collector_launches=collected_profile["launches"], with_collector_profile=collected_profile,
+                   scoring_ms_per_batch=score_ms, scoring_batch_per_step=score_ms / plain_ms)
         rows.append(row)
         print(f"{case['name']}: plain {plain_ms:.1f} ms (host {plain_host_ms:.1f}), with FisherCollector "
               f"{collected_ms:.1f} ms (host {collected_host_ms:.1f}, {100 * row['overhead']:+.0f}%); syncs a step "
               f"{plain_syncs} -> {collected_syncs}; kernel launches a step {plain_profile['launches']:g} -> "
-              f"{collected_profile['launches']:g}", flush=True)
+              f"{collected_profile['launches']:g}; a batch of the scoring pass {score_ms:.1f} ms "
+              f"({row['scoring_batch_per_step']:.2f} of a plain step)", flush=True)
         del model, optimizer
         if gpu:
             torch.cuda.empty_cache()

@@ -6,7 +6,8 @@
 #   fisher.json         fisher_diag / lora_fisher_diag at LLM sizes vs matmul and the peers (bench_fisher.py)
 #   masked_update.json  masked_adamw_ at 64M entries vs copy_ bandwidth (bench_masked_update.py)
 #   codec.json          codec on CUDA tensors through pinned buffers vs host-device copies (bench_codec.py)
-#   collector.json      a LoRA training step with and without FisherCollector: host time, syncs, launches, profile (bench_collector.py)
+#   collector.json      a LoRA training step with and without FisherCollector: host time, syncs, launches, profile;
+#                       a batch of the Fisher scoring pass against a step (bench_collector.py)
 #   rounds.json         `fibec compare` time per round with MiniLM on real data (bench_rounds.py)
 #   summary.json        each step's exit code and seconds, and every target's measured ratio
 # Steps, each under its own time limit, in order of importance: set-up, versions, the op tests on CUDA

@@ -170,7 +170,6 @@ def run_grid(grid: dict, only: str | None) -> None:
         print(f"warning: recorded under other settings, kept as recorded (delete its line to rerun it, "
               f"or pin the setting in the grid file): {line}", flush=True)
     records_path(grid).parent.mkdir(parents=True, exist_ok=True)
-    minutes: list[float] = []  # this process's runs
     for i, run in enumerate(todo, 1):
         with claim(ROOT / grid["runs"] / f"{run.key}.lock") as mine:
             # Grid processes whose --only overlap share the records file and the run folders.
@@ -178,17 +177,27 @@ def run_grid(grid: dict, only: str | None) -> None:
                 why = "running in another process" if not mine else "recorded by another process"
                 print(f"[{i}/{len(todo)}] {run.key}: {why}, skipped", flush=True)
                 continue
-            minutes.append(run_one(grid, run, f"[{i}/{len(todo)}]") / 60)
+            seconds = run_one(grid, run, f"[{i}/{len(todo)}]")
         recorded = read_records(grid)
-        print(progress_line(run.key, minutes, len(recorded), sum(r.key not in recorded for r in todo[i:])), flush=True)
+        print(progress_line(run.key, seconds, recorded, [r for r in todo[i:] if r.key not in recorded]), flush=True)
 
 
-def progress_line(key: str, minutes: list[float], recorded: int, left: int) -> str:
-    """After a run: its time, the grid's count, and the runs left at this process's median pace
-    (a grid shared by k processes takes about 1/k of that)."""
-    pace = float(np.median(minutes))
-    return (f"  {key}: recorded in {minutes[-1]:.1f} min; {recorded} runs recorded, {left} left: "
-            f"{left * pace / 60:.1f} h of runs at this process's median {pace:.1f} min a run")
+def progress_line(key: str, seconds: float, recorded: dict[str, dict], left: list[Run]) -> str:
+    """After a run: its time, the grid's count, and the hours of runs left (hours_left)."""
+    return (f"  {key}: recorded in {seconds / 60:.1f} min; {len(recorded)} runs recorded, {len(left)} left: "
+            f"{hours_left(recorded, left):.1f} h of runs (a grid shared by k processes takes about 1/k of that)")
+
+
+def hours_left(recorded: dict[str, dict], left: list[Run]) -> float:
+    """Hours the runs `left` take, each at the median time of the recorded runs of its data set,
+    method and variant, or of all recorded runs where none is: a data set or method that runs
+    three times longer than another counts so. A resumed run records only its last part, so
+    where many were resumed the figure runs low."""
+    times: dict[tuple[str, str, str], list[float]] = {}
+    for r in recorded.values():
+        times.setdefault((r["data"], r["method"], r["variant"]), []).append(r["wall_s_this_process"])
+    overall = float(np.median([t for kind in times.values() for t in kind])) if times else math.nan
+    return sum(float(np.median(times.get((r.data, r.method, r.variant), [overall]))) for r in left) / 3600
 
 
 @contextlib.contextmanager
@@ -300,6 +309,7 @@ def summary(record: dict, baseline: dict | None) -> dict[str, float]:
            "up_mb_round": last["cum_uploaded_bytes"] / 1e6 / len(rounds),
            "down_mb_round": last["cum_downloaded_bytes"] / 1e6 / len(rounds),
            "compute_s": last["cum_compute_s"], "cpu_s": last.get("cum_cpu_s", math.nan),
+           "scoring_s": sum(r.get("scoring_s", math.nan) for r in rounds),
            "link_s": sum(link_seconds(r) for r in rounds)}
     if baseline is not None:
         base = summary(baseline, None)
@@ -352,7 +362,7 @@ COLUMNS = (("global", "global acc"), ("global_last3", "global acc, last 3"),
            ("global_eval2", "global acc, 2nd eval"), ("personal", "personal acc"),
            ("majority", "majority"), ("up_mb", "up MB"), ("up_ratio", "baseline up ÷ up"), ("up_mb_round", "up MB/round"), ("down_mb", "down MB"),
            ("down_mb_round", "down MB/round"), ("compute_s", "compute s"), ("cpu_s", "CPU s"),
-           ("to95_rounds", "rounds to 95%"),
+           ("scoring_s", "scoring s"), ("to95_rounds", "rounds to 95%"),
            ("to95_compute_s", "compute s to 95%"), ("to95_link_s", "link s to 95%"))
 
 
@@ -382,7 +392,8 @@ def report(grid: dict) -> Path:
              "faster than the machine that measured the compute reach the same speed-up at k times the "
              "uplink. *compute s*: the clients' wall-clock seconds of local work (scoring, training, "
              "encoding), summed; *CPU s*: the CPU seconds of the same work, which a shared or paused machine "
-             "does not inflate (recorded since 2026-12-05; one thread per run).", ""]
+             "does not inflate (recorded since 2026-12-05; one thread per run); *scoring s*: the part of "
+             "*compute s* the Fisher scoring passes over the clients' whole local data took (wall-clock).", ""]
     # Columns no recorded run of the grid has (figures added to the records later) are left out.
     columns = [(k, label) for k, label in COLUMNS
                if any(not math.isnan(summary(r, None).get(k, 0.0)) for r in done.values())]

@@ -13,14 +13,17 @@ import torch
 from fibec import _backend, _codec, _compat, _payload_on_device
 from fibec._checks import FLOAT_DTYPES, check_int, check_tensor
 
-__all__ = ["PayloadError", "encode", "decode", "inspect", "release_cached_memory", "VALUE_FORMATS"]
+__all__ = ["PayloadError", "encode", "decode", "inspect", "release_cached_memory", "VALUE_FORMATS",
+           "INTEGER_LEVELS"]
 
 
 class PayloadError(ValueError):
     """decode()/inspect() got bytes that are not a valid fibec payload; the message says why."""
 
 
-VALUE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4")
+VALUE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4")  # in the order of their codes, fp32 = 1
+# The blockwise integer formats: steps each side of zero, scale = max|x| / levels per block of 64.
+INTEGER_LEVELS = {"int8": 127, "int4": 7}
 _VALUE_CODES = {name: code for code, name in enumerate(VALUE_FORMATS, start=1)}
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
@@ -86,7 +89,7 @@ def encode(
 
     # The specs hold the tensors (and masks) whose memory the C++ side reads by address.
     specs = [_tensor_spec(name, tensor, masks.get(name)) for name, tensor in tensors.items()]
-    if values in ("int8", "int4") and not check_finite:
+    if values in INTEGER_LEVELS and not check_finite:
         _quantise_on_device(specs, values)
     specs = [spec if isinstance(spec, tuple) else _on_host(spec) for spec in specs]
     compress = level is not None

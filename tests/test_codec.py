@@ -10,13 +10,11 @@ import torch
 import zstandard
 
 from fibec import _codec
-from fibec.codec import PayloadError, decode, encode, inspect, release_cached_memory
+from fibec.codec import INTEGER_LEVELS, VALUE_FORMATS, PayloadError, decode, encode, inspect, release_cached_memory
 from payload_reference_decoder import crc32c as reference_crc32c
 from payload_reference_decoder import decode as reference_decode
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-VALUES = ["fp32", "fp16", "bf16", "int8", "int4"]
-LEVELS = {"int8": 127, "int4": 7}  # steps each side of zero of the blockwise formats
 CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DENSITIES = [0.0, 1e-4, 0.01, 0.1, 0.5, 1.0]
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -78,7 +76,7 @@ def _check_decoded(t, decoded, values, kind, mask):
         y = _stream(decoded.float(), kind, mask)
         pad = (-x.numel()) % 64
         blocks = torch.nn.functional.pad(x, (0, pad)).reshape(-1, 64)
-        step = (blocks.abs().amax(dim=1) / LEVELS[values]).repeat_interleave(64)[: x.numel()]
+        step = (blocks.abs().amax(dim=1) / INTEGER_LEVELS[values]).repeat_interleave(64)[: x.numel()]
         cast_eps = {torch.float32: 1e-6, torch.float16: 2**-11, torch.bfloat16: 2**-8}[t.dtype]
         assert ((y - x).abs() <= step * 0.5 * (1 + 1e-5) + x.abs() * cast_eps + 1e-30).all()
 
@@ -87,7 +85,7 @@ def _check_decoded(t, decoded, values, kind, mask):
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("kind", ["rows", "cols", "elements"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("values", VALUE_FORMATS)
 def test_masked_round_trip_matches_the_value_format(values, dtype, kind, density, level):
     shape = (37, 130)
     seed = _seed(values, dtype, kind, density, level)
@@ -114,7 +112,7 @@ SHAPES = [(), (0,), (1,), (0, 7), (5, 0), (1, 97), (97, 1), (13, 71), (3, 4, 5),
 @pytest.mark.parametrize("level", [None, 5])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("values", VALUE_FORMATS)
 def test_auto_round_trip_on_odd_shapes(values, dtype, shape, level):
     seed = _seed(values, dtype, shape, level)
     t = _random(shape, dtype, seed)
@@ -123,7 +121,7 @@ def test_auto_round_trip_on_odd_shapes(values, dtype, shape, level):
     payload = encode({"t": t}, values=values, level=level)
     decoded = decode(payload)["t"]
     kind = inspect(payload)["tensors"][0]["encoding"]
-    if kind == "dense" or values not in LEVELS:
+    if kind == "dense" or values not in INTEGER_LEVELS:
         _check_decoded(t, decoded, values, "dense", None)
     else:
         nonzero = _bits(t) != 0
@@ -306,7 +304,7 @@ def test_reference_decoder_agrees_on_random_payloads(seed):
             masks[name] = (_keep(t.shape[dim], 0.3, g), dim)
         elif choice == 2:
             masks[name] = torch.rand(shape, generator=g) < 0.2
-    values = VALUES[seed % 4]
+    values = VALUE_FORMATS[seed % 4]
     level = None if seed % 3 else 1 + seed % 7
     payload = encode(tensors, masks=masks, values=values, level=level)
     mine = decode(payload)
@@ -356,7 +354,7 @@ def test_check_finite_rejects_only_when_asked():
     assert torch.isinf(decode(encode({"w": t}))["w"][1])
 
 
-@pytest.mark.parametrize("values", LEVELS)
+@pytest.mark.parametrize("values", INTEGER_LEVELS)
 def test_a_block_with_nan_decodes_as_a_nan_block(values):
     t = torch.arange(130, dtype=torch.float32)
     t[70] = float("nan")
@@ -556,10 +554,10 @@ def _blockwise_body_reference(x: torch.Tensor, levels: int) -> bytes:
     return scale.numpy().tobytes() + q.numpy().tobytes()
 
 
-@pytest.mark.parametrize("values", LEVELS)
+@pytest.mark.parametrize("values", INTEGER_LEVELS)
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 200, 64 * 9 + 17])
 def test_blockwise_bodies_are_exactly_the_documented_quantisation(n, values):
-    levels = LEVELS[values]
+    levels = INTEGER_LEVELS[values]
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g) * torch.logspace(-3, 3, n)
     x[::5] = (torch.round(x[::5]) + 0.5).clamp(-levels + 0.5, levels - 0.5)  # ties on the grid when amax = levels

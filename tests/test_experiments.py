@@ -56,7 +56,7 @@ def test_smoke_grid_records_every_run_once_and_renders_the_report(tiny_bert, tmp
     assert sorted(r["key"] for r in records) == ["default-a1-s0-fedavg--", "default-a1-s0-fibecfed--"]
     assert all(len(r["rounds"]) == 2 and r["config"]["rounds"] == 2 for r in records)
     # Long grids say after each run how far they are and what is left.
-    assert "1 runs recorded, 1 left: " in first.stdout and "2 runs recorded, 0 left: 0.0 h" in first.stdout
+    assert "1 runs recorded, 1 left: " in first.stdout and "2 runs recorded, 0 left: 0.0 h of runs" in first.stdout
     # A second run finds everything done and repeats nothing.
     again = grid("run", str(spec))
     assert "2 runs recorded, 0 to run" in again.stdout
@@ -182,6 +182,17 @@ def fabricated_record(key: str, accuracies: list[float], uploaded_per_round: int
     return {"key": key, "rounds": rounds}
 
 
+def test_hours_left_take_each_run_at_the_median_of_its_kind_or_of_all_runs(grid_module):
+    recorded = {f"k{i}": {"data": data, "method": method, "variant": "-", "wall_s_this_process": seconds}
+                for i, (data, method, seconds) in enumerate([("sst2", "fedavg", 3600), ("sst2", "fedavg", 1800),
+                                                             ("sst2", "fedavg", 5400), ("trec", "fedavg", 360)])}
+    left = [grid_module.Run("sst2", 0.5, 4, "fedavg", "-"), grid_module.Run("trec", 0.5, 4, "fedavg", "-"),
+            grid_module.Run("trec", 0.5, 4, "fibecfed", "-")]
+    # sst2 fedavg at its median (1 h), trec fedavg at its own (0.1 h), trec fibecfed at all runs' (0.75 h).
+    assert grid_module.hours_left(recorded, left) == pytest.approx(1.0 + 0.1 + 0.75)
+    assert math.isnan(grid_module.hours_left({}, left))  # nothing recorded yet to go by
+
+
 def test_summary_gives_the_first_two_evaluations_for_a_slow_start(grid_module):
     record = fabricated_record("d-a0.5-s0-fibecfed--", [0.3, 0.6, 0.8, 0.9], 1_000)
     del record["rounds"][0]["global_accuracy"]  # round 1 not evaluated
@@ -190,6 +201,15 @@ def test_summary_gives_the_first_two_evaluations_for_a_slow_start(grid_module):
     once = fabricated_record("d-a0.5-s0-fedavg--", [0.7], 1_000)
     assert grid_module.summary(once, None)["global_eval1"] == 0.7
     assert math.isnan(grid_module.summary(once, None)["global_eval2"])
+
+
+def test_summary_sums_the_scoring_seconds_and_leaves_them_out_of_records_without_them(grid_module):
+    record = fabricated_record("d-a0.5-s0-fibecfed--", [0.5, 0.6, 0.7], 1_000)
+    for r, seconds in zip(record["rounds"], (40.0, 0.0, 2.5)):
+        r["scoring_s"] = seconds
+    assert grid_module.summary(record, None)["scoring_s"] == 42.5
+    older = fabricated_record("d-a0.5-s0-fibecfed--", [0.5, 0.6], 1_000)
+    assert math.isnan(grid_module.summary(older, None)["scoring_s"])
 
 
 def test_link_model_time_scales_with_compute_when_the_links_scale_with_it(grid_module):

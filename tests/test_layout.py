@@ -125,11 +125,12 @@ def test_make_demo_continues_the_run_its_folder_holds(tmp_path):
 
 def test_the_config_is_a_leaf_and_names_what_the_library_implements():
     """fibec/config.py imports nothing from fibec (no cycle to dodge with late imports); the method
-    names and pacing kinds it declares are the ones fibec.federated.methods and fibec.curriculum implement."""
+    names, pacing kinds and value formats it declares are the ones fibec.federated.methods,
+    fibec.curriculum and fibec.codec implement."""
     import ast
     from pathlib import Path
 
-    from fibec import config
+    from fibec import codec, config
     from fibec.curriculum import pacing_fraction
     from fibec.federated.methods import METHODS
 
@@ -139,6 +140,7 @@ def test_the_config_is_a_leaf_and_names_what_the_library_implements():
     assert not [m for m in imported if m.startswith("fibec")] and all(
         node.level == 0 for node in ast.walk(tree) if isinstance(node, ast.ImportFrom))
     assert tuple(METHODS) == config.METHOD_NAMES
+    assert config.VALUE_FORMATS == codec.VALUE_FORMATS
     for kind in config.PACING_KINDS:
         assert pacing_fraction(kind, 0, lambda0=0.3, full_at=5) == pytest.approx(0.3)
 

@@ -81,7 +81,7 @@ def values(kind: str, n: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, 1031], ids=lambda n: f"n{n}")
 @pytest.mark.parametrize("kind", ["normal", "ties", "int4_ties", "zeros", "tiny", "special", "wide"])
-@pytest.mark.parametrize("formats", ["int8", "int4"])
+@pytest.mark.parametrize("formats", codec.INTEGER_LEVELS)
 def test_blocks_match_the_cpp_encoder_byte_for_byte(n, kind, formats):
     x = values(kind, n, seed=n)
     want = encoder_body(x, formats)
@@ -91,10 +91,14 @@ def test_blocks_match_the_cpp_encoder_byte_for_byte(n, kind, formats):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("formats", ["int8", "int4"])
+@pytest.mark.parametrize("formats", codec.INTEGER_LEVELS)
 def test_half_precision_inputs_are_quantised_as_their_fp32_values(dtype, formats):
     x = values("normal", 777, seed=3).to(dtype)
     assert kernel_body(x.to(device()), formats) == encoder_body(x.float(), formats)
+
+
+def test_the_kernels_quantise_every_integer_format_of_the_codec():
+    assert quantize.FORMATS == tuple(codec.INTEGER_LEVELS)
 
 
 def test_an_unknown_format_is_refused_naming_it():

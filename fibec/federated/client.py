@@ -109,7 +109,7 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
     return wall - start[0], cpu - start[1]
 
 
-def _largest_entries(values: torch.Tensor, density: float) -> torch.Tensor:
+def largest_entries_mask(values: torch.Tensor, density: float) -> torch.Tensor:
     """bool mask of values' shape keeping its ceil(density * size) entries of largest magnitude."""
     k = fraction_count(density, values.numel())
     mask = torch.zeros(values.numel(), dtype=torch.bool)
@@ -325,7 +325,7 @@ class Client:
             head = set(self.layout.head)
             for name, d in delta.items():
                 if name not in head and name not in masks:
-                    masks[name] = _largest_entries(d, density)
+                    masks[name] = largest_entries_mask(d, density)
         upload = codec.encode(delta, masks=masks or None, values=self.settings.values)
         if feedback:
             arrived = codec.decode(upload)
