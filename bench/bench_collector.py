@@ -116,13 +116,13 @@ def step_times(step, steps: int) -> tuple[float, float, float]:
     return statistics.median(times), statistics.median(host), syncs
 
 
-def scoring_ms(model, inputs: dict, cpu_mask: torch.Tensor, batches: int = 10, repeats: int = 3) -> float:
+def scoring_ms(model, inputs: dict, batches: int = 10, repeats: int = 3) -> float:
     """Median ms a batch of the Fisher scoring pass over `batches` batches like `inputs`, held on the
     host as a client's are."""
     from fibec.curriculum import difficulty_scores
 
-    N = cpu_mask.shape[0]
-    host = {k: v.cpu() for k, v in inputs.items()} | {"attention_mask": cpu_mask}
+    host = {k: v.cpu() for k, v in inputs.items()}
+    N = host["input_ids"].shape[0]
     data = [host | {"index": torch.arange(i * N, (i + 1) * N)} for i in range(batches)]
     difficulty_scores(model, data[:1])
     times = []
@@ -174,7 +174,7 @@ def main() -> None:
             collected = training_step(model, optimizer, inputs, collector, cpu_mask)
             collected_ms, collected_host_ms, collected_syncs = step_times(collected, args.steps)
             collected_profile = profiled(collected)
-        score_ms = scoring_ms(model, inputs, cpu_mask)
+        score_ms = scoring_ms(model, inputs)
         row = dict(case=case["name"], batch=list(case["batch"]), plain_ms=plain_ms, with_collector_ms=collected_ms,
                    overhead=collected_ms / plain_ms - 1, plain_host_ms=plain_host_ms,
                    with_collector_host_ms=collected_host_ms, plain_syncs=plain_syncs,
