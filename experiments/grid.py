@@ -62,6 +62,11 @@ DOWNLINK_BYTES_PER_S = 100e6 / 8
 TARGET_OF_BASELINE = 0.95
 TARGET_SPEEDUP = 2.0
 UPLINK_SWEEP_MBIT = np.geomspace(0.01, 1000.0, 201)  # 40 rates per decade
+# The paired comparisons also read accuracy after equal local work: 30 steps is what the scaled
+# curriculum's first five rounds take at 10 steps a round (3 + 5 + 6 + 8 + 9 = 31), three full
+# rounds of a method without it; 50 is five full rounds. A method slower in rounds but level here
+# lost its rounds to the steps it skipped, not to the data it trained on.
+EQUAL_LOCAL_STEPS = (30, 50)
 
 
 @dataclass(frozen=True)
@@ -292,6 +297,20 @@ def uplink_for_speedup(records: list[dict], baseline: list[dict], target: float)
     return math.nan
 
 
+def accuracy_after_steps(records: list[dict], steps: float) -> float:
+    """The global accuracy of the first evaluated round by which the clients' local steps (a round's
+    mean over its clients) add up to `steps`; nan when the run never gets there or its records
+    lack the steps."""
+    done = 0.0
+    for r in records:
+        if "local_steps" not in r:
+            return math.nan
+        done += r["local_steps"]
+        if done >= steps - 1e-6 and "global_accuracy" in r:
+            return r["global_accuracy"]
+    return math.nan
+
+
 def summary(record: dict, baseline: dict | None) -> dict[str, float]:
     """A run's figures; with the baseline run of the same seed, also its time to 95% of the
     baseline's final global accuracy and how many times fewer bytes it uploaded."""
@@ -310,7 +329,8 @@ def summary(record: dict, baseline: dict | None) -> dict[str, float]:
            "down_mb_round": last["cum_downloaded_bytes"] / 1e6 / len(rounds),
            "compute_s": last["cum_compute_s"], "cpu_s": last.get("cum_cpu_s", math.nan),
            "scoring_s": sum(r.get("scoring_s", math.nan) for r in rounds),
-           "link_s": sum(link_seconds(r) for r in rounds)}
+           "link_s": sum(link_seconds(r) for r in rounds),
+           **{f"global_after_{steps}_steps": accuracy_after_steps(rounds, steps) for steps in EQUAL_LOCAL_STEPS}}
     if baseline is not None:
         base = summary(baseline, None)
         row.update({f"to95_{k}": v for k, v in time_to(rounds, TARGET_OF_BASELINE * base["global"]).items()})
@@ -592,14 +612,20 @@ def credit(grid: dict, done: dict, baseline: str) -> list[str]:
 
 def paired_comparisons(grid: dict, done: dict) -> list[str]:
     """Per cell and `pairs` entry [A method, A variant, B method, B variant]: A's global accuracy
-    minus B's on each seed both finished, at the last round and as the mean over the evaluations of
-    the run's second half (which one round's evaluation moves less)."""
+    minus B's on each seed both finished, at the last round, as the mean over the evaluations of
+    the run's second half (which one round's evaluation moves less), and after each of
+    EQUAL_LOCAL_STEPS local steps (whether a slow start is the steps or the data)."""
+    moments = [("global", "last round"), ("global_second_half", "second half")] + [
+        (f"global_after_{steps}_steps", f"after {steps} local steps") for steps in EQUAL_LOCAL_STEPS]
     lines = ["## Paired comparisons", "",
              "Global accuracy, A minus B in points on each seed both finished: mean [95% t-interval] over the "
-             "seeds, and on how many seeds A is ahead; at the last round, and as the mean over the evaluations "
-             "of the run's second half.", "",
-             "| data | alpha | A | B | seeds | last round | seeds A ahead | second half | seeds A ahead |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "seeds, and on how many seeds A is ahead; at the last round, as the mean over the evaluations "
+             "of the run's second half, and at the first evaluation by which each run's clients took "
+             f"{' and '.join(map(str, EQUAL_LOCAL_STEPS))} local steps (a curriculum that scales its steps "
+             "with its share of the data takes fewer steps in its first rounds: level there, it lost its "
+             "rounds to the steps, not to the data it trained on).", "",
+             "| data | alpha | A | B | seeds | " + " | ".join(f"{name} | seeds A ahead" for _, name in moments) + " |",
+             "|---|---|---|---|---|" + "---|---|" * len(moments)]
     for cell in grid["cells"]:
         by_row = {(r.method, r.variant, r.seed): summary(done[r.key], None)
                   for r in runs_of_cell(grid, cell) if r.key in done}
@@ -609,10 +635,11 @@ def paired_comparisons(grid: dict, done: dict) -> list[str]:
             if not seeds:
                 continue
             cells = []
-            for key in ("global", "global_second_half"):
+            for key, _ in moments:
                 diffs = [100 * (by_row[(a_method, a_variant, s)][key] - by_row[(b_method, b_variant, s)][key])
                          for s in seeds]
-                cells += [points_interval(diffs), f"{sum(d > 0 for d in diffs)}/{len(diffs)}"]
+                diffs = [d for d in diffs if not math.isnan(d)]
+                cells += [points_interval(diffs), f"{sum(d > 0 for d in diffs)}/{len(diffs)}"] if diffs else ["", ""]
             lines.append(f"| {cell['data']} | {cell['alpha']:g} | {a_method} {a_variant} | {b_method} {b_variant} | "
                          f"{len(seeds)} | " + " | ".join(cells) + " |")
     return lines + [""]

@@ -370,3 +370,37 @@ def test_paired_comparisons_give_a_minus_b_at_the_last_round_and_over_the_second
     assert cells[5].startswith("+2.0 [") and cells[6] == "3/3"
     assert cells[7].startswith("+0.2 [") and cells[8] == "2/3"
     assert grid_module.summary(done["d-a0.5-s1-no-sparse--"], None)["global_second_half"] == pytest.approx(0.745)
+
+
+def test_accuracy_after_equal_local_steps_reads_the_first_evaluation_that_reaches_them(grid_module):
+    record = fabricated_record("x", [0.50, 0.55, 0.60, 0.70, 0.75, 0.80, 0.85], 1_000)
+    for r, steps in zip(record["rounds"], (3, 5, 6, 8, 9, 10, 10)):
+        r["local_steps"] = float(steps)
+    assert grid_module.accuracy_after_steps(record["rounds"], 30) == 0.75  # round 5: 31 steps
+    assert grid_module.accuracy_after_steps(record["rounds"], 14) == 0.60  # round 3: exactly 14
+    del record["rounds"][4]["global_accuracy"]  # round 5 not evaluated: round 6 is the first by 30
+    assert grid_module.accuracy_after_steps(record["rounds"], 30) == 0.80
+    assert math.isnan(grid_module.accuracy_after_steps(record["rounds"], 60))  # 51 steps in all
+    assert math.isnan(grid_module.accuracy_after_steps(fabricated_record("x", [0.5] * 9, 1_000)["rounds"], 30))
+
+
+def test_paired_comparisons_set_a_scaled_curriculum_beside_full_rounds_after_equal_local_steps(grid_module):
+    grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1], "methods": ["fibecfed", "no-curriculum"],
+            "shared_methods": ["fibecfed", "no-curriculum"], "pairs": [["fibecfed", "-", "no-curriculum", "-"]]}
+    done = {}
+    for seed, bonus in enumerate((0.0, 0.02)):
+        scaled = fabricated_record("x", [0.5, 0.5, 0.5, 0.5, 0.7 + bonus, 0.8, 0.9 + bonus], 1_000)
+        full = fabricated_record("x", [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.9], 1_000)
+        for r, steps in zip(scaled["rounds"], (3, 5, 6, 8, 9, 10, 10)):
+            r["local_steps"] = float(steps)
+        for r in full["rounds"]:
+            r["local_steps"] = 10.0
+        done[f"d-a0.5-s{seed}-fibecfed--"], done[f"d-a0.5-s{seed}-no-curriculum--"] = scaled, full
+    lines = grid_module.paired_comparisons(grid, done)
+    header = [c.strip(" |") for c in next(line for line in lines if line.startswith("| data |")).split(" | ")]
+    row = [c.strip(" |") for c in next(line for line in lines if line.startswith("| d |")).split(" | ")]
+    assert header[9:13] == ["after 30 local steps", "seeds A ahead", "after 50 local steps", "seeds A ahead"]
+    # After 30 steps: round 5 (0.70, 0.72) against round 3 (0.70): 0 and +2 points. After 50 steps:
+    # round 7 (0.90, 0.92) against round 5 (0.85): +5 and +7.
+    assert row[9].startswith("+1.0 [") and row[10] == "1/2"
+    assert row[11].startswith("+6.0 [") and row[12] == "2/2"
