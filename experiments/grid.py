@@ -449,13 +449,48 @@ def report(grid: dict) -> Path:
               f"one row's runs alone: `--only <data>-a<alpha>-s<seed>-<method>` (for example "
               f"`--only {runs_of(grid)[0].key}`), with the settings in the grid file.",
               f"- Machine(s): {'; '.join(machines)}.",
-              f"- Wall time of the recorded runs: {wall / 3600:.2f} h.", ""]
+              f"- Wall time of the recorded runs: {wall / 3600:.2f} h.", "", *settings_each_row_ran_with(done)]
     stale = describe_stale(stale_runs(grid, done))
     if stale:
         lines += ["Recorded under settings the grid file no longer gives (their rows show what was run, "
                   "not what the command above would run now):", "", *(f"- {line}" for line in stale), ""]
     out.write_text("\n".join(lines))
     return out
+
+
+# Settings that name a run rather than configure it.
+RUN_IDENTITY = ("data", "alpha", "seed", "method", "out", "resume")
+
+
+def settings_each_row_ran_with(done: dict) -> list[str]:
+    """The settings of the recorded runs, read from their configs: those every run shared, those
+    that go with the data set (one value per data set), then per method and variant those its runs
+    shared and some other row did not."""
+    if not done:
+        return []
+    rows: dict[tuple[str, str], list[dict]] = {}
+    by_data: dict[str, list[dict]] = {}
+    for record in done.values():
+        config = {k: v for k, v in record["config"].items() if k not in RUN_IDENTITY}
+        rows.setdefault((record["method"], record["variant"]), []).append(config)
+        by_data.setdefault(record["config"]["data"], []).append(config)
+
+    def common(of: list[dict]) -> dict:
+        return {k: v for k, v in of[0].items() if all(c.get(k) == v for c in of)}
+
+    def listed(settings: dict) -> str:
+        return ", ".join(f"{k} = {json.dumps(v)}" for k, v in sorted(settings.items())) or "none besides the shared"
+
+    shared = common([c for row in rows.values() for c in row])
+    with_data = sorted(set.intersection(*(set(common(of)) for of in by_data.values())) - set(shared))
+    lines = ["Settings, as the records give them (a method ignores those it has no use for, as fedavg the "
+             "curriculum's and the GAL's):", "", f"- every run: {listed(shared)}."]
+    if with_data:
+        lines.append(f"- one value per data set: {', '.join(with_data)}.")
+    for (method, variant), row in sorted(rows.items()):
+        own = {k: v for k, v in common(row).items() if k not in shared and k not in with_data}
+        lines.append(f"- {method} {variant}: {listed(own)}.")
+    return lines + [""]
 
 
 def runs_of_cell(grid: dict, cell: dict) -> list[Run]:

@@ -404,3 +404,20 @@ def test_paired_comparisons_set_a_scaled_curriculum_beside_full_rounds_after_equ
     # round 7 (0.90, 0.92) against round 5 (0.85): +5 and +7.
     assert row[9].startswith("+1.0 [") and row[10] == "1/2"
     assert row[11].startswith("+6.0 [") and row[12] == "2/2"
+
+
+def test_the_report_lists_the_settings_every_row_shared_and_each_row_its_own(grid_module):
+    def record(data, method, variant, lr, values):
+        config = {"data": data, "seed": 0, "out": f"/runs/{data}-{method}", "lr": lr, "values": values,
+                  "rounds": 20, "text_column": "text" if data == "sst2" else "sentence"}
+        return {"method": method, "variant": variant, "config": config}
+
+    done = {i: record(*args) for i, args in enumerate([
+        ("sst2", "fedavg", "-", 5e-3, "fp32"), ("trec", "fedavg", "-", 5e-3, "fp32"),
+        ("sst2", "fedavg", "transport", 5e-3, "int4"), ("sst2", "fibecfed", "-", 5e-3, "int4")])}
+    lines = grid_module.settings_each_row_ran_with(done)
+    assert '- every run: lr = 0.005, rounds = 20.' in lines
+    assert '- fedavg -: values = "fp32".' in lines
+    assert '- fedavg transport: values = "int4".' in lines
+    assert "- one value per data set: text_column." in lines
+    assert not any("out =" in line or "seed =" in line for line in lines)
