@@ -135,7 +135,8 @@ def config_of(grid: dict, run: Run):
     return FedConfig.from_mapping(settings, source=f"grid {grid['name']}")
 
 
-IGNORED_IN_STALENESS = ("out", "resume", "threads")  # where and how fast a run went, not what it computed
+RUN_PLACE = ("out", "resume")  # where a run keeps its files and whether it went on from them
+IGNORED_IN_STALENESS = (*RUN_PLACE, "threads")  # where and how fast a run went, not what it computed
 
 
 def stale_settings(grid: dict, run: Run, record: dict) -> dict[str, tuple]:
@@ -458,8 +459,8 @@ def report(grid: dict) -> Path:
     return out
 
 
-# Settings that name a run rather than configure it.
-RUN_IDENTITY = ("data", "alpha", "seed", "method", "out", "resume")
+# What names a run (its row and cell) or places it, rather than configures it.
+NOT_SETTINGS = ("data", "alpha", "seed", "method", *RUN_PLACE)
 
 
 def settings_each_row_ran_with(done: dict) -> list[str]:
@@ -471,7 +472,7 @@ def settings_each_row_ran_with(done: dict) -> list[str]:
     rows: dict[tuple[str, str], list[dict]] = {}
     by_data: dict[str, list[dict]] = {}
     for record in done.values():
-        config = {k: v for k, v in record["config"].items() if k not in RUN_IDENTITY}
+        config = {k: v for k, v in record["config"].items() if k not in NOT_SETTINGS}
         rows.setdefault((record["method"], record["variant"]), []).append(config)
         by_data.setdefault(record["config"]["data"], []).append(config)
 
