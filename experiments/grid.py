@@ -65,7 +65,7 @@ UPLINK_SWEEP_MBIT = np.geomspace(0.01, 1000.0, 201)  # 40 rates per decade
 # The paired comparisons also read accuracy after equal local work: 30 steps is what the scaled
 # curriculum's first five rounds take at 10 steps a round (3 + 5 + 6 + 8 + 9 = 31), three full
 # rounds of a method without it; 50 is five full rounds. A method slower in rounds but level here
-# lost its rounds to the steps it skipped, not to the data it trained on.
+# points to the steps it skipped rather than to the data it trained on.
 EQUAL_LOCAL_STEPS = (30, 50)
 
 
@@ -658,8 +658,8 @@ def paired_comparisons(grid: dict, done: dict) -> list[str]:
              "seeds, and on how many seeds A is ahead; at the last round, as the mean over the evaluations "
              "of the run's second half, and at the first evaluation by which each run's clients took "
              f"{' and '.join(map(str, EQUAL_LOCAL_STEPS))} local steps (a curriculum that scales its steps "
-             "with its share of the data takes fewer steps in its first rounds: level there, it lost its "
-             "rounds to the steps, not to the data it trained on).", "",
+             "with its share of the data takes fewer steps in its first rounds: level there, its lost rounds "
+             "point to the steps rather than to the data it trained on).", "",
              "| data | alpha | A | B | seeds | " + " | ".join(f"{name} | seeds A ahead" for _, name in moments) + " |",
              "|---|---|---|---|---|" + "---|---|" * len(moments)]
     for cell in grid["cells"]:
