@@ -1,10 +1,11 @@
 """experiments/grid.py, smoke size: one data set, two rounds, two methods; resumable; a report."""
-import importlib.util
+import importlib
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -115,31 +116,49 @@ def test_a_run_another_grid_process_holds_is_skipped_not_run_twice(tiny_bert, tm
 
 
 @pytest.fixture(scope="module")
-def grid_module():
-    """experiments/grid.py imported once (it is a script, not a package module)."""
-    spec = importlib.util.spec_from_file_location("experiment_grid", GRID)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+def experiments():
+    """experiments/grid.py and the modules beside it, imported as the script imports them (its folder
+    on the path; they are scripts, not package modules)."""
+    sys.path.insert(0, str(GRID.parent))
+    names = ("grid_file", "grid_report", "grid")
+    try:
+        yield SimpleNamespace(**{name: importlib.import_module(name) for name in names})
+    finally:
+        sys.path.remove(str(GRID.parent))
+        for name in names:
+            sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def grid_file_module(experiments):
+    return experiments.grid_file
+
+
+@pytest.fixture(scope="module")
+def report_module(experiments):
+    return experiments.grid_report
+
+
+@pytest.fixture(scope="module")
+def runner_module(experiments):
+    return experiments.grid
 
 
 @pytest.mark.parametrize("path", COMMITTED_GRIDS, ids=lambda path: path.name)
-def test_committed_grid_files_expand_into_valid_run_settings(grid_module, path):
-    loaded = grid_module.load_grid(path)
-    runs = grid_module.runs_of(loaded)
+def test_committed_grid_files_expand_into_valid_run_settings(grid_file_module, path):
+    loaded = grid_file_module.load_grid(path)
+    runs = grid_file_module.runs_of(loaded)
     assert runs and len({run.key for run in runs}) == len(runs)
     for run in runs:  # FedConfig.from_mapping raises ConfigError on an unknown or out-of-range setting
-        assert grid_module.config_of(loaded, run).method == run.method
+        assert grid_file_module.config_of(loaded, run).method == run.method
 
 
 @pytest.mark.parametrize("path", COMMITTED_GRIDS, ids=lambda path: path.name)
-def test_committed_records_are_what_their_grid_file_runs_now(grid_module, path):
+def test_committed_records_are_what_their_grid_file_runs_now(grid_file_module, path):
     """A default that moves must be pinned in every grid file whose records used it: else the file no
     longer reproduces its records, and a resumed grid would mix runs of two settings."""
-    loaded = grid_module.load_grid(path)
-    assert grid_module.describe_stale(grid_module.stale_runs(loaded, grid_module.read_records(loaded))) == []
+    loaded = grid_file_module.load_grid(path)
+    assert grid_file_module.describe_stale(grid_file_module.stale_runs(loaded, grid_file_module.read_records(loaded))) == []
 
 
 def test_every_setting_a_committed_record_lacks_is_read_with_the_value_it_had():
@@ -160,16 +179,16 @@ def test_every_setting_a_committed_record_lacks_is_read_with_the_value_it_had():
     assert lacking == {}
 
 
-def test_a_variant_may_name_a_shared_method_and_keep_to_some_seeds(grid_module):
+def test_a_variant_may_name_a_shared_method_and_keep_to_some_seeds(grid_file_module):
     grid = {"name": "g", "runs": "runs/g", "cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1, 2],
             "methods": ["fibecfed", "fedavg"],
             "shared_methods": ["fedavg"],
             "variants": {"plain": {}, "fast": {"methods": ["fibecfed", "fedavg"], "seeds": [0, 2], "lr": 0.01}}}
-    keys = {run.key for run in grid_module.runs_of(grid)}
+    keys = {run.key for run in grid_file_module.runs_of(grid)}
     assert keys == {f"d-a0.5-s{s}-fibecfed-plain" for s in (0, 1, 2)} | {f"d-a0.5-s{s}-fedavg--" for s in (0, 1, 2)} \
         | {f"d-a0.5-s{s}-{m}-fast" for s in (0, 2) for m in ("fibecfed", "fedavg")}
-    fast = grid_module.Run("d", 0.5, 2, "fedavg", "fast")
-    assert grid_module.config_of(grid, fast).lr == 0.01
+    fast = grid_file_module.Run("d", 0.5, 2, "fedavg", "fast")
+    assert grid_file_module.config_of(grid, fast).lr == 0.01
 
 
 def fabricated_record(key: str, accuracies: list[float], uploaded_per_round: int) -> dict:
@@ -182,55 +201,55 @@ def fabricated_record(key: str, accuracies: list[float], uploaded_per_round: int
     return {"key": key, "rounds": rounds}
 
 
-def test_hours_left_take_each_run_at_the_median_of_its_kind_or_of_all_runs(grid_module):
+def test_hours_left_take_each_run_at_the_median_of_its_kind_or_of_all_runs(grid_file_module, runner_module):
     recorded = {f"k{i}": {"data": data, "method": method, "variant": "-", "wall_s_this_process": seconds}
                 for i, (data, method, seconds) in enumerate([("sst2", "fedavg", 3600), ("sst2", "fedavg", 1800),
                                                              ("sst2", "fedavg", 5400), ("trec", "fedavg", 360)])}
-    left = [grid_module.Run("sst2", 0.5, 4, "fedavg", "-"), grid_module.Run("trec", 0.5, 4, "fedavg", "-"),
-            grid_module.Run("trec", 0.5, 4, "fibecfed", "-")]
+    left = [grid_file_module.Run("sst2", 0.5, 4, "fedavg", "-"), grid_file_module.Run("trec", 0.5, 4, "fedavg", "-"),
+            grid_file_module.Run("trec", 0.5, 4, "fibecfed", "-")]
     # sst2 fedavg at its median (1 h), trec fedavg at its own (0.1 h), trec fibecfed at all runs' (0.75 h).
-    assert grid_module.hours_left(recorded, left) == pytest.approx(1.0 + 0.1 + 0.75)
-    assert math.isnan(grid_module.hours_left({}, left))  # nothing recorded yet to go by
+    assert runner_module.hours_left(recorded, left) == pytest.approx(1.0 + 0.1 + 0.75)
+    assert math.isnan(runner_module.hours_left({}, left))  # nothing recorded yet to go by
 
 
-def test_summary_gives_the_first_two_evaluations_for_a_slow_start(grid_module):
+def test_summary_gives_the_first_two_evaluations_for_a_slow_start(report_module):
     record = fabricated_record("d-a0.5-s0-fibecfed--", [0.3, 0.6, 0.8, 0.9], 1_000)
     del record["rounds"][0]["global_accuracy"]  # round 1 not evaluated
-    row = grid_module.summary(record, None)
+    row = report_module.summary(record, None)
     assert (row["global_eval1"], row["global_eval2"], row["global"]) == (0.6, 0.8, 0.9)
     once = fabricated_record("d-a0.5-s0-fedavg--", [0.7], 1_000)
-    assert grid_module.summary(once, None)["global_eval1"] == 0.7
-    assert math.isnan(grid_module.summary(once, None)["global_eval2"])
+    assert report_module.summary(once, None)["global_eval1"] == 0.7
+    assert math.isnan(report_module.summary(once, None)["global_eval2"])
 
 
-def test_summary_sums_the_scoring_seconds_and_leaves_them_out_of_records_without_them(grid_module):
+def test_summary_sums_the_scoring_seconds_and_leaves_them_out_of_records_without_them(report_module):
     record = fabricated_record("d-a0.5-s0-fibecfed--", [0.5, 0.6, 0.7], 1_000)
     for r, seconds in zip(record["rounds"], (40.0, 0.0, 2.5)):
         r["scoring_s"] = seconds
-    assert grid_module.summary(record, None)["scoring_s"] == 42.5
+    assert report_module.summary(record, None)["scoring_s"] == 42.5
     older = fabricated_record("d-a0.5-s0-fibecfed--", [0.5, 0.6], 1_000)
-    assert math.isnan(grid_module.summary(older, None)["scoring_s"])
+    assert math.isnan(report_module.summary(older, None)["scoring_s"])
 
 
-def test_link_model_time_scales_with_compute_when_the_links_scale_with_it(grid_module):
+def test_link_model_time_scales_with_compute_when_the_links_scale_with_it(report_module):
     # What the report's header states: clients k times faster reach the same speed-up at k times the uplink.
     record = fabricated_record("d-a0.5-s0-fibecfed--", [0.5], 30_000)["rounds"][0]
     record["clients"] = [0, 1]
     record["client_compute_s"] = {"0": 2.0, "1": 3.0}
     record["client_uploaded_bytes"] = {"0": 50_000, "1": 10_000}
     faster = {**record, "client_compute_s": {c: s / 4 for c, s in record["client_compute_s"].items()}}
-    slow_links = grid_module.link_seconds(record, 10_000.0, 50_000.0)
+    slow_links = report_module.link_seconds(record, 10_000.0, 50_000.0)
     assert slow_links == 2.0 + 50_000 / 10_000 + 500 / 50_000  # client 0 is the slowest: its upload
-    assert grid_module.link_seconds(faster, 40_000.0, 200_000.0) == pytest.approx(slow_links / 4)
+    assert report_module.link_seconds(faster, 40_000.0, 200_000.0) == pytest.approx(slow_links / 4)
 
 
-def test_target_table_gives_each_variant_its_own_row(grid_module):
+def test_target_table_gives_each_variant_its_own_row(report_module):
     grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0], "methods": ["fibecfed", "fedavg"],
             "shared_methods": ["fedavg"], "variants": {"slow": {}, "fast": {}}}
     done = {"d-a0.5-s0-fedavg--": fabricated_record("d-a0.5-s0-fedavg--", [0.5, 0.7, 0.8, 0.8], 10_000),
             "d-a0.5-s0-fibecfed-slow": fabricated_record("d-a0.5-s0-fibecfed-slow", [0.5, 0.5, 0.6, 0.77], 1_000),
             "d-a0.5-s0-fibecfed-fast": fabricated_record("d-a0.5-s0-fibecfed-fast", [0.8, 0.8, 0.8, 0.82], 500)}
-    rows = [line.split(" | ") for line in grid_module.targets(grid, done, "fibecfed", "fedavg")
+    rows = [line.split(" | ") for line in report_module.targets(grid, done, "fibecfed", "fedavg")
             if line.startswith("| d | 0.5 |")]
     by_variant = {row[2]: row for row in rows}
     assert sorted(by_variant) == ["fast", "slow"]
@@ -248,16 +267,16 @@ def test_target_table_gives_each_variant_its_own_row(grid_module):
     assert by_variant["slow"][13] == "0.0335 |" and by_variant["fast"][13] == "1e+03 |"
 
 
-def test_spreads_are_sample_std_and_paired_differences_get_a_t_interval(grid_module):
-    assert grid_module.mean_std([1.0, 2.0, 3.0]) == "2.000 ± 1.000"  # ddof 1: sqrt(2 / 2)
+def test_spreads_are_sample_std_and_paired_differences_get_a_t_interval(report_module):
+    assert report_module.mean_std([1.0, 2.0, 3.0]) == "2.000 ± 1.000"  # ddof 1: sqrt(2 / 2)
     # Differences 0.01, 0.03, 0.02, 0.04, 0.00: mean 0.02, s = 0.0158, t(0.975, 4) = 2.776, half = 0.0196.
-    text = grid_module.paired_interval([0.01, 0.03, 0.02, 0.04, 0.00])
+    text = report_module.paired_interval([0.01, 0.03, 0.02, 0.04, 0.00])
     assert text == "+0.020 [+0.000, +0.040], 4/5 above 0"
-    assert grid_module.t_interval([0.01, 0.03, 0.02, 0.04, 0.00])[0] == pytest.approx(0.02 - 2.7764 * 0.0158114 / 5 ** 0.5,
+    assert report_module.t_interval([0.01, 0.03, 0.02, 0.04, 0.00])[0] == pytest.approx(0.02 - 2.7764 * 0.0158114 / 5 ** 0.5,
                                                                                       abs=1e-6)
 
 
-def test_the_target_table_credits_the_transport_to_the_baseline_that_has_it(grid_module):
+def test_the_target_table_credits_the_transport_to_the_baseline_that_has_it(report_module):
     grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1], "methods": ["fibecfed", "fedavg"],
             "shared_methods": ["fibecfed", "fedavg"], "transport_baseline_variant": "transport",
             "variants": {"transport": {"methods": ["fedavg"]}}}
@@ -266,7 +285,7 @@ def test_the_target_table_credits_the_transport_to_the_baseline_that_has_it(grid
         done[f"d-a0.5-s{seed}-fedavg--"] = fabricated_record("x", [plain], 10_000)
         done[f"d-a0.5-s{seed}-fedavg-transport"] = fabricated_record("x", [transported], 2_000)
         done[f"d-a0.5-s{seed}-fibecfed--"] = fabricated_record("x", [target], 1_000)
-    lines = grid_module.targets(grid, done, "fibecfed", "fedavg")
+    lines = report_module.targets(grid, done, "fibecfed", "fedavg")
     header, row = ([cell.strip(" |") for cell in line.split(" | ")] for line in lines
                    if line.startswith(("| data |", "| d | 0.5 |")))
     column = dict(zip(header, row))
@@ -276,7 +295,7 @@ def test_the_target_table_credits_the_transport_to_the_baseline_that_has_it(grid
     assert column["global acc − baseline, same transport: paired mean [95% CI]"].startswith("+0.000 [")
 
 
-def test_a_variant_whose_transport_the_baseline_never_ran_says_so_rather_than_never(grid_module):
+def test_a_variant_whose_transport_the_baseline_never_ran_says_so_rather_than_never(report_module):
     grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1], "methods": ["fibecfed", "fedavg"],
             "shared_methods": ["fibecfed", "fedavg"], "transport_baseline_variant": "same",
             "variants": {"int8": {"methods": ["fibecfed"]}}}
@@ -285,7 +304,7 @@ def test_a_variant_whose_transport_the_baseline_never_ran_says_so_rather_than_ne
         done[f"d-a0.5-s{seed}-fedavg--"] = fabricated_record("x", [0.8], 2_000)
         done[f"d-a0.5-s{seed}-fibecfed--"] = fabricated_record("x", [0.8], 1_000)
         done[f"d-a0.5-s{seed}-fibecfed-int8"] = fabricated_record("x", [0.8], 1_500)
-    lines = grid_module.targets(grid, done, "fibecfed", "fedavg")
+    lines = report_module.targets(grid, done, "fibecfed", "fedavg")
     header = next([cell.strip(" |") for cell in line.split(" | ")] for line in lines if line.startswith("| data |"))
     rows = {row[2]: dict(zip(header, row)) for row in ([cell.strip(" |") for cell in line.split(" | ")]
                                                        for line in lines if line.startswith("| d | 0.5 |"))}
@@ -294,7 +313,7 @@ def test_a_variant_whose_transport_the_baseline_never_ran_says_so_rather_than_ne
     assert rows["int8"]["global acc − baseline, same transport: paired mean [95% CI]"] == "no such run"
 
 
-def test_each_variant_is_paired_with_the_baseline_of_its_own_transport_and_pooled_over_cells(grid_module):
+def test_each_variant_is_paired_with_the_baseline_of_its_own_transport_and_pooled_over_cells(report_module):
     grid = {"cells": [{"data": "d", "alpha": 0.5}, {"data": "e", "alpha": 0.5}], "seeds": [0, 1],
             "methods": ["fibecfed", "fedavg"], "transport_baseline_variant": "same", "pooled": True,
             "transport_of": {"small-int4": "int4"}, "baseline_variant": "fp32",
@@ -312,7 +331,7 @@ def test_each_variant_is_paired_with_the_baseline_of_its_own_transport_and_poole
             add("fibecfed", "int8", 0.81, 2_000)
             add("fibecfed", "int4", 0.80, 1_000)
             add("fibecfed", "small-int4", 0.78 if data == "d" else 0.80, 500)
-    lines = grid_module.targets(grid, done, "fibecfed", "fedavg")
+    lines = report_module.targets(grid, done, "fibecfed", "fedavg")
     header = [c.strip(" |") for c in next(line for line in lines if line.startswith("| data |")).split(" | ")]
     rows = {(cells[0], cells[2]): dict(zip(header, cells)) for cells in
             ([c.strip(" |") for c in line.split(" | ")] for line in lines if line.startswith(("| d |", "| all cells |")))}
@@ -329,7 +348,7 @@ def test_each_variant_is_paired_with_the_baseline_of_its_own_transport_and_poole
     assert pooled["global acc − baseline, same transport: paired mean [95% CI]"].startswith("+0.000 [")
 
 
-def test_what_each_piece_buys_pairs_every_row_with_both_baselines_on_their_common_seeds(grid_module):
+def test_what_each_piece_buys_pairs_every_row_with_both_baselines_on_their_common_seeds(report_module):
     grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1, 2], "methods": ["fibecfed", "fedavg"],
             "shared_methods": ["fibecfed", "fedavg"], "transport_baseline_variant": "transport",
             "target_method": "fibecfed", "variants": {"transport": {"methods": ["fedavg"]}},
@@ -340,7 +359,7 @@ def test_what_each_piece_buys_pairs_every_row_with_both_baselines_on_their_commo
         done[f"d-a0.5-s{seed}-fibecfed--"] = fabricated_record("x", [target], 1_000)
         if seed < 2:  # seed 2 lacks the transport baseline: every row leaves it out
             done[f"d-a0.5-s{seed}-fedavg-transport"] = fabricated_record("x", [transported], 2_000)
-    lines = grid_module.credit(grid, done, "fedavg")
+    lines = report_module.credit(grid, done, "fedavg")
     header = next(line for line in lines if line.startswith("| data |"))
     rows = {(cells[3], cells[4]): dict(zip([c.strip(" |") for c in header.split(" | ")], cells))
             for cells in ([c.strip(" |") for c in line.split(" | ")] for line in lines if line.startswith("| d |"))}
@@ -353,7 +372,7 @@ def test_what_each_piece_buys_pairs_every_row_with_both_baselines_on_their_commo
     assert rows[("fedavg", "transport")]["− fedavg transport, points"] == ""  # no difference to itself
 
 
-def test_paired_comparisons_give_a_minus_b_at_the_last_round_and_over_the_second_half(grid_module):
+def test_paired_comparisons_give_a_minus_b_at_the_last_round_and_over_the_second_half(report_module):
     grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1, 2], "methods": ["fibecfed", "no-sparse"],
             "shared_methods": ["fibecfed", "no-sparse"], "pairs": [["no-sparse", "-", "fibecfed", "-"]]}
     done = {}
@@ -364,27 +383,27 @@ def test_paired_comparisons_give_a_minus_b_at_the_last_round_and_over_the_second
                                            ([0.5, 0.6, 0.68, 0.83], [0.5, 0.6, 0.70, 0.80])]):
         done[f"d-a0.5-s{seed}-no-sparse--"] = fabricated_record("x", mine, 1_000)
         done[f"d-a0.5-s{seed}-fibecfed--"] = fabricated_record("x", theirs, 1_000)
-    row = next(line for line in grid_module.paired_comparisons(grid, done) if line.startswith("| d |"))
+    row = next(line for line in report_module.paired_comparisons(grid, done) if line.startswith("| d |"))
     cells = [c.strip(" |") for c in row.split(" | ")]
     assert cells[2:5] == ["no-sparse -", "fibecfed -", "3"]
     assert cells[5].startswith("+2.0 [") and cells[6] == "3/3"
     assert cells[7].startswith("+0.2 [") and cells[8] == "2/3"
-    assert grid_module.summary(done["d-a0.5-s1-no-sparse--"], None)["global_second_half"] == pytest.approx(0.745)
+    assert report_module.summary(done["d-a0.5-s1-no-sparse--"], None)["global_second_half"] == pytest.approx(0.745)
 
 
-def test_accuracy_after_equal_local_steps_reads_the_first_evaluation_that_reaches_them(grid_module):
+def test_accuracy_after_equal_local_steps_reads_the_first_evaluation_that_reaches_them(report_module):
     record = fabricated_record("x", [0.50, 0.55, 0.60, 0.70, 0.75, 0.80, 0.85], 1_000)
     for r, steps in zip(record["rounds"], (3, 5, 6, 8, 9, 10, 10)):
         r["local_steps"] = float(steps)
-    assert grid_module.accuracy_after_steps(record["rounds"], 30) == 0.75  # round 5: 31 steps
-    assert grid_module.accuracy_after_steps(record["rounds"], 14) == 0.60  # round 3: exactly 14
+    assert report_module.accuracy_after_steps(record["rounds"], 30) == 0.75  # round 5: 31 steps
+    assert report_module.accuracy_after_steps(record["rounds"], 14) == 0.60  # round 3: exactly 14
     del record["rounds"][4]["global_accuracy"]  # round 5 not evaluated: round 6 is the first by 30
-    assert grid_module.accuracy_after_steps(record["rounds"], 30) == 0.80
-    assert math.isnan(grid_module.accuracy_after_steps(record["rounds"], 60))  # 51 steps in all
-    assert math.isnan(grid_module.accuracy_after_steps(fabricated_record("x", [0.5] * 9, 1_000)["rounds"], 30))
+    assert report_module.accuracy_after_steps(record["rounds"], 30) == 0.80
+    assert math.isnan(report_module.accuracy_after_steps(record["rounds"], 60))  # 51 steps in all
+    assert math.isnan(report_module.accuracy_after_steps(fabricated_record("x", [0.5] * 9, 1_000)["rounds"], 30))
 
 
-def test_paired_comparisons_set_a_scaled_curriculum_beside_full_rounds_after_equal_local_steps(grid_module):
+def test_paired_comparisons_set_a_scaled_curriculum_beside_full_rounds_after_equal_local_steps(report_module):
     grid = {"cells": [{"data": "d", "alpha": 0.5}], "seeds": [0, 1], "methods": ["fibecfed", "no-curriculum"],
             "shared_methods": ["fibecfed", "no-curriculum"], "pairs": [["fibecfed", "-", "no-curriculum", "-"]]}
     done = {}
@@ -396,7 +415,7 @@ def test_paired_comparisons_set_a_scaled_curriculum_beside_full_rounds_after_equ
         for r in full["rounds"]:
             r["local_steps"] = 10.0
         done[f"d-a0.5-s{seed}-fibecfed--"], done[f"d-a0.5-s{seed}-no-curriculum--"] = scaled, full
-    lines = grid_module.paired_comparisons(grid, done)
+    lines = report_module.paired_comparisons(grid, done)
     header = [c.strip(" |") for c in next(line for line in lines if line.startswith("| data |")).split(" | ")]
     row = [c.strip(" |") for c in next(line for line in lines if line.startswith("| d |")).split(" | ")]
     assert header[9:13] == ["after 30 local steps", "seeds A ahead", "after 50 local steps", "seeds A ahead"]
@@ -406,7 +425,7 @@ def test_paired_comparisons_set_a_scaled_curriculum_beside_full_rounds_after_equ
     assert row[11].startswith("+6.0 [") and row[12] == "2/2"
 
 
-def test_the_report_lists_the_settings_every_row_shared_and_each_row_its_own(grid_module):
+def test_the_report_lists_the_settings_every_row_shared_and_each_row_its_own(report_module):
     def record(data, method, variant, lr, values):
         config = {"data": data, "seed": 0, "out": f"/runs/{data}-{method}", "lr": lr, "values": values,
                   "rounds": 20, "text_column": "text" if data == "sst2" else "sentence"}
@@ -415,7 +434,7 @@ def test_the_report_lists_the_settings_every_row_shared_and_each_row_its_own(gri
     done = {i: record(*args) for i, args in enumerate([
         ("sst2", "fedavg", "-", 5e-3, "fp32"), ("trec", "fedavg", "-", 5e-3, "fp32"),
         ("sst2", "fedavg", "transport", 5e-3, "int4"), ("sst2", "fibecfed", "-", 5e-3, "int4")])}
-    lines = grid_module.settings_each_row_ran_with(done)
+    lines = report_module.settings_each_row_ran_with(done)
     assert '- every run: lr = 0.005, rounds = 20.' in lines
     assert '- fedavg -: values = "fp32".' in lines
     assert '- fedavg transport: values = "int4".' in lines
