@@ -207,9 +207,7 @@ def report(grid: dict) -> Path:
         for r in cell_runs:
             if r.key in done:
                 groups.setdefault((r.method, r.variant), []).append(summary(done[r.key], baselines.get(r.seed)))
-        for (method, variant), rows in groups.items():
-            cells = [mean_std([row.get(k, math.nan) for row in rows]) for k, _ in columns]
-            lines.append(f"| {method} | {variant} | {len(rows)} | " + " | ".join(cells) + " |")
+        lines += [method_row(method, variant, rows, columns) for (method, variant), rows in groups.items()]
         lines.append("")
         plot_cell(grid, cell, cell_runs, done, plots)
         lines += [f"![accuracy vs round]({plots.name}/{cell['data']}-a{cell['alpha']:g}-round.png) "
@@ -228,6 +226,19 @@ def report(grid: dict) -> Path:
                   "not what the command above would run now):", "", *(f"- {line}" for line in stale), ""]
     out.write_text("\n".join(lines))
     return out
+
+
+def method_row(method: str, variant: str, rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """One method and variant's row of a cell's table from its seeds' summaries. A time to 95% that
+    no seed has was never reached; any other figure that none has was not recorded by its runs (a
+    figure added to the records after they ran), which the row says rather than "never"."""
+    def figure(key: str) -> str:
+        values = [row.get(key, math.nan) for row in rows]
+        if not key.startswith("to95_") and all(math.isnan(v) for v in values):
+            return "not recorded"
+        return mean_std(values)
+
+    return f"| {method} | {variant} | {len(rows)} | " + " | ".join(figure(k) for k, _ in columns) + " |"
 
 
 # What names a run (its row and cell) or places it, rather than configures it.

@@ -440,3 +440,13 @@ def test_the_report_lists_the_settings_every_row_shared_and_each_row_its_own(rep
     assert '- fedavg transport: values = "int4".' in lines
     assert "- one value per data set: text_column." in lines
     assert not any("out =" in line or "seed =" in line for line in lines)
+
+
+def test_a_cell_row_says_never_only_of_a_time_to_95_and_not_recorded_of_a_figure_its_runs_lack(report_module):
+    scored = {"global": 0.8, "scoring_s": 4.0, "to95_rounds": 3.0}
+    before_scoring = {"global": 0.7, "to95_rounds": math.nan}  # recorded before scoring_s was
+    columns = [("global", "global acc"), ("scoring_s", "scoring s"), ("to95_rounds", "rounds to 95%")]
+    assert report_module.method_row("fedavg", "-", [before_scoring, before_scoring], columns) == \
+        "| fedavg | - | 2 | 0.700 ± 0.000 | not recorded | never |"
+    assert report_module.method_row("fedavg", "-", [scored, before_scoring], columns) == \
+        "| fedavg | - | 2 | 0.750 ± 0.071 | 4.000 (1/2) | 3.000 (1/2) |"
